@@ -1,0 +1,184 @@
+"""SimPO with a diversity term: TRL's CPOTrainer plus one extra loss on the logits it already computes.
+
+    loss           = simpo_loss + diversity_weight * diversity_loss
+    diversity_loss = -alpha * entropy + (1 - alpha) * kl
+
+`simpo_loss` is TRL's own (`loss_type="simpo"`); `entropy` and `kl` are defined in `_EntropyAndKL`.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+
+@dataclass
+class DiversitySimPOConfig(CPOConfig):
+    """`CPOConfig` with SimPO defaults and the diversity term's fields.
+
+    Note on `simpo_gamma`: TRL's `simpo_gamma` is the absolute target margin gamma of the SimPO paper (the loss is
+    `-log sigmoid(beta * (avg_logp_chosen - avg_logp_rejected) - gamma)`), not the paper's `gamma / beta` ratio.
+    With `beta=2.5, simpo_gamma=0.7` the ratio is 0.28.
+    """
+
+    loss_type: str = field(default="simpo", metadata={"help": "Preference loss; `simpo` for this tool."})
+    cpo_alpha: float = field(default=0.0, metadata={"help": "Weight of CPO's NLL term; 0 gives pure SimPO."})
+    simpo_gamma: float = field(default=0.7, metadata={"help": "SimPO target reward margin gamma (absolute)."})
+    beta: float = field(default=2.0, metadata={"help": "SimPO reward scale beta (the paper uses 2.0-2.5)."})
+    diversity_weight: float = field(
+        default=0.05, metadata={"help": "Weight of the diversity loss added to the SimPO loss (>= 0; 0 disables it)."}
+    )
+    diversity_alpha: float = field(
+        default=0.1, metadata={"help": "Share of the entropy term in the diversity loss, in [0, 1]; the rest is KL."}
+    )
+    diversity_chunk_elements: int = field(
+        default=2**21,
+        metadata={
+            "help": "Logit elements (positions x vocabulary) processed at once by the diversity term; bounds its "
+            "extra memory to a few float32 buffers of this size, whatever the vocabulary."
+        },
+    )
+
+    def __post_init__(self):
+        _check_range("diversity_weight", self.diversity_weight, 0.0, float("inf"), "a number >= 0")
+        _check_range("diversity_alpha", self.diversity_alpha, 0.0, 1.0, "a number in [0, 1]")
+        _check_range("diversity_chunk_elements", self.diversity_chunk_elements, 1, float("inf"), "an integer >= 1")
+        super().__post_init__()
+
+
+def _check_range(name, value, low, high, allowed):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (low <= value <= high):
+        raise ValueError(f"{name}={value!r} is out of range: it must be {allowed}.")
+
+
+class _EntropyAndKL(torch.autograd.Function):
+    """Entropy of the chosen responses and KL(rejected || chosen), without keeping `[N, L, V]` float32 copies.
+
+    Inputs (N = 2B rows: B chosen rows, then their B rejected rows, as TRL concatenates them):
+        logits         [N, L, V]  model dtype; row b pairs with row b + B
+        chosen_index   [P]        flat indices into logits.view(N*L, V) of the chosen rows' response positions
+        rejected_index [P]        the same positions in the paired rejected rows
+        kl_weight      [P]        1 / K where the rejected row is a response position there too (K such positions
+                                  in the batch), else 0
+        chunk_rows     int        positions processed at once
+    Outputs:
+        logits (the same tensor, passed through), entropy [], kl []
+
+        entropy = 1/P * sum_p H(softmax(z_cho[p])),        H(q) = -sum_v q_v log q_v
+        kl      = sum_p kl_weight[p] * KL(softmax(z_rej[p]) || softmax(z_cho[p])),
+                  KL(r || c) = sum_v r_v (log r_v - log c_v)
+
+    Memory: forward saves nothing but the logits (which TRL's log-probability pass keeps anyway) and recomputes each
+    chunk in backward. Backward adds the term's gradient in place into the gradient that TRL's SimPO loss sends back
+    through the passed-through logits, so autograd never holds a second dense `[N, L, V]` gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, chosen_index, rejected_index, kl_weight, chunk_rows):
+        flat = logits.detach().view(-1, logits.shape[-1])
+        entropy_sum = torch.zeros((), dtype=torch.float32, device=logits.device)
+        kl = torch.zeros((), dtype=torch.float32, device=logits.device)
+        for rows in _chunks(chosen_index.numel(), chunk_rows):
+            log_c, log_r = _log_softmax_pair(flat, chosen_index[rows], rejected_index[rows])
+            entropy_sum -= (log_c.exp() * log_c).sum()
+            kl += ((log_r.exp() * (log_r - log_c)).sum(-1) * kl_weight[rows]).sum()
+        ctx.save_for_backward(logits, chosen_index, rejected_index, kl_weight)
+        ctx.chunk_rows = chunk_rows
+        ctx.set_materialize_grads(False)
+        entropy = entropy_sum / max(chosen_index.numel(), 1)
+        return logits, entropy, kl
+
+    @staticmethod
+    def backward(ctx, grad_logits, grad_entropy, grad_kl):
+        logits, chosen_index, rejected_index, kl_weight = ctx.saved_tensors
+        if grad_logits is None:
+            grad_logits = torch.zeros_like(logits)
+        elif not grad_logits.is_contiguous():
+            grad_logits = grad_logits.contiguous()
+        g_ent = (grad_entropy if grad_entropy is not None else 0.0) / max(chosen_index.numel(), 1)
+        g_kl = grad_kl if grad_kl is not None else 0.0
+        flat = logits.detach().view(-1, logits.shape[-1])
+        grad_flat = grad_logits.view(-1, logits.shape[-1])
+        for rows in _chunks(chosen_index.numel(), ctx.chunk_rows):
+            cho, rej = chosen_index[rows], rejected_index[rows]
+            log_c, log_r = _log_softmax_pair(flat, cho, rej)
+            p_c, p_r = log_c.exp(), log_r.exp()
+            log_ratio = log_r - log_c
+            w = (g_kl * kl_weight[rows]).unsqueeze(-1)
+            # dH/dz = -p (log p + H);  dKL/dz_cho = p_cho - p_rej;  dKL/dz_rej = p_rej (log p_rej - log p_cho - KL)
+            entropy = -(p_c * log_c).sum(-1, keepdim=True)
+            grad_c = -g_ent * p_c * (log_c + entropy) + w * (p_c - p_r)
+            grad_r = w * p_r * (log_ratio - (p_r * log_ratio).sum(-1, keepdim=True))
+            grad_flat.index_add_(0, cho, grad_c.to(grad_flat.dtype))
+            grad_flat.index_add_(0, rej, grad_r.to(grad_flat.dtype))
+        return grad_logits, None, None, None, None
+
+
+def _chunks(n, size):
+    return (slice(start, min(start + size, n)) for start in range(0, n, size))
+
+
+def _log_softmax_pair(flat_logits, chosen_index, rejected_index):
+    return (
+        F.log_softmax(flat_logits.index_select(0, chosen_index).float(), dim=-1),
+        F.log_softmax(flat_logits.index_select(0, rejected_index).float(), dim=-1),
+    )
+
+
+def entropy_and_kl(logits, labels, chunk_elements=2**21):
+    """Diversity statistics of TRL's concatenated batch; returns `(logits, entropy, kl)`.
+
+    logits [2B, L, V], labels [2B, L'] with -100 on prompt and padding (TRL's concatenated labels). Labels are padded
+    to L with -100 and shifted, as TRL does: position t of the logits predicts labels[:, t + 1], and counts as a
+    response position when that label is not -100. The returned logits are the input passed through the diversity
+    term; feed them to the rest of the loss so its gradient joins theirs in place.
+    """
+    num_rows, length, vocab = logits.shape
+    if labels.shape[1] < length:
+        labels = F.pad(labels, (0, length - labels.shape[1]), value=-100)
+    response_mask = torch.zeros(num_rows, length, dtype=torch.bool, device=logits.device)
+    response_mask[:, :-1] = labels[:, 1:length] != -100
+    pairs = num_rows // 2
+    chosen_mask, rejected_mask = response_mask[:pairs], response_mask[pairs:]
+    chosen_index = chosen_mask.flatten().nonzero().squeeze(-1)
+    rejected_index = chosen_index + pairs * length
+    both = rejected_mask.flatten()[chosen_index].float()
+    kl_weight = both / both.sum().clamp(min=1.0)
+    chunk_rows = max(1, chunk_elements // vocab)
+    return _EntropyAndKL.apply(logits, chosen_index, rejected_index, kl_weight, chunk_rows)
+
+
+class DiversitySimPOTrainer(CPOTrainer):
+    """`CPOTrainer` whose loss is `simpo_loss + diversity_weight * diversity_loss` (see the module docstring).
+
+    One forward pass per step: the diversity term reads the logits of TRL's own concatenated forward. It hooks in
+    where TRL turns those logits into log-probabilities (`get_batch_logps`), and `get_batch_loss_metrics` adds the
+    term to the parent's loss and logs `diversity/{loss,entropy,kl}` next to TRL's `rewards/*` and `logps/*`.
+    With `diversity_weight == 0` both are the parent's, unchanged.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.args.diversity_weight > 0 and self.is_encoder_decoder:
+            raise ValueError("The diversity term supports decoder-only models; set diversity_weight: 0 for this one.")
+
+    def get_batch_logps(self, logits, labels, average_log_prob=False, is_encoder_decoder=False):
+        if self.args.diversity_weight > 0:
+            logits, entropy, kl = entropy_and_kl(logits, labels, self.args.diversity_chunk_elements)
+            self._diversity_stats = (entropy, kl)
+        return super().get_batch_logps(logits, labels, average_log_prob, is_encoder_decoder)
+
+    def get_batch_loss_metrics(self, model, batch, train_eval="train"):
+        loss, metrics = super().get_batch_loss_metrics(model, batch, train_eval)
+        if self.args.diversity_weight == 0:
+            return loss, metrics
+        entropy, kl = self._diversity_stats
+        del self._diversity_stats
+        alpha = self.args.diversity_alpha
+        diversity_loss = -alpha * entropy + (1 - alpha) * kl
+        loss = loss + self.args.diversity_weight * diversity_loss.to(loss.dtype)
+        prefix = "eval_" if train_eval == "eval" else ""
+        for name, value in (("loss", diversity_loss), ("entropy", entropy), ("kl", kl)):
+            metrics[f"{prefix}diversity/{name}"] = self.accelerator.gather_for_metrics(value.detach()).mean().item()
+        return loss, metrics
