@@ -6,11 +6,14 @@
 `simpo_loss` is TRL's own (`loss_type="simpo"`); `entropy` and `kl` are defined in `_EntropyAndKL`.
 """
 
+import os
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # CPOTrainer lives in trl.experimental in TRL 1.x; we pin TRL
+from trl.experimental.cpo import CPOConfig, CPOTrainer  # noqa: E402
 
 
 @dataclass
@@ -26,6 +29,7 @@ class DiversitySimPOConfig(CPOConfig):
     cpo_alpha: float = field(default=0.0, metadata={"help": "Weight of CPO's NLL term; 0 gives pure SimPO."})
     simpo_gamma: float = field(default=0.7, metadata={"help": "SimPO target reward margin gamma (absolute)."})
     beta: float = field(default=2.0, metadata={"help": "SimPO reward scale beta (the paper uses 2.0-2.5)."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Must stay False for TRL's collator."})
     diversity_weight: float = field(
         default=0.05, metadata={"help": "Weight of the diversity loss added to the SimPO loss (>= 0; 0 disables it)."}
     )

@@ -1,0 +1,20 @@
+# make demo: set up .venv and run the offline demo end to end.   make test: set up .venv and run the tests.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: demo test setup
+setup: $(VENV)/.installed
+
+# DS_BUILD_OPS=0: install DeepSpeed without compiling its CUDA/C++ ops up front (they build on first use).
+$(VENV)/.installed: requirements.txt requirements-test.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	DS_BUILD_OPS=0 $(PY) -m pip install -q -r requirements-test.txt
+	touch $@
+
+demo: setup
+	$(PY) train_diversity_simpo.py --config configs/demo.yaml --overwrite_output_dir true
+	$(PY) demo/generate.py output/demo
+
+test: setup
+	$(PY) -m pytest tests

@@ -1,0 +1,179 @@
+"""Build the offline demo's assets: a Japanese preference dataset, a byte-level BPE tokenizer with a Llama-3 chat
+template, and a tiny randomly initialised Llama model. Deterministic; the outputs are committed under demo/.
+
+    python demo/build_demo_assets.py [--out demo]
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+# (topic, what it is -- completes "{topic}は...", one useful extra sentence). Written by the team for this demo.
+TOPICS = [
+    ("富士山", "静岡県と山梨県にまたがる日本で最も高い山で、標高は3776メートルです", "夏の登山シーズンには多くの人が山頂を目指します。"),
+    ("桜", "春に咲く日本を代表する花で、ソメイヨシノが特によく知られています", "開花の時期は地域によって異なり、南から北へと移っていきます。"),
+    ("緑茶", "茶葉を発酵させずに作る日本の伝統的な飲み物です", "湯の温度を少し下げていれると、苦みが抑えられて甘みが出ます。"),
+    ("寿司", "酢で味をつけたご飯に魚介類などを合わせた日本料理です", "握り寿司や巻き寿司など、さまざまな種類があります。"),
+    ("京都", "千年以上にわたって都が置かれた歴史のある町です", "寺院や神社が多く、季節ごとに違った景色を楽しめます。"),
+    ("光合成", "植物が光のエネルギーを使って、二酸化炭素と水から養分と酸素を作るはたらきです", "主に葉の葉緑体で行われます。"),
+    ("地震", "地下の岩盤が急にずれることで地面が揺れる現象です", "日ごろから家具を固定し、避難場所を確認しておくことが大切です。"),
+    ("睡眠", "体と脳を休ませ、記憶を整理するために欠かせない時間です", "寝る前にスマートフォンを見る時間を減らすと、眠りやすくなります。"),
+    ("俳句", "五・七・五の十七音で作る日本の短い詩です", "季節を表す季語を入れるのが基本的な決まりです。"),
+    ("月", "地球のまわりを約27日かけて回る衛星です", "満ち欠けは、太陽の光が当たる部分の見え方が変わることで起こります。"),
+    ("温泉", "地中から湧き出る温かい水で、日本各地に数多くあります", "入る前に体を洗い、長く入りすぎないように気をつけましょう。"),
+    ("新幹線", "日本の主要都市を結ぶ高速鉄道で、最高速度は時速300キロメートルを超えます", "時間に正確な運行で知られています。"),
+    ("プログラミング", "コンピューターにしてほしい処理を、プログラミング言語で書き表す作業です", "小さなプログラムを実際に動かしながら学ぶと上達が早くなります。"),
+    ("Python", "読みやすい文法を持つプログラミング言語で、データ分析や機械学習でよく使われます", "公式のチュートリアルから始めるのがおすすめです。"),
+    ("機械学習", "データからパターンを学び、予測や判断を行うコンピューターの技術です", "良い結果を得るには、質の高いデータを集めることが重要です。"),
+    ("水", "水素と酸素からできている物質で、生き物が生きていくために欠かせません", "一日を通してこまめに水分をとることが健康につながります。"),
+    ("太陽", "太陽系の中心にある恒星で、地球に光と熱を届けています", "直接見ると目を傷めるので、観察するときは専用の道具を使いましょう。"),
+    ("虹", "空気中の水滴によって太陽の光が分かれ、色の帯として見える現象です", "太陽を背にして雨上がりの空を見ると、見つけやすくなります。"),
+    ("味噌汁", "出汁に味噌を溶かし、豆腐やわかめなどの具を入れた汁物です", "味噌は火を止める直前に入れると、香りがよく残ります。"),
+    ("着物", "日本の伝統的な衣服で、今では成人式や結婚式などの特別な日によく着られます", "季節によって素材や柄を選び分けます。"),
+    ("茶道", "客をもてなすためにお茶をたてる作法を大切にする日本の伝統文化です", "道具の扱い方や礼儀を通して、心を落ち着けることを学びます。"),
+    ("ラーメン", "中国から伝わった麺料理が日本で独自に発展したものです", "醤油、味噌、塩、豚骨など、地域ごとにさまざまな味があります。"),
+    ("台風", "熱帯の海上で発生する強い低気圧で、激しい雨と風をもたらします", "接近する前に、飲み水や懐中電灯などを準備しておきましょう。"),
+    ("読書", "本を読んで知識や考え方を広げる活動です", "毎日少しずつでも読む時間を決めると、習慣にしやすくなります。"),
+    ("運動", "体を動かして筋力や持久力を高める活動で、健康の維持に役立ちます", "無理をせず、続けられる量から始めることが大切です。"),
+    ("図書館", "本や資料を集めて、誰でも利用できるようにしている施設です", "多くの図書館では、インターネットで本の予約ができます。"),
+    ("郵便", "手紙や荷物を相手に届ける仕組みです", "宛先の郵便番号を正しく書くと、早く確実に届きます。"),
+    ("電車", "線路の上を電気の力で走る乗り物で、通勤や通学に広く使われています", "混雑する時間を避けると、快適に移動できます。"),
+    ("絵画", "絵の具などを使って、平面に形や色を描き表す芸術です", "美術館で実物を見ると、筆の跡や色の重なりまで感じられます。"),
+    ("音楽", "音の高さやリズムを組み合わせて、感情や情景を表す芸術です", "楽器を始めるなら、毎日短い時間でも練習を続けることが上達の近道です。"),
+    ("将棋", "二人で対戦する日本の伝統的な盤上の遊びで、取った駒を自分の駒として使えるのが特徴です", "初心者は、まず駒の動かし方を覚えるとよいでしょう。"),
+    ("漢字", "中国から伝わった文字で、日本語ではひらがなやカタカナと組み合わせて使われます", "部首の意味を知ると、新しい漢字も覚えやすくなります。"),
+    ("敬語", "相手や場面に合わせて敬意を表す言葉づかいで、尊敬語、謙譲語、丁寧語があります", "仕事の場面では、まず丁寧語を正しく使うことから始めましょう。"),
+    ("北海道", "日本の最も北にある大きな島で、広い自然と豊かな農業や漁業で知られています", "冬は寒さが厳しいので、訪れるときは暖かい服装が必要です。"),
+    ("沖縄", "日本の南にある県で、青い海と独自の文化で知られています", "台風の時期には、旅行の予定に余裕を持たせると安心です。"),
+    ("雪", "空の水蒸気が冷えて氷の結晶となり、地上に降ってくるものです", "雪の日は道が滑りやすいので、歩幅を小さくして歩きましょう。"),
+    ("火山", "地下のマグマが地表に噴き出してできた山です", "日本には多くの活火山があり、噴火の情報に注意が必要です。"),
+    ("野菜", "食用にする草本植物の総称で、ビタミンや食物繊維を多く含みます", "色の違う野菜を組み合わせると、栄養のバランスが良くなります。"),
+    ("時間管理", "限られた時間の中で、やるべきことに優先順位をつけて進める工夫です", "一日の始めに、その日の重要な仕事を三つ書き出すと効果的です。"),
+    ("節約", "無駄な出費を減らして、お金を計画的に使うことです", "毎月の支出を記録すると、減らせる費用が見えてきます。"),
+    ("リサイクル", "使い終わった物を資源として回収し、再び製品に生かす取り組みです", "地域のルールに従ってごみを正しく分別することが第一歩です。"),
+    ("インターネット", "世界中のコンピューターをつなぐ通信網で、情報のやり取りや買い物に使われています", "不審なメールのリンクは開かないように注意しましょう。"),
+    ("パスワード", "本人であることを確かめるために使う秘密の文字列です", "長く推測されにくいものを選び、サービスごとに使い分けることが大切です。"),
+    ("天気予報", "観測データをもとに、これからの天気を予想して伝える情報です", "降水確率は、一定量以上の雨が降る可能性を表しています。"),
+    ("深呼吸", "ゆっくりと大きく息を吸って吐く呼吸法で、気持ちを落ち着かせる効果があります", "四秒かけて吸い、六秒かけて吐くことを数回繰り返してみてください。"),
+]
+
+QUESTIONS = [
+    "{t}について簡単に教えてください。",
+    "{t}とは何ですか？",
+    "{t}の特徴を説明してもらえますか。",
+    "初心者にもわかるように{t}を説明してください。",
+    "{t}について知っておくべきことは何ですか？",
+    "{t}について、要点を短くまとめてください。",
+]
+
+CHOSEN = [
+    "{t}は{fact}。{tip}",
+    "もちろんです。{t}は{fact}。{tip}ほかに知りたいことがあれば、気軽に聞いてください。",
+    "簡単にまとめると、{t}は{fact}。さらに言えば、{tip}",
+]
+
+REJECTED = [
+    "わかりません。",
+    "{t}ですか。自分で調べてください。",
+    "{t}は{wrong}。",
+    "それは難しい質問なので答えられません。",
+    "{t}について説明することは特にありません。",
+]
+
+# Llama-3's chat template: the template itself writes <|begin_of_text|>, as the real ELYZA/Llama-3 tokenizer does.
+CHAT_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim"
+    " + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+
+
+def preference_pairs():
+    """Every (topic, question) pair: a helpful chosen answer and an unhelpful or wrong rejected one."""
+    pairs = []
+    for i, (topic, fact, tip) in enumerate(TOPICS):
+        for j, question in enumerate(QUESTIONS):
+            wrong = TOPICS[(i + 7 * j + 3) % len(TOPICS)][1]
+            chosen = CHOSEN[(i + j) % len(CHOSEN)].format(t=topic, fact=fact, tip=tip)
+            rejected = REJECTED[(2 * i + j) % len(REJECTED)].format(t=topic, wrong=wrong)
+            pairs.append(
+                {
+                    "prompt": [{"role": "user", "content": question.format(t=topic)}],
+                    "chosen": [{"role": "assistant", "content": chosen}],
+                    "rejected": [{"role": "assistant", "content": rejected}],
+                }
+            )
+    return pairs
+
+
+def write_dataset(out: Path):
+    pairs = preference_pairs()
+    splits = {"train": [p for k, p in enumerate(pairs) if k % 10], "test": pairs[::10]}
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    for split, rows in splits.items():
+        with open(out / "data" / f"{split}.jsonl", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    return pairs
+
+
+def build_tokenizer(texts, vocab_size=2048):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    bos = tokenizer.token_to_id("<|begin_of_text|>")
+    # Like Llama-3's tokenizer, encoding with special tokens prepends BOS (the chat template writes one too).
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|begin_of_text|> $B", special_tokens=[("<|begin_of_text|>", bos)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", chat_template=CHAT_TEMPLATE
+    )
+
+
+def build_model(tokenizer, seed=0):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=176,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent)
+    out = parser.parse_args().out
+    pairs = write_dataset(out)
+    texts = [m["content"] for p in pairs for key in ("prompt", "chosen", "rejected") for m in p[key]]
+    tokenizer = build_tokenizer(texts)
+    model = build_model(tokenizer)
+    tokenizer.save_pretrained(out / "tiny-llama-ja")
+    model.save_pretrained(out / "tiny-llama-ja")
+    print(f"wrote {len(pairs)} preference pairs to {out / 'data'} and a tiny Llama to {out / 'tiny-llama-ja'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,301 @@
+"""Fine-tune a causal language model with SimPO plus a diversity term.
+
+    python train_diversity_simpo.py                                    # configs/config_diversity_simpo.yaml
+    python train_diversity_simpo.py --config configs/demo.yaml --max_steps 10
+    deepspeed --num_gpus=4 train_diversity_simpo.py --config configs/config_diversity_simpo.yaml \
+        --deepspeed configs/ds_config.json
+
+Every field of the YAML can be overridden on the command line (`--diversity_weight 0.1`). Mistakes in the config or
+the data end the run with a one-line `error:` and exit status 2, before anything is written.
+"""
+
+import difflib
+import netrc
+import os
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "config_diversity_simpo.yaml"
+DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+MODEL_FILES = ("config.json", "adapter_config.json")
+DEMO_HINT = " To try the tool offline: python train_diversity_simpo.py --config configs/demo.yaml"
+
+
+class ConfigError(Exception):
+    """A mistake in the user's config, command line or data: reported in one line, without a traceback."""
+
+
+@dataclass
+class ScriptArguments:
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "Hub dataset id, or a local .json/.jsonl/.parquet/.csv file or folder."}
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name on the Hub."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    dataset_test_split: str = field(default="test", metadata={"help": "Split to evaluate on, if the dataset has it."})
+    dataset_test_fraction: float = field(
+        default=0.0, metadata={"help": "Without a test split, hold out this fraction of the train split for eval."}
+    )
+    wrap_text_as_chat: bool = field(
+        default=False,
+        metadata={
+            "help": "Turn plain-text rows into one user turn and one assistant reply, so that the tokenizer's chat "
+            "template is applied as for conversational data (what an instruct model expects)."
+        },
+    )
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Allow writing over a finished model already in output_dir."}
+    )
+
+
+def make_parser():
+    from trl import ModelConfig, TrlParser
+
+    from diversity_simpo_trainer import DiversitySimPOConfig
+
+    class Parser(TrlParser):
+        def error(self, message):  # argparse would print the whole usage (hundreds of options) and exit
+            raise ConfigError(f"{message} (see --help)")
+
+    return Parser((ScriptArguments, DiversitySimPOConfig, ModelConfig))
+
+
+def parse_args(argv):
+    """YAML config (`--config`, default DEFAULT_CONFIG) overridden by command-line flags."""
+    import yaml
+
+    argv = list(argv)
+    if "--config" not in argv:
+        argv = ["--config", str(DEFAULT_CONFIG), *argv]
+    position = argv.index("--config") + 1
+    if position == len(argv):
+        raise ConfigError("--config needs a file path")
+    config_path = Path(argv[position])
+    if not config_path.is_file():
+        raise ConfigError(f"config file {config_path} not found; pass --config FILE (e.g. configs/demo.yaml)")
+    try:
+        config = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{config_path} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{config_path} must be a YAML mapping of `field: value` lines")
+
+    parser = make_parser()
+    fields = {action.dest for action in parser._actions} - {"help"}
+    for key in config:
+        if key != "env" and key not in fields:
+            raise ConfigError(f"{config_path}: unknown key {key!r}{_closest(key, fields)}")
+    options = set(parser._option_string_actions)
+    for arg in argv:
+        flag = arg.split("=", 1)[0]
+        if flag.startswith("--") and flag != "--config" and flag not in options:
+            raise ConfigError(f"unknown option {flag}{_closest(flag[2:], fields)}")
+    try:
+        return parser.parse_args_and_config(argv)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _closest(name, candidates):
+    match = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
+    return f"; did you mean {match[0]!r}?" if match else ""
+
+
+def load_preference_data(args: ScriptArguments, seed: int):
+    """(train, eval or None) from a Hub id or a local file/folder, checked row by row."""
+    from datasets import load_dataset
+
+    name = args.dataset_name
+    if not name:
+        raise ConfigError("dataset_name is not set: give a Hub dataset id or a local .jsonl/.json/.parquet/.csv path")
+    path = Path(name)
+    try:
+        if path.is_file():
+            if path.suffix not in DATA_FILE_BUILDERS:
+                raise ConfigError(f"dataset file {path} must end in one of {', '.join(DATA_FILE_BUILDERS)}")
+            dataset = load_dataset(DATA_FILE_BUILDERS[path.suffix], data_files={args.dataset_train_split: str(path)})
+        elif path.is_dir():
+            dataset = load_dataset(str(path), name=args.dataset_config)
+        elif path.suffix in DATA_FILE_BUILDERS or name.startswith((".", "/", "~")):
+            raise ConfigError(f"dataset file {name} not found; check dataset_name")
+        else:
+            dataset = load_dataset(name, name=args.dataset_config)
+    except ConfigError:
+        raise
+    except Exception as e:  # datasets raises many types; the user needs the message, not the stack
+        hint = "" if path.exists() else f" (not a local path, and the Hugging Face Hub could not provide it: offline?{DEMO_HINT})"
+        raise ConfigError(f"could not load dataset {name!r}{hint}: {_first_line(e)}") from None
+
+    if args.dataset_train_split not in dataset:
+        raise ConfigError(f"dataset {name!r} has no split {args.dataset_train_split!r}; it has {list(dataset)}")
+    train = dataset[args.dataset_train_split]
+    if args.dataset_test_split in dataset:
+        evaluation = dataset[args.dataset_test_split]
+    elif args.dataset_test_fraction > 0:
+        split = train.train_test_split(test_size=args.dataset_test_fraction, seed=seed)
+        train, evaluation = split["train"], split["test"]
+    else:
+        evaluation = None
+    check_rows(train, f"{name} [{args.dataset_train_split}]")
+    if evaluation is not None:
+        check_rows(evaluation, f"{name} [eval]")
+    if args.wrap_text_as_chat and isinstance(train[0]["chosen"], str):
+        train, evaluation = (d and d.map(_as_chat) for d in (train, evaluation))
+    return train, evaluation
+
+
+def _as_chat(row):
+    return {
+        "prompt": [{"role": "user", "content": row["prompt"]}],
+        "chosen": [{"role": "assistant", "content": row["chosen"]}],
+        "rejected": [{"role": "assistant", "content": row["rejected"]}],
+    }
+
+
+def check_rows(dataset, source):
+    """Refuse data TRL would choke on deep inside: missing columns, no rows, empty prompts or completions."""
+    if len(dataset) == 0:
+        raise ConfigError(f"{source} has no rows")
+    required = ["chosen", "rejected"] + ([] if _is_conversation(dataset[0].get("chosen")) else ["prompt"])
+    missing = [c for c in required if c not in dataset.column_names]
+    if missing:
+        raise ConfigError(
+            f"{source} lacks column(s) {missing}; it has {dataset.column_names}. "
+            "Preference data needs `prompt`, `chosen` and `rejected`."
+        )
+    columns = [c for c in ("prompt", "chosen", "rejected") if c in dataset.column_names]
+    for i, row in enumerate(dataset.select_columns(columns)):
+        for column in columns:
+            if not _has_text(row[column]):
+                raise ConfigError(f"{source}: row {i} has an empty {column!r}; fill it in or remove the row")
+
+
+def _is_conversation(value):
+    return isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
+
+
+def _has_text(value):
+    if isinstance(value, str):
+        return bool(value.strip())
+    return _is_conversation(value) and bool(value) and all(str(m["content"] or "").strip() for m in value)
+
+
+def load_model_and_tokenizer(model_args, training_args):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from accelerate import PartialState
+    from trl import get_quantization_config
+
+    name = model_args.model_name_or_path
+    if not name:
+        raise ConfigError("model_name_or_path is not set: give a Hub model id or a local model folder")
+    dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
+    quantization_config = get_quantization_config(model_args)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            name, revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code
+        )
+        model = AutoModelForCausalLM.from_pretrained(
+            name,
+            revision=model_args.model_revision,
+            trust_remote_code=training_args.trust_remote_code,
+            attn_implementation=model_args.attn_implementation,
+            dtype=dtype,
+            quantization_config=quantization_config,
+            # k-bit weights are placed on this process's device at load time
+            device_map={"": PartialState().local_process_index} if quantization_config is not None else None,
+        )
+    except (OSError, ValueError) as e:
+        if Path(name).exists():
+            raise ConfigError(f"could not load the model in {name}: {_first_line(e)}") from None
+        raise ConfigError(
+            f"could not load model {name!r}: it is not a local folder and the Hugging Face Hub could not provide it "
+            f"(offline, or a wrong id?{DEMO_HINT}): {_first_line(e)}"
+        ) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def _first_line(error):
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def check_output_dir(script_args, training_args):
+    """Never write over a finished model by accident."""
+    output_dir = Path(training_args.output_dir)
+    finished = any((output_dir / f).exists() for f in MODEL_FILES)
+    if finished and not (script_args.overwrite_output_dir or training_args.resume_from_checkpoint):
+        raise ConfigError(
+            f"output_dir {output_dir} already holds a trained model; choose another output_dir, "
+            "or pass --overwrite_output_dir true (or --resume_from_checkpoint PATH to continue a run)"
+        )
+
+
+def use_wandb_offline_without_login(training_args):
+    """No wandb credentials: log offline (sync later with `wandb sync`) instead of failing at the first step."""
+    if "wandb" not in (training_args.report_to or []) or "WANDB_MODE" in os.environ or "WANDB_API_KEY" in os.environ:
+        return
+    try:
+        logged_in = netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (OSError, netrc.NetrcParseError):
+        logged_in = False
+    if not logged_in:
+        os.environ["WANDB_MODE"] = "offline"
+        print("wandb: no login found, logging offline to ./wandb (upload later with `wandb sync`)", file=sys.stderr)
+
+
+def save_resolved_config(path, *configs):
+    import yaml
+
+    resolved = {}
+    for config in configs:
+        resolved.update(config.to_dict() if hasattr(config, "to_dict") else asdict(config))
+    resolved = {k: v for k, v in resolved.items() if "token" not in k and "api_key" not in k}
+    path.write_text(yaml.safe_dump(resolved, allow_unicode=True, sort_keys=True), encoding="utf-8")
+
+
+def main(argv=None):
+    script_args, training_args, model_args = parse_args(sys.argv[1:] if argv is None else argv)
+
+    from trl import get_peft_config
+
+    from diversity_simpo_trainer import DiversitySimPOTrainer
+
+    check_output_dir(script_args, training_args)
+    train_dataset, eval_dataset = load_preference_data(script_args, training_args.seed)
+    if training_args.eval_strategy != "no" and eval_dataset is None:
+        raise ConfigError(
+            f"eval_strategy is {training_args.eval_strategy.value!r} but the dataset has no "
+            f"{script_args.dataset_test_split!r} split; set dataset_test_fraction (e.g. 0.05) or eval_strategy: no"
+        )
+    model, tokenizer = load_model_and_tokenizer(model_args, training_args)
+    if _is_conversation(train_dataset[0]["chosen"]) and tokenizer.chat_template is None:
+        raise ConfigError(f"the data is conversational but the tokenizer of {model_args.model_name_or_path} has no chat template")
+    use_wandb_offline_without_login(training_args)
+
+    trainer = DiversitySimPOTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    if trainer.is_world_process_zero():
+        save_resolved_config(Path(training_args.output_dir) / "resolved_config.yaml", script_args, model_args, training_args)
+    trainer.accelerator.print(f"Saved the model, tokenizer and resolved_config.yaml to {training_args.output_dir}")
+    trainer.end()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
