@@ -30,6 +30,9 @@ class DiversitySimPOConfig(CPOConfig):
     simpo_gamma: float = field(default=0.7, metadata={"help": "SimPO target reward margin gamma (absolute)."})
     beta: float = field(default=2.0, metadata={"help": "SimPO reward scale beta (the paper uses 2.0-2.5)."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Must stay False for TRL's collator."})
+    # TRL defaults the deprecated `gradient_checkpointing` to True, which makes transformers warn on every run; leave
+    # both names unset so that either one works when given (`activation_checkpointing` is the current name).
+    gradient_checkpointing: bool | None = field(default=None, metadata={"help": "Deprecated alias of activation_checkpointing."})
     diversity_weight: float = field(
         default=0.05, metadata={"help": "Weight of the diversity loss added to the SimPO loss (>= 0; 0 disables it)."}
     )

@@ -1,0 +1,45 @@
+"""The diversity term written straight from its specification, in float64, one position at a time.
+
+Deliberately independent of diversity_simpo_trainer: no index arithmetic, no chunks, no custom backward.
+"""
+
+import torch
+
+
+def diversity_reference(logits, labels):
+    """(entropy, kl) for TRL's concatenated batch: logits [2B, L, V], labels [2B, L'] with -100 outside responses."""
+    z = logits.double()
+    rows, length, _ = z.shape
+    pairs = rows // 2
+    labels = torch.cat([labels, labels.new_full((rows, max(0, length - labels.shape[1])), -100)], dim=1)
+
+    def is_response(row, t):  # logits at t predict the label at t + 1
+        return t + 1 < length and labels[row, t + 1].item() != -100
+
+    entropies, kls = [], []
+    for b in range(pairs):
+        for t in range(length):
+            if not is_response(b, t):
+                continue
+            log_p = torch.log_softmax(z[b, t], dim=-1)
+            entropies.append(-(log_p.exp() * log_p).sum())
+            if is_response(pairs + b, t):
+                log_q = torch.log_softmax(z[pairs + b, t], dim=-1)
+                kls.append((log_q.exp() * (log_q - log_p)).sum())
+    zero = z.sum() * 0  # keeps the graph so that gradients are defined (and zero)
+    entropy = torch.stack(entropies).mean() if entropies else zero
+    kl = torch.stack(kls).mean() if kls else zero
+    return entropy, kl
+
+
+def random_batch(pairs=3, length=9, vocab=13, seed=0):
+    """Random logits and TRL-style labels: a prompt (-100), a response, then right padding (-100) per row."""
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(2 * pairs, length, vocab, generator=generator) * 2
+    labels = torch.randint(0, vocab, (2 * pairs, length), generator=generator)
+    for row in range(2 * pairs):
+        prompt = int(torch.randint(1, length // 2, (), generator=generator))
+        end = int(torch.randint(prompt + 1, length + 1, (), generator=generator))
+        labels[row, :prompt] = -100
+        labels[row, end:] = -100
+    return logits, labels

@@ -1,0 +1,140 @@
+"""train_diversity_simpo.py as a user meets it: YAML plus overrides, clear errors, and the offline demo end to end."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+from conftest import DEMO_DATA, ROOT
+
+from train_diversity_simpo import ConfigError, parse_args
+
+DEMO_CONFIG = ROOT / "configs" / "demo.yaml"
+
+
+def run_cli(*args, env=None):
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train_diversity_simpo.py"), *map(str, args)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})},
+    )
+
+
+def write_yaml(path, **fields):
+    config = yaml.safe_load(DEMO_CONFIG.read_text(encoding="utf-8"))
+    config.update(fields)
+    path.write_text(yaml.safe_dump(config, allow_unicode=True), encoding="utf-8")
+    return path
+
+
+def assert_clean_error(result, *phrases):
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    for phrase in phrases:
+        assert phrase in result.stderr
+
+
+def test_yaml_values_are_loaded_and_command_line_overrides_them():
+    script, training, model = parse_args(["--config", str(DEMO_CONFIG), "--diversity_weight", "0.2", "--beta", "3"])
+    assert (training.diversity_weight, training.beta) == (0.2, 3.0)
+    assert training.diversity_alpha == 0.1 and training.simpo_gamma == 0.7
+    assert model.model_name_or_path == "demo/tiny-llama-ja" and script.dataset_name == "demo/data"
+
+
+def test_without_config_flag_the_real_config_is_used():
+    _, training, model = parse_args(["--bf16", "false"])  # this machine has no GPU for the real config's bf16
+    assert model.model_name_or_path == "elyza/Llama-3-ELYZA-JP-8B"
+    assert training.output_dir == "output/diversity-simpo-trained-model"
+    assert (training.loss_type, training.cpo_alpha, training.simpo_gamma) == ("simpo", 0.0, 0.7)
+    assert (training.diversity_weight, training.diversity_alpha) == (0.05, 0.1)
+
+
+def test_plain_simpo_config_differs_only_in_weight_output_and_run_name():
+    _, diverse, _ = parse_args(["--bf16", "false"])
+    _, plain, _ = parse_args(["--config", str(ROOT / "configs" / "config_cpo.yaml"), "--bf16", "false"])
+    assert plain.diversity_weight == 0.0 and plain.output_dir == "output/simpo-trained-model"
+    differing = {k for k, v in diverse.to_dict().items() if plain.to_dict()[k] != v}
+    assert differing == {"diversity_weight", "output_dir", "run_name"}
+
+
+def test_misspelled_yaml_key_names_the_key_and_the_closest_field(tmp_path):
+    config = write_yaml(tmp_path / "c.yaml", diversty_weight=0.1)
+    with pytest.raises(ConfigError, match=r"unknown key 'diversty_weight'.*did you mean 'diversity_weight'"):
+        parse_args(["--config", str(config)])
+
+
+def test_misspelled_command_line_flag_names_the_closest_field():
+    with pytest.raises(ConfigError, match=r"unknown option --diversity_alpah.*did you mean 'diversity_alpha'"):
+        parse_args(["--config", str(DEMO_CONFIG), "--diversity_alpah", "0.5"])
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--diversity_weight", "-1", "diversity_weight=-1.0 is out of range: it must be a number >= 0"),
+    ("--diversity_alpha", "2", "diversity_alpha=2.0 is out of range: it must be a number in [0, 1]"),
+    ("--diversity_weight", "abc", "invalid float value: 'abc'"),
+])
+def test_out_of_range_or_mistyped_values_are_config_errors(flag, value, message):
+    with pytest.raises(ConfigError) as error:
+        parse_args(["--config", str(DEMO_CONFIG), flag, value])
+    assert message in str(error.value)
+
+
+def test_missing_config_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="config file .*missing.yaml not found"):
+        parse_args(["--config", str(tmp_path / "missing.yaml")])
+
+
+def test_dataset_missing_a_column_exits_2_naming_file_and_column(tmp_path):
+    rows = [json.loads(line) for line in (DEMO_DATA / "train.jsonl").read_text(encoding="utf-8").splitlines()]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": r["prompt"], "chosen": r["chosen"]}) + "\n" for r in rows))
+    config = write_yaml(tmp_path / "c.yaml", dataset_name=str(data), eval_strategy="no", output_dir=str(tmp_path / "o"))
+    result = run_cli("--config", config)
+    assert_clean_error(result, "pairs.jsonl", "lacks column(s) ['rejected']")
+
+
+def test_dataset_with_an_empty_completion_exits_2_naming_the_row(tmp_path):
+    rows = [{"prompt": "質問です。", "chosen": "答えです。", "rejected": "いいえ。"}] * 3
+    rows[1] = {**rows[1], "chosen": "  "}
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    config = write_yaml(tmp_path / "c.yaml", dataset_name=str(data), eval_strategy="no", output_dir=str(tmp_path / "o"))
+    result = run_cli("--config", config)
+    assert_clean_error(result, "pairs.jsonl", "row 1 has an empty 'chosen'")
+
+
+def test_real_config_offline_says_the_hub_is_unreachable_and_points_to_the_demo(tmp_path):
+    result = run_cli("--output_dir", tmp_path / "o", "--bf16", "false", env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    assert_clean_error(result, "Hugging Face Hub could not provide it", "configs/demo.yaml")
+
+
+def test_existing_finished_model_in_output_dir_is_refused_and_left_untouched(tmp_path):
+    output = tmp_path / "o"
+    output.mkdir()
+    (output / "config.json").write_text("{}")
+    result = run_cli("--config", DEMO_CONFIG, "--output_dir", output)
+    assert_clean_error(result, "already holds a trained model", "--overwrite_output_dir")
+    assert [p.name for p in output.iterdir()] == ["config.json"] and (output / "config.json").read_text() == "{}"
+
+
+def test_demo_trains_evaluates_logs_diversity_and_saves_a_model_that_generates(tmp_path):
+    output = tmp_path / "demo"
+    result = run_cli("--config", DEMO_CONFIG, "--output_dir", output, "--max_steps", 6, "--eval_steps", 3,
+                     "--save_steps", 3, "--logging_steps", 1)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resolved_config.yaml to {output}" in result.stdout + result.stderr
+
+    state = json.loads((output / "checkpoint-6" / "trainer_state.json").read_text())
+    logged = {key for entry in state["log_history"] for key in entry}
+    assert {"diversity/loss", "diversity/entropy", "diversity/kl", "eval_diversity/loss", "rewards/margins"} <= logged
+    resolved = yaml.safe_load((output / "resolved_config.yaml").read_text(encoding="utf-8"))
+    assert resolved["diversity_weight"] == 0.05 and resolved["max_steps"] == 6
+    assert not any("token" in key for key in resolved)
+    assert list((tmp_path / "wandb").glob("offline-run-*")), "wandb should have logged offline"
+
+    sys.path.insert(0, str(ROOT / "demo"))
+    from generate import generate
+
+    reply = generate(output, "富士山について教えてください。", max_new_tokens=8)
+    assert isinstance(reply, str) and reply
