@@ -7,6 +7,7 @@
 """
 
 import os
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -51,6 +52,12 @@ class DiversitySimPOConfig(CPOConfig):
         _check_range("diversity_weight", self.diversity_weight, 0.0, float("inf"), "a number >= 0")
         _check_range("diversity_alpha", self.diversity_alpha, 0.0, 1.0, "a number in [0, 1]")
         _check_range("diversity_chunk_elements", self.diversity_chunk_elements, 1, float("inf"), "an integer >= 1")
+        if self.diversity_weight > 0 and self.loss_type != "simpo":
+            warnings.warn(
+                f"diversity_weight={self.diversity_weight} with loss_type={self.loss_type!r}: the diversity term is "
+                "added to that loss too, but this tool is tuned and tested for loss_type='simpo'.",
+                stacklevel=2,
+            )
         super().__post_init__()
 
 
@@ -169,6 +176,12 @@ class DiversitySimPOTrainer(CPOTrainer):
         super().__init__(*args, **kwargs)
         if self.args.diversity_weight > 0 and self.is_encoder_decoder:
             raise ValueError("The diversity term supports decoder-only models; set diversity_weight: 0 for this one.")
+        # A completion that truncation to max_length leaves empty makes SimPO's length-normalised log-probability 0/0.
+        self.train_dataset = _drop_empty_completions(self.train_dataset, "train", self.args.max_length)
+        if isinstance(self.eval_dataset, dict):
+            self.eval_dataset = {k: _drop_empty_completions(d, k, self.args.max_length) for k, d in self.eval_dataset.items()}
+        elif self.eval_dataset is not None:
+            self.eval_dataset = _drop_empty_completions(self.eval_dataset, "eval", self.args.max_length)
 
     def get_batch_logps(self, logits, labels, average_log_prob=False, is_encoder_decoder=False):
         if self.args.diversity_weight > 0:
@@ -178,14 +191,45 @@ class DiversitySimPOTrainer(CPOTrainer):
 
     def get_batch_loss_metrics(self, model, batch, train_eval="train"):
         loss, metrics = super().get_batch_loss_metrics(model, batch, train_eval)
-        if self.args.diversity_weight == 0:
-            return loss, metrics
+        if self.args.diversity_weight > 0:
+            loss = self._add_diversity_loss(loss, metrics, "eval_" if train_eval == "eval" else "")
+        if train_eval == "train" and not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"the loss is {loss.item()} at step {self.state.global_step + 1} on dataset rows "
+                f"{batch.get('row_id', '(unknown: add a row_id column)')}; training stopped before the optimizer "
+                "step, and the checkpoints already written are intact. Check those rows, or lower learning_rate."
+            )
+        return loss, metrics
+
+    def _add_diversity_loss(self, loss, metrics, prefix):
         entropy, kl = self._diversity_stats
         del self._diversity_stats
         alpha = self.args.diversity_alpha
         diversity_loss = -alpha * entropy + (1 - alpha) * kl
         loss = loss + self.args.diversity_weight * diversity_loss.to(loss.dtype)
-        prefix = "eval_" if train_eval == "eval" else ""
         for name, value in (("loss", diversity_loss), ("entropy", entropy), ("kl", kl)):
             metrics[f"{prefix}diversity/{name}"] = self.accelerator.gather_for_metrics(value.detach()).mean().item()
-        return loss, metrics
+        return loss
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite."""
+
+
+def _drop_empty_completions(dataset, split, max_length):
+    """TRL-tokenized rows whose chosen or rejected labels hold no token, dropped with a count; none left is an error."""
+    keep = dataset.filter(
+        lambda row: any(t != -100 for t in row["chosen_labels"]) and any(t != -100 for t in row["rejected_labels"])
+    )
+    if len(keep) == 0:
+        raise ValueError(
+            f"every {split} pair has an empty chosen or rejected completion after truncation to max_length="
+            f"{max_length}: raise max_length, or shorten the prompts"
+        )
+    if len(keep) < len(dataset):
+        warnings.warn(
+            f"skipped {len(dataset) - len(keep)} of {len(dataset)} {split} pairs whose chosen or rejected completion "
+            f"is empty after truncation to max_length={max_length}",
+            stacklevel=2,
+        )
+    return keep

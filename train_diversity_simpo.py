@@ -10,11 +10,15 @@ the data end the run with a one-line `error:` and exit status 2, before anything
 """
 
 import difflib
+import json
 import netrc
 import os
+import signal
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from transformers import TrainerCallback
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "config_diversity_simpo.yaml"
 DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -88,6 +92,7 @@ def parse_args(argv):
     for key in config:
         if key != "env" and key not in fields:
             raise ConfigError(f"{config_path}: unknown key {key!r}{_closest(key, fields)}")
+    check_deepspeed_config(argv[argv.index("--deepspeed") + 1] if "--deepspeed" in argv[:-1] else config.get("deepspeed"))
     options = set(parser._option_string_actions)
     for arg in argv:
         flag = arg.split("=", 1)[0]
@@ -97,6 +102,17 @@ def parse_args(argv):
         return parser.parse_args_and_config(argv)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+def check_deepspeed_config(path):
+    if not path or not isinstance(path, str) or path.lstrip().startswith("{"):
+        return  # not set, or an inline JSON dict that TrainingArguments parses itself
+    if not Path(path).is_file():
+        raise ConfigError(f"DeepSpeed config {path} not found; check --deepspeed (e.g. configs/ds_config.json)")
+    try:
+        json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"DeepSpeed config {path} is not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}")
 
 
 def _closest(name, candidates):
@@ -131,6 +147,8 @@ def load_preference_data(args: ScriptArguments, seed: int):
 
     if args.dataset_train_split not in dataset:
         raise ConfigError(f"dataset {name!r} has no split {args.dataset_train_split!r}; it has {list(dataset)}")
+    # row_id: the row's index in its split, so that errors (a NaN loss, say) can name the rows of a batch
+    dataset = dataset.map(lambda _, i: {"row_id": i}, with_indices=True)
     train = dataset[args.dataset_train_split]
     if args.dataset_test_split in dataset:
         evaluation = dataset[args.dataset_test_split]
@@ -139,9 +157,9 @@ def load_preference_data(args: ScriptArguments, seed: int):
         train, evaluation = split["train"], split["test"]
     else:
         evaluation = None
-    check_rows(train, f"{name} [{args.dataset_train_split}]")
+    train = check_rows(train, f"{name} [{args.dataset_train_split}]")
     if evaluation is not None:
-        check_rows(evaluation, f"{name} [eval]")
+        evaluation = check_rows(evaluation, f"{name} [eval]")
     if args.wrap_text_as_chat and isinstance(train[0]["chosen"], str):
         train, evaluation = (d and d.map(_as_chat) for d in (train, evaluation))
     return train, evaluation
@@ -156,7 +174,8 @@ def _as_chat(row):
 
 
 def check_rows(dataset, source):
-    """Refuse data TRL would choke on deep inside: missing columns, no rows, empty prompts or completions."""
+    """Refuse data TRL would choke on deep inside (missing columns, no rows, empty prompts or completions), and drop
+    pairs whose chosen and rejected are identical (they carry no preference), with a count."""
     if len(dataset) == 0:
         raise ConfigError(f"{source} has no rows")
     required = ["chosen", "rejected"] + ([] if _is_conversation(dataset[0].get("chosen")) else ["prompt"])
@@ -171,6 +190,13 @@ def check_rows(dataset, source):
         for column in columns:
             if not _has_text(row[column]):
                 raise ConfigError(f"{source}: row {i} has an empty {column!r}; fill it in or remove the row")
+    distinct = dataset.filter(lambda row: row["chosen"] != row["rejected"])
+    if len(distinct) == 0:
+        raise ConfigError(f"{source}: every row has chosen identical to rejected; there is no preference to learn")
+    if len(distinct) < len(dataset):
+        print(f"warning: {source}: skipped {len(dataset) - len(distinct)} of {len(dataset)} rows whose chosen "
+              "and rejected are identical", file=sys.stderr)
+    return distinct
 
 
 def _is_conversation(value):
@@ -225,14 +251,48 @@ def _first_line(error):
 
 
 def check_output_dir(script_args, training_args):
-    """Never write over a finished model by accident."""
+    """Never write over a finished model, or the checkpoints of an unfinished run, by accident."""
     output_dir = Path(training_args.output_dir)
-    finished = any((output_dir / f).exists() for f in MODEL_FILES)
-    if finished and not (script_args.overwrite_output_dir or training_args.resume_from_checkpoint):
+    if script_args.overwrite_output_dir or training_args.resume_from_checkpoint:
+        return
+    if any((output_dir / f).exists() for f in MODEL_FILES):
         raise ConfigError(
             f"output_dir {output_dir} already holds a trained model; choose another output_dir, "
-            "or pass --overwrite_output_dir true (or --resume_from_checkpoint PATH to continue a run)"
+            "or pass --overwrite_output_dir true"
         )
+    if list(output_dir.glob("checkpoint-*")):
+        raise ConfigError(
+            f"output_dir {output_dir} holds checkpoints of an unfinished run; continue it with "
+            "--resume_from_checkpoint latest, or pass --overwrite_output_dir true to start again"
+        )
+
+
+def resume_target(value):
+    """`latest` (or `true`) resumes from the newest checkpoint in output_dir; a path resumes from that checkpoint."""
+    if value is None or value.lower() in ("false", "none", ""):
+        return None
+    return True if value.lower() in ("latest", "true") else value
+
+
+class StopOnSigterm(TrainerCallback):
+    """SIGTERM (what a cluster scheduler sends before killing a job): save a checkpoint at the end of the current step,
+    then stop. Every process must agree to stop at the same step, so the flag is reduced across processes."""
+
+    def __init__(self):
+        self.received = False
+        self.accelerator = None
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = True
+
+    def on_step_end(self, args, state, control, **kwargs):
+        import torch
+
+        flag = torch.tensor(float(self.received), device=self.accelerator.device)
+        if self.accelerator.reduce(flag, reduction="sum").item() > 0:
+            self.received = True
+            control.should_save = control.should_training_stop = True
 
 
 def use_wandb_offline_without_login(training_args):
@@ -277,15 +337,27 @@ def main(argv=None):
         raise ConfigError(f"the data is conversational but the tokenizer of {model_args.model_name_or_path} has no chat template")
     use_wandb_offline_without_login(training_args)
 
-    trainer = DiversitySimPOTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        processing_class=tokenizer,
-        peft_config=get_peft_config(model_args),
-    )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    sigterm = StopOnSigterm()
+    try:
+        trainer = DiversitySimPOTrainer(
+            model=model,
+            args=training_args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=tokenizer,
+            peft_config=get_peft_config(model_args),
+            callbacks=[sigterm],
+        )
+    except ValueError as e:  # TRL's and ours: bad settings or data found while tokenizing
+        raise ConfigError(str(e)) from None
+    sigterm.accelerator = trainer.accelerator
+    trainer.train(resume_from_checkpoint=resume_target(training_args.resume_from_checkpoint))
+    if sigterm.received:
+        trainer.accelerator.print(
+            f"Stopped by SIGTERM at step {trainer.state.global_step}; a checkpoint is in {training_args.output_dir}. "
+            "Continue with --resume_from_checkpoint latest"
+        )
+        sys.exit(143)
     trainer.save_model(training_args.output_dir)
     if trainer.is_world_process_zero():
         save_resolved_config(Path(training_args.output_dir) / "resolved_config.yaml", script_args, model_args, training_args)
@@ -294,8 +366,13 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    from diversity_simpo_trainer import NonFiniteLossError
+
     try:
         main()
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
