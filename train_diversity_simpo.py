@@ -51,6 +51,16 @@ class ScriptArguments:
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Allow writing over a finished model already in output_dir."}
     )
+    eval_only: bool = field(
+        default=False,
+        metadata={"help": "Evaluate model_name_or_path on the eval split (preference accuracy, diversity), no training."},
+    )
+    diversity_eval_prompts: int = field(
+        default=0, metadata={"help": "Eval prompts to sample replies for at each evaluation (0: no diversity eval)."}
+    )
+    diversity_eval_samples: int = field(default=8, metadata={"help": "Replies sampled per prompt."})
+    diversity_eval_temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
+    diversity_eval_max_new_tokens: int = field(default=64, metadata={"help": "Longest reply sampled, in tokens."})
 
 
 def make_parser():
@@ -92,7 +102,10 @@ def parse_args(argv):
     for key in config:
         if key != "env" and key not in fields:
             raise ConfigError(f"{config_path}: unknown key {key!r}{_closest(key, fields)}")
-    check_deepspeed_config(argv[argv.index("--deepspeed") + 1] if "--deepspeed" in argv[:-1] else config.get("deepspeed"))
+    deepspeed = argv[argv.index("--deepspeed") + 1] if "--deepspeed" in argv[:-1] else config.get("deepspeed")
+    check_deepspeed_config(deepspeed)
+    if deepspeed:
+        single_process_deepspeed_env()
     options = set(parser._option_string_actions)
     for arg in argv:
         flag = arg.split("=", 1)[0]
@@ -318,16 +331,60 @@ def save_resolved_config(path, *configs):
     path.write_text(yaml.safe_dump(resolved, allow_unicode=True, sort_keys=True), encoding="utf-8")
 
 
+def single_process_deepspeed_env():
+    """`python train_diversity_simpo.py --deepspeed ...` without a launcher: DeepSpeed would look for MPI to learn the
+    world size; tell it there is one process instead."""
+    import socket
+
+    if "RANK" in os.environ or "LOCAL_RANK" in os.environ:
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+def eval_prompts(dataset, count):
+    """The first `count` prompts of the eval set (for conversations without a prompt column: all but the reply)."""
+    if dataset is None or count == 0:
+        return []
+    return [row.get("prompt") or row["chosen"][:-1] for row in dataset.select(range(min(count, len(dataset))))]
+
+
+def evaluate_only(trainer, diversity_eval, output_dir):
+    """Preference accuracy and the rest of TRL's eval metrics, plus the diversity of sampled replies if asked for."""
+    from diversity_eval import diversity_report, sentence_embedder
+
+    results = trainer.evaluate()
+    if diversity_eval["prompts"]:
+        report = diversity_report(trainer.model, trainer.processing_class, seed=trainer.args.seed,
+                                  embedder=sentence_embedder(), **diversity_eval)
+        results |= {f"diversity_eval/{k}": v for k, v in report.items()}
+    if trainer.is_world_process_zero():
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "eval_results.json").write_text(json.dumps(results, ensure_ascii=False, indent=2), "utf-8")
+        print(json.dumps(results, ensure_ascii=False, indent=2))
+        print(f"Wrote {output_dir / 'eval_results.json'}")
+    trainer.end()
+
+
 def main(argv=None):
     script_args, training_args, model_args = parse_args(sys.argv[1:] if argv is None else argv)
 
     from trl import get_peft_config
 
+    from diversity_eval import DiversityEvalCallback
     from diversity_simpo_trainer import DiversitySimPOTrainer
 
-    check_output_dir(script_args, training_args)
+    if not script_args.eval_only:
+        check_output_dir(script_args, training_args)
     train_dataset, eval_dataset = load_preference_data(script_args, training_args.seed)
-    if training_args.eval_strategy != "no" and eval_dataset is None:
+    if script_args.eval_only and eval_dataset is None:
+        raise ConfigError(f"--eval_only needs an eval split: the dataset has no {script_args.dataset_test_split!r} "
+                          "split; set dataset_test_fraction")
+    if script_args.eval_only:
+        train_dataset = eval_dataset  # TRL requires a train set; nothing is trained
+    elif training_args.eval_strategy != "no" and eval_dataset is None:
         raise ConfigError(
             f"eval_strategy is {training_args.eval_strategy.value!r} but the dataset has no "
             f"{script_args.dataset_test_split!r} split; set dataset_test_fraction (e.g. 0.05) or eval_strategy: no"
@@ -351,6 +408,16 @@ def main(argv=None):
     except ValueError as e:  # TRL's and ours: bad settings or data found while tokenizing
         raise ConfigError(str(e)) from None
     sigterm.accelerator = trainer.accelerator
+    diversity_eval = dict(
+        prompts=eval_prompts(eval_dataset, script_args.diversity_eval_prompts),
+        num_samples=script_args.diversity_eval_samples,
+        temperature=script_args.diversity_eval_temperature,
+        max_new_tokens=script_args.diversity_eval_max_new_tokens,
+    )
+    if script_args.eval_only:
+        return evaluate_only(trainer, diversity_eval, Path(training_args.output_dir))
+    if diversity_eval["prompts"]:
+        trainer.add_callback(DiversityEvalCallback(trainer, **diversity_eval))
     trainer.train(resume_from_checkpoint=resume_target(training_args.resume_from_checkpoint))
     if sigterm.received:
         trainer.accelerator.print(
@@ -359,6 +426,7 @@ def main(argv=None):
         )
         sys.exit(143)
     trainer.save_model(training_args.output_dir)
+    trainer.save_state()  # trainer_state.json: the whole log history, next to the model
     if trainer.is_world_process_zero():
         save_resolved_config(Path(training_args.output_dir) / "resolved_config.yaml", script_args, model_args, training_args)
     trainer.accelerator.print(f"Saved the model, tokenizer and resolved_config.yaml to {training_args.output_dir}")
@@ -376,3 +444,10 @@ if __name__ == "__main__":
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Everything is saved and the trackers are finished. Skip interpreter shutdown: with several processes, gloo's
+        # worker threads can free an async collective while Python tears down and abort with "terminate called
+        # without an active exception" (exit 250) after a successful run.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)

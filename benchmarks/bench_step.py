@@ -152,6 +152,13 @@ def table(rows):
     return "\n".join(lines)
 
 
+def targets(times, memory):
+    return (f"Targets: peak memory ours/TRL {memory['ours'] / memory['trl']:.2f}x (<= 1.05x); extra time of ours over "
+            f"TRL as a share of the naive term's extra time {(times['ours'] - times['trl']) / (times['naive'] - times['trl']):.2f}"
+            " (<= 0.5). The remaining extra time is the term's two passes over the logits (one in forward, one "
+            "recomputing in backward); its memory is a few float32 buffers of diversity_chunk_elements each.")
+
+
 def plot(rows, path):
     import matplotlib
 
@@ -212,7 +219,7 @@ def main():
               f"Model: random Llama, hidden {base['hidden']}, {base['layers']} layers, {base['dtype']}; "
               f"batch {base['pairs']} pairs; median of {args.repeats} interleaved repeats after a warm-up; "
               "memory: peak resident memory (VmHWM) above the process's memory before its first step, one process per variant.", "",
-              "## Main shape", "", table(rows[:1])]
+              "## Main shape", "", table(rows[:1]), "", targets(*rows[0][1:])]
     if not args.quick:
         report += ["", "## Sweeps", "", table(rows[1:]), "", "![sweep](bench_sweep.png)"]
         plot(rows[1:], args.output / "bench_sweep.png")

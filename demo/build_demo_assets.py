@@ -1,5 +1,6 @@
 """Build the offline demo's assets: a Japanese preference dataset, a byte-level BPE tokenizer with a Llama-3 chat
-template, and a tiny randomly initialised Llama model. Deterministic; the outputs are committed under demo/.
+template, and a tiny Llama model given a short supervised warm-up on the chosen replies, so that it answers in
+Japanese before preference training starts. Seeded and run on the CPU; the outputs are committed under demo/.
 
     python demo/build_demo_assets.py [--out demo]
 """
@@ -115,7 +116,7 @@ def write_dataset(out: Path):
     for split, rows in splits.items():
         with open(out / "data" / f"{split}.jsonl", "w", encoding="utf-8") as f:
             f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-    return pairs
+    return splits
 
 
 def build_tokenizer(texts, vocab_size=2048):
@@ -148,9 +149,9 @@ def build_model(tokenizer, seed=0):
 
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=176,
-        num_hidden_layers=2,
+        hidden_size=128,
+        intermediate_size=352,
+        num_hidden_layers=4,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=512,
@@ -162,17 +163,48 @@ def build_model(tokenizer, seed=0):
     return LlamaForCausalLM(config)
 
 
+def warm_up(model, tokenizer, pairs, epochs=40, batch_size=16, learning_rate=2e-3, seed=0):
+    """Supervised fine-tuning on prompt -> chosen reply (loss on the reply tokens only), in a plain loop."""
+    import torch
+
+    examples = []
+    for pair in pairs:
+        prompt = tokenizer.apply_chat_template(pair["prompt"], add_generation_prompt=True, tokenize=False)
+        full = tokenizer.apply_chat_template(pair["prompt"] + pair["chosen"], tokenize=False)
+        prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
+        ids = tokenizer(full, add_special_tokens=False).input_ids
+        examples.append((ids, [-100] * len(prompt_ids) + ids[len(prompt_ids) :]))
+    torch.manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
+    model.train()
+    for epoch in range(epochs):
+        order = torch.randperm(len(examples)).tolist()
+        for start in range(0, len(order), batch_size):
+            batch = [examples[i] for i in order[start : start + batch_size]]
+            width = max(len(ids) for ids, _ in batch)
+            input_ids = torch.tensor([ids + [tokenizer.eos_token_id] * (width - len(ids)) for ids, _ in batch])
+            labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in batch])
+            attention_mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in batch])
+            loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        print(f"warm-up epoch {epoch + 1}/{epochs}: loss {loss.item():.3f}", flush=True)
+    return model.eval()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent)
     out = parser.parse_args().out
-    pairs = write_dataset(out)
+    splits = write_dataset(out)
+    pairs = splits["train"] + splits["test"]
     texts = [m["content"] for p in pairs for key in ("prompt", "chosen", "rejected") for m in p[key]]
     tokenizer = build_tokenizer(texts)
-    model = build_model(tokenizer)
+    model = warm_up(build_model(tokenizer), tokenizer, splits["train"])  # eval prompts stay unseen
     tokenizer.save_pretrained(out / "tiny-llama-ja")
     model.save_pretrained(out / "tiny-llama-ja")
-    print(f"wrote {len(pairs)} preference pairs to {out / 'data'} and a tiny Llama to {out / 'tiny-llama-ja'}")
+    print(f"wrote {len(pairs)} preference pairs to {out / 'data'} and a warmed-up tiny Llama to {out / 'tiny-llama-ja'}")
 
 
 if __name__ == "__main__":

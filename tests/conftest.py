@@ -20,6 +20,10 @@ DEMO_MODEL = ROOT / "demo" / "tiny-llama-ja"
 DEMO_DATA = ROOT / "demo" / "data"
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "distributed: launches DeepSpeed with several CPU ranks (deselect: -m 'not distributed')")
+
+
 @pytest.fixture(autouse=True)
 def _wandb_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))

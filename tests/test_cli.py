@@ -121,13 +121,14 @@ def test_existing_finished_model_in_output_dir_is_refused_and_left_untouched(tmp
 def test_demo_trains_evaluates_logs_diversity_and_saves_a_model_that_generates(tmp_path):
     output = tmp_path / "demo"
     result = run_cli("--config", DEMO_CONFIG, "--output_dir", output, "--max_steps", 6, "--eval_steps", 3,
-                     "--save_steps", 3, "--logging_steps", 1)
+                     "--save_steps", 3, "--logging_steps", 1, "--diversity_eval_prompts", 2)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resolved_config.yaml to {output}" in result.stdout + result.stderr
 
     state = json.loads((output / "checkpoint-6" / "trainer_state.json").read_text())
     logged = {key for entry in state["log_history"] for key in entry}
     assert {"diversity/loss", "diversity/entropy", "diversity/kl", "eval_diversity/loss", "rewards/margins"} <= logged
+    assert {"diversity_eval/distinct_2", "diversity_eval/self_bleu", "diversity_eval/token_entropy"} <= logged
     resolved = yaml.safe_load((output / "resolved_config.yaml").read_text(encoding="utf-8"))
     assert resolved["diversity_weight"] == 0.05 and resolved["max_steps"] == 6
     assert not any("token" in key for key in resolved)

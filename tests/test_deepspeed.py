@@ -1,0 +1,93 @@
+"""Real DeepSpeed on CPU ranks: the README's launch commands, ZeRO-2 and ZeRO-3, saving and resuming.
+
+DeepSpeed picks its CPU accelerator and the gloo backend here. Its first start compiles a small shared-memory
+extension (about 35 s, cached in TORCH_EXTENSIONS_DIR). Skip these locally with `-m "not distributed"`.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.distributed
+
+DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")  # the launcher installed beside this Python
+COMMON = ["--config", "configs/demo.yaml", "--max_steps", "4", "--per_device_train_batch_size", "4",
+          "--eval_strategy", "no", "--logging_steps", "1", "--save_steps", "2"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread per rank on 2 cores; more oversubscribes them 5x
+
+
+def launch(*args, ranks=2, stdout=subprocess.PIPE):
+    command = [DEEPSPEED, f"--num_gpus={ranks}", "train_diversity_simpo.py", *map(str, args)]
+    return subprocess.Popen(command, cwd=ROOT, env=ENV, text=True, stdout=stdout, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def run(*args, ranks=2):
+    process = launch(*args, ranks=ranks)
+    output, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, output[-4000:]
+    return output
+
+
+def weights(directory):
+    return load_file(Path(directory) / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def single_process_reference(tmp_path_factory):
+    """The same global batch (2 ranks x 4 pairs) in one plain process: 4 pairs x 2 accumulation steps."""
+    output = tmp_path_factory.mktemp("single") / "out"
+    result = subprocess.run(
+        [sys.executable, "train_diversity_simpo.py", *COMMON, "--gradient_accumulation_steps", "2",
+         "--output_dir", output], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return output
+
+
+@pytest.mark.parametrize("ds_config", ["configs/ds_config.json", "configs/ds_config_zero3.json"])
+def test_two_ranks_train_log_diversity_and_save_the_single_process_model(tmp_path, ds_config,
+                                                                         single_process_reference):
+    output = tmp_path / "out"
+    log = run(*COMMON, "--deepspeed", ds_config, "--output_dir", output)
+    assert "terminate called" not in log
+    state = json.loads((output / "checkpoint-4" / "trainer_state.json").read_text())
+    logged = [entry for entry in state["log_history"] if "loss" in entry]
+    assert [entry["step"] for entry in logged] == [1, 2, 3, 4]
+    assert all("diversity/loss" in entry and "diversity/entropy" in entry for entry in logged)
+    assert sorted(p.name for p in output.iterdir() if p.name.startswith("resolved"))  == ["resolved_config.yaml"]
+
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(output)  # the consolidated model loads
+    ours, reference = weights(output), weights(single_process_reference)
+    assert ours.keys() == reference.keys()
+    for name in reference:
+        torch.testing.assert_close(ours[name], reference[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_zero2_run_killed_after_a_checkpoint_resumes_to_the_end(tmp_path):
+    output = tmp_path / "out"
+    args = [*COMMON, "--max_steps", "8", "--deepspeed", "configs/ds_config.json", "--output_dir", output]
+    process = launch(*args, stdout=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (output / "checkpoint-4" / "trainer_state.json").exists():
+        assert process.poll() is None, "the run ended before checkpoint-4"
+        assert time.time() < deadline
+        time.sleep(0.1)
+    os.killpg(process.pid, signal.SIGKILL)  # the launcher and both ranks, as a node failure would
+    process.wait()
+    assert not (output / "model.safetensors").exists()
+
+    run(*args, "--resume_from_checkpoint", "latest")
+    state = json.loads((output / "checkpoint-8" / "trainer_state.json").read_text())
+    assert [entry["step"] for entry in state["log_history"] if "loss" in entry] == list(range(1, 9))
+    assert (output / "model.safetensors").exists()

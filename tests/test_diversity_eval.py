@@ -1,0 +1,60 @@
+"""Diversity statistics of sampled replies: hand-computed values, and the eval-only command end to end."""
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import DEMO_MODEL, ROOT
+from test_cli import DEMO_CONFIG, run_cli
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from diversity_eval import bleu, distinct_n, normalise, sample_replies, self_bleu
+
+
+def test_characters_are_normalised_and_whitespace_dropped():
+    assert normalise("ＡＢＣ　１２ ３\n") == "ABC123"
+
+
+def test_distinct_n_counts_unique_character_ngrams():
+    assert distinct_n(["ああああ"], 1) == pytest.approx(1 / 4)
+    assert distinct_n(["ああああ"], 2) == pytest.approx(1 / 3)
+    assert distinct_n(["あい", "うえ"], 1) == 1.0
+    assert distinct_n(["あい", "あい"], 2) == pytest.approx(1 / 2)
+
+
+def test_bleu_by_hand():
+    # p1 = 3/4; p2 = (2+1)/(3+1); p3 = (1+1)/(2+1); p4 = (0+1)/(1+1); equal lengths: no brevity penalty
+    expected = (3 / 4 * 3 / 4 * 2 / 3 * 1 / 2) ** (1 / 4)
+    assert bleu("abcd", ["abce"]) == pytest.approx(expected)
+    # shorter hypothesis: brevity penalty exp(1 - 6/4)
+    assert bleu("abcd", ["abcdef"]) == pytest.approx(math.exp(1 - 6 / 4))
+
+
+def test_self_bleu_is_one_for_identical_replies_and_zero_for_disjoint_ones():
+    assert self_bleu(["富士山は高い", "富士山は高い", "富士山は高い"]) == pytest.approx(1.0)
+    assert self_bleu(["あいうえお", "かきくけこ", "さしすせそ"]) == 0.0
+
+
+def test_token_entropy_is_that_of_the_sampling_distribution():
+    tokenizer = AutoTokenizer.from_pretrained(DEMO_MODEL)
+    tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(DEMO_MODEL).eval()
+    prompt = [{"role": "user", "content": "桜について教えてください。"}]
+    with torch.no_grad():
+        _, entropy = sample_replies(model, tokenizer, prompt, num_samples=4, temperature=0.7, max_new_tokens=1)
+        ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        log_p = torch.log_softmax(model(**ids).logits[0, -1].double() / 0.7, dim=-1)
+    assert entropy == pytest.approx(-(log_p.exp() * log_p).sum().item(), rel=1e-4)
+
+
+def test_eval_only_scores_a_saved_model_without_training(tmp_path):
+    result = run_cli("--config", DEMO_CONFIG, "--eval_only", "true", "--output_dir", tmp_path,
+                     "--diversity_eval_prompts", "3", "--diversity_eval_samples", "4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "eval_results.json").read_text(encoding="utf-8"))
+    assert 0 <= results["eval_rewards/accuracies"] <= 1
+    for key in ("distinct_1", "distinct_2", "self_bleu", "token_entropy"):
+        assert 0 <= results[f"diversity_eval/{key}"] < 10
+    assert len(results["diversity_eval/examples"]) == 3
+    assert not (tmp_path / "model.safetensors").exists()
