@@ -389,6 +389,12 @@ def main(argv=None):
             f"eval_strategy is {training_args.eval_strategy.value!r} but the dataset has no "
             f"{script_args.dataset_test_split!r} split; set dataset_test_fraction (e.g. 0.05) or eval_strategy: no"
         )
+    if training_args.deepspeed and training_args.world_size > 1:
+        import deepspeed
+
+        # ZeRO-3 partitions the weights while they load, through DeepSpeed's own comm layer; accelerate sets that up
+        # itself on GPUs only, so on CPU ranks (gloo) it adopts the process group here.
+        deepspeed.init_distributed()
     model, tokenizer = load_model_and_tokenizer(model_args, training_args)
     if _is_conversation(train_dataset[0]["chosen"]) and tokenizer.chat_template is None:
         raise ConfigError(f"the data is conversational but the tokenizer of {model_args.model_name_or_path} has no chat template")

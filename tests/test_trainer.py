@@ -102,10 +102,11 @@ def test_loss_and_gradients_equal_simpo_plus_weighted_reference_term(tmp_path):
     reference_loss = simpo_loss.double() + weight * (-alpha * entropy + (1 - alpha) * kl)
     reference_loss.backward()
 
-    assert loss.item() == pytest.approx(reference_loss.item(), rel=1e-5)
-    assert metrics["diversity/entropy"] == pytest.approx(entropy.item(), rel=1e-5)
-    assert metrics["diversity/kl"] == pytest.approx(kl.item(), rel=1e-4)
-    assert metrics["diversity/loss"] == pytest.approx((-alpha * entropy + (1 - alpha) * kl).item(), rel=1e-4)
+    # float32 against float64: the demo model is confident, so entropy and KL are small sums of many tiny terms
+    assert loss.item() == pytest.approx(reference_loss.item(), rel=1e-5, abs=1e-6)
+    assert metrics["diversity/entropy"] == pytest.approx(entropy.item(), rel=1e-4, abs=1e-6)
+    assert metrics["diversity/kl"] == pytest.approx(kl.item(), rel=1e-4, abs=1e-6)
+    assert metrics["diversity/loss"] == pytest.approx((-alpha * entropy + (1 - alpha) * kl).item(), rel=1e-4, abs=1e-6)
     for name, parameter in ours.model.named_parameters():
         torch.testing.assert_close(grads[name], parameter.grad.float(), rtol=1e-4, atol=1e-6, msg=name)
 
