@@ -11,6 +11,7 @@ variant in a process of its own: peak resident memory above that process's memor
 
     python benchmarks/bench_step.py                 # main shape, then the vocabulary and length sweeps
     python benchmarks/bench_step.py --quick         # main shape only
+    python benchmarks/bench_step.py --hidden 2048 --layers 16   # on a GPU: a ~1.6B model at length 2048, bf16
 """
 
 import argparse
@@ -192,6 +193,8 @@ def main():
     parser.add_argument("--quick", action="store_true", help="main shape only, no sweeps")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--hidden", type=int, default=128, help="GPU target: 2048 (with --layers 16, ~1.6B parameters)")
+    parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks")
     parser.add_argument("--child-memory", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -200,7 +203,7 @@ def main():
         return
 
     gpu = args.device == "cuda"
-    base = dict(vocab=128256, length=2048 if gpu else 512, pairs=2, hidden=128, layers=2, device=args.device,
+    base = dict(vocab=128256, length=2048 if gpu else 512, pairs=2, hidden=args.hidden, layers=args.layers, device=args.device,
                 dtype="bfloat16" if gpu else "float32")
     shapes = [base | {"sweep": "main"}]
     if not args.quick:
