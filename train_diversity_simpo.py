@@ -53,7 +53,9 @@ class ScriptArguments:
     )
     eval_only: bool = field(
         default=False,
-        metadata={"help": "Evaluate model_name_or_path on the eval split (preference accuracy, diversity), no training."},
+        metadata={
+            "help": "Evaluate model_name_or_path on the eval split (preference accuracy, diversity), no training."
+        },
     )
     diversity_eval_prompts: int = field(
         default=0, metadata={"help": "Eval prompts to sample replies for at each evaluation (0: no diversity eval)."}
@@ -125,7 +127,9 @@ def check_deepspeed_config(path):
     try:
         json.loads(Path(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise ConfigError(f"DeepSpeed config {path} is not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}")
+        raise ConfigError(
+            f"DeepSpeed config {path} is not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}"
+        ) from None
 
 
 def _closest(name, candidates):
@@ -155,7 +159,11 @@ def load_preference_data(args: ScriptArguments, seed: int):
     except ConfigError:
         raise
     except Exception as e:  # datasets raises many types; the user needs the message, not the stack
-        hint = "" if path.exists() else f" (not a local path, and the Hugging Face Hub could not provide it: offline?{DEMO_HINT})"
+        hint = (
+            ""
+            if path.exists()
+            else f" (not a local path, and the Hugging Face Hub could not provide it: offline?{DEMO_HINT})"
+        )
         raise ConfigError(f"could not load dataset {name!r}{hint}: {_first_line(e)}") from None
 
     if args.dataset_train_split not in dataset:
@@ -207,8 +215,11 @@ def check_rows(dataset, source):
     if len(distinct) == 0:
         raise ConfigError(f"{source}: every row has chosen identical to rejected; there is no preference to learn")
     if len(distinct) < len(dataset):
-        print(f"warning: {source}: skipped {len(dataset) - len(distinct)} of {len(dataset)} rows whose chosen "
-              "and rejected are identical", file=sys.stderr)
+        print(
+            f"warning: {source}: skipped {len(dataset) - len(distinct)} of {len(dataset)} rows whose chosen "
+            "and rejected are identical",
+            file=sys.stderr,
+        )
     return distinct
 
 
@@ -224,8 +235,8 @@ def _has_text(value):
 
 def load_model_and_tokenizer(model_args, training_args):
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from accelerate import PartialState
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import get_quantization_config
 
     name = model_args.model_name_or_path
@@ -357,8 +368,13 @@ def evaluate_only(trainer, diversity_eval, output_dir):
 
     results = trainer.evaluate()
     if diversity_eval["prompts"]:
-        report = diversity_report(trainer.model, trainer.processing_class, seed=trainer.args.seed,
-                                  embedder=sentence_embedder(), **diversity_eval)
+        report = diversity_report(
+            trainer.model,
+            trainer.processing_class,
+            seed=trainer.args.seed,
+            embedder=sentence_embedder(),
+            **diversity_eval,
+        )
         results |= {f"diversity_eval/{k}": v for k, v in report.items()}
     if trainer.is_world_process_zero():
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -380,8 +396,10 @@ def main(argv=None):
         check_output_dir(script_args, training_args)
     train_dataset, eval_dataset = load_preference_data(script_args, training_args.seed)
     if script_args.eval_only and eval_dataset is None:
-        raise ConfigError(f"--eval_only needs an eval split: the dataset has no {script_args.dataset_test_split!r} "
-                          "split; set dataset_test_fraction")
+        raise ConfigError(
+            f"--eval_only needs an eval split: the dataset has no {script_args.dataset_test_split!r} "
+            "split; set dataset_test_fraction"
+        )
     if script_args.eval_only:
         train_dataset = eval_dataset  # TRL requires a train set; nothing is trained
     elif training_args.eval_strategy != "no" and eval_dataset is None:
@@ -397,7 +415,9 @@ def main(argv=None):
         deepspeed.init_distributed()
     model, tokenizer = load_model_and_tokenizer(model_args, training_args)
     if _is_conversation(train_dataset[0]["chosen"]) and tokenizer.chat_template is None:
-        raise ConfigError(f"the data is conversational but the tokenizer of {model_args.model_name_or_path} has no chat template")
+        raise ConfigError(
+            f"the data is conversational but the tokenizer of {model_args.model_name_or_path} has no chat template"
+        )
     use_wandb_offline_without_login(training_args)
 
     sigterm = StopOnSigterm()
@@ -434,7 +454,9 @@ def main(argv=None):
     trainer.save_model(training_args.output_dir)
     trainer.save_state()  # trainer_state.json: the whole log history, next to the model
     if trainer.is_world_process_zero():
-        save_resolved_config(Path(training_args.output_dir) / "resolved_config.yaml", script_args, model_args, training_args)
+        save_resolved_config(
+            Path(training_args.output_dir) / "resolved_config.yaml", script_args, model_args, training_args
+        )
     trainer.accelerator.print(f"Saved the model, tokenizer and resolved_config.yaml to {training_args.output_dir}")
     trainer.end()
 

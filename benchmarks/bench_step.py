@@ -30,8 +30,9 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from diversity_simpo_trainer import DiversitySimPOConfig, DiversitySimPOTrainer  # noqa: E402
 from trl.experimental.cpo import CPOTrainer  # noqa: E402
+
+from diversity_simpo_trainer import DiversitySimPOConfig, DiversitySimPOTrainer  # noqa: E402
 
 VARIANTS = ("trl", "naive", "ours")
 
@@ -55,14 +56,24 @@ def build(variant, vocab, length, pairs, hidden, layers, device, dtype):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 4, num_hidden_layers=layers,
-                         num_attention_heads=max(1, hidden // 64), max_position_embeddings=length)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=hidden * 4,
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 64),
+        max_position_embeddings=length,
+    )
     model = LlamaForCausalLM(config).to(device=device, dtype=getattr(torch, dtype))
     tokenizer = AutoTokenizer.from_pretrained(ROOT / "demo" / "tiny-llama-ja")  # only to build the trainer
     tokenizer.pad_token = tokenizer.eos_token
     args = DiversitySimPOConfig(
-        output_dir=str(ROOT / "output" / "bench"), report_to="none", bf16=False, use_cpu=device == "cpu",
-        max_length=length, diversity_weight=0.0 if variant == "trl" else 0.05,
+        output_dir=str(ROOT / "output" / "bench"),
+        report_to="none",
+        bf16=False,
+        use_cpu=device == "cpu",
+        max_length=length,
+        diversity_weight=0.0 if variant == "trl" else 0.05,
     )
     trainer_class = {"trl": CPOTrainer, "naive": NaiveDiversityTrainer, "ours": DiversitySimPOTrainer}[variant]
     placeholder = Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c"}])
@@ -132,8 +143,9 @@ def measure(shape, repeats):
     times = time_variants(shape, repeats)
     memory = {}
     for variant in VARIANTS:
-        child = subprocess.run([sys.executable, __file__, "--child-memory", variant, json.dumps(shape)],
-                               capture_output=True, text=True)
+        child = subprocess.run(
+            [sys.executable, __file__, "--child-memory", variant, json.dumps(shape)], capture_output=True, text=True
+        )
         if child.returncode:
             sys.exit(f"memory run of {variant} failed:\n{child.stderr[-2000:]}")
         memory[variant] = int(child.stdout.strip().splitlines()[-1])
@@ -141,23 +153,31 @@ def measure(shape, repeats):
 
 
 def table(rows):
-    lines = ["| vocab | length | variant | step time (s) | time / TRL | extra time / naive's extra | "
-             "peak memory (GB) | memory / TRL |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| vocab | length | variant | step time (s) | time / TRL | extra time / naive's extra | "
+        "peak memory (GB) | memory / TRL |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for shape, times, memory in rows:
         naive_extra = times["naive"] - times["trl"]
         for v in VARIANTS:
             extra = "" if v == "trl" else f"{(times[v] - times['trl']) / naive_extra:.2f}" if naive_extra > 0 else "n/a"
-            lines.append(f"| {shape['vocab']:,} | {shape['length']} | {v} | {times[v]:.2f} | "
-                         f"{times[v] / times['trl']:.2f}x | {extra} | {memory[v] / 1e9:.2f} | "
-                         f"{memory[v] / memory['trl']:.2f}x |")
+            lines.append(
+                f"| {shape['vocab']:,} | {shape['length']} | {v} | {times[v]:.2f} | "
+                f"{times[v] / times['trl']:.2f}x | {extra} | {memory[v] / 1e9:.2f} | "
+                f"{memory[v] / memory['trl']:.2f}x |"
+            )
     return "\n".join(lines)
 
 
 def targets(times, memory):
-    return (f"Targets: peak memory ours/TRL {memory['ours'] / memory['trl']:.2f}x (<= 1.05x); extra time of ours over "
-            f"TRL as a share of the naive term's extra time {(times['ours'] - times['trl']) / (times['naive'] - times['trl']):.2f}"
-            " (<= 0.5). The remaining extra time is the term's two passes over the logits (one in forward, one "
-            "recomputing in backward); its memory is a few float32 buffers of diversity_chunk_elements each.")
+    extra_share = (times["ours"] - times["trl"]) / (times["naive"] - times["trl"])
+    return (
+        f"Targets: peak memory ours/TRL {memory['ours'] / memory['trl']:.2f}x (<= 1.05x); extra time of ours over "
+        f"TRL as a share of the naive term's extra time {extra_share:.2f}"
+        " (<= 0.5). The remaining extra time is the term's two passes over the logits (one in forward, one "
+        "recomputing in backward); its memory is a few float32 buffers of diversity_chunk_elements each."
+    )
 
 
 def plot(rows, path):
@@ -203,8 +223,15 @@ def main():
         return
 
     gpu = args.device == "cuda"
-    base = dict(vocab=128256, length=2048 if gpu else 512, pairs=2, hidden=args.hidden, layers=args.layers, device=args.device,
-                dtype="bfloat16" if gpu else "float32")
+    base = dict(
+        vocab=128256,
+        length=2048 if gpu else 512,
+        pairs=2,
+        hidden=args.hidden,
+        layers=args.layers,
+        device=args.device,
+        dtype="bfloat16" if gpu else "float32",
+    )
     shapes = [base | {"sweep": "main"}]
     if not args.quick:
         shapes += [base | {"vocab": v, "sweep": "vocab"} for v in (32000, 64000, 128256)]
@@ -218,11 +245,22 @@ def main():
         rows.append((shape, *measured[key]))
         print("\n".join(table([rows[-1]]).splitlines()[-3:]), flush=True)
 
-    report = [f"# Step benchmark ({args.device})", "", f"Machine: {machine()}.", "",
-              f"Model: random Llama, hidden {base['hidden']}, {base['layers']} layers, {base['dtype']}; "
-              f"batch {base['pairs']} pairs; median of {args.repeats} interleaved repeats after a warm-up; "
-              "memory: peak resident memory (VmHWM) above the process's memory before its first step, one process per variant.", "",
-              "## Main shape", "", table(rows[:1]), "", targets(*rows[0][1:])]
+    report = [
+        f"# Step benchmark ({args.device})",
+        "",
+        f"Machine: {machine()}.",
+        "",
+        f"Model: random Llama, hidden {base['hidden']}, {base['layers']} layers, {base['dtype']}; "
+        f"batch {base['pairs']} pairs; median of {args.repeats} interleaved repeats after a warm-up; "
+        "memory: peak resident memory (VmHWM) above the process's memory before its first step, "
+        "one process per variant.",
+        "",
+        "## Main shape",
+        "",
+        table(rows[:1]),
+        "",
+        targets(*rows[0][1:]),
+    ]
     if not args.quick:
         report += ["", "## Sweeps", "", table(rows[1:]), "", "![sweep](bench_sweep.png)"]
         plot(rows[1:], args.output / "bench_sweep.png")

@@ -1,6 +1,6 @@
 """Reload a trained model and answer a Japanese prompt with it.
 
-    python demo/generate.py output/demo [--prompt 富士山について教えてください。]
+python demo/generate.py output/demo [--prompt 富士山について教えてください。]
 """
 
 import argparse

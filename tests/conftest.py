@@ -21,7 +21,9 @@ DEMO_DATA = ROOT / "demo" / "data"
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "distributed: launches DeepSpeed with several CPU ranks (deselect: -m 'not distributed')")
+    config.addinivalue_line(
+        "markers", "distributed: launches DeepSpeed with several CPU ranks (deselect: -m 'not distributed')"
+    )
 
 
 @pytest.fixture(autouse=True)

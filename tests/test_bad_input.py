@@ -4,8 +4,8 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from conftest import DEMO_DATA, ROOT
+from safetensors.torch import load_file
 from test_cli import DEMO_CONFIG, assert_clean_error, run_cli, write_yaml
 
 
@@ -26,26 +26,77 @@ def config_with(tmp_path, **fields):
     "make_args, phrases",
     [
         (lambda p: ["--config", p / "missing.yaml"], ["missing.yaml not found"]),
-        (lambda p: ["--config", _text(p / "c.yaml", "beta: 2.5\nloss_type: [simpo\n")], ["not valid YAML at line 3, column 1"]),
-        (lambda p: ["--config", config_with(p, diversty_weight=0.1)], ["unknown key 'diversty_weight'", "did you mean 'diversity_weight'"]),
+        (
+            lambda p: ["--config", _text(p / "c.yaml", "beta: 2.5\nloss_type: [simpo\n")],
+            ["not valid YAML at line 3, column 1"],
+        ),
+        (
+            lambda p: ["--config", config_with(p, diversty_weight=0.1)],
+            ["unknown key 'diversty_weight'", "did you mean 'diversity_weight'"],
+        ),
         (lambda p: ["--config", config_with(p, diversity_weight="abc")], ["invalid float value: 'abc'"]),
-        (lambda p: ["--config", config_with(p, diversity_weight=-0.5)], ["diversity_weight=-0.5 is out of range", ">= 0"]),
-        (lambda p: ["--config", config_with(p, diversity_alpha=1.5)], ["diversity_alpha=1.5 is out of range", "[0, 1]"]),
+        (
+            lambda p: ["--config", config_with(p, diversity_weight=-0.5)],
+            ["diversity_weight=-0.5 is out of range", ">= 0"],
+        ),
+        (
+            lambda p: ["--config", config_with(p, diversity_alpha=1.5)],
+            ["diversity_alpha=1.5 is out of range", "[0, 1]"],
+        ),
         (lambda p: ["--config", config_with(p, dataset_name=str(p / "nope.jsonl"))], ["nope.jsonl not found"]),
-        (lambda p: ["--config", config_with(p, dataset_name=str(_text(p / "empty.jsonl", ""))), "--eval_strategy", "no"],
-         ["empty.jsonl"]),
-        (lambda p: ["--config", config_with(p, model_name_or_path="no-such-org/no-such-model")],
-         ["could not load model 'no-such-org/no-such-model'", "Hugging Face Hub could not provide it", "configs/demo.yaml"]),
+        (
+            lambda p: [
+                "--config",
+                config_with(p, dataset_name=str(_text(p / "empty.jsonl", ""))),
+                "--eval_strategy",
+                "no",
+            ],
+            ["empty.jsonl"],
+        ),
+        (
+            lambda p: ["--config", config_with(p, model_name_or_path="no-such-org/no-such-model")],
+            [
+                "could not load model 'no-such-org/no-such-model'",
+                "Hugging Face Hub could not provide it",
+                "configs/demo.yaml",
+            ],
+        ),
         (lambda p: ["--config", config_with(p, model_name_or_path=str(p))], ["could not load the model in"]),
-        (lambda p: ["--config", DEMO_CONFIG, "--output_dir", p / "o", "--deepspeed", p / "ds.json"], ["ds.json not found"]),
-        (lambda p: ["--config", DEMO_CONFIG, "--output_dir", p / "o", "--deepspeed", _text(p / "ds.json", '{"zero": ')],
-         ["ds.json is not valid JSON at line 1"]),
-        (lambda p: ["--config", config_with(p, max_length=8), "--eval_strategy", "no"],
-         ["every train pair has an empty chosen or rejected completion", "max_length=8"]),
+        (
+            lambda p: ["--config", DEMO_CONFIG, "--output_dir", p / "o", "--deepspeed", p / "ds.json"],
+            ["ds.json not found"],
+        ),
+        (
+            lambda p: [
+                "--config",
+                DEMO_CONFIG,
+                "--output_dir",
+                p / "o",
+                "--deepspeed",
+                _text(p / "ds.json", '{"zero": '),
+            ],
+            ["ds.json is not valid JSON at line 1"],
+        ),
+        (
+            lambda p: ["--config", config_with(p, max_length=8), "--eval_strategy", "no"],
+            ["every train pair has an empty chosen or rejected completion", "max_length=8"],
+        ),
     ],
-    ids=["missing-config", "bad-yaml", "misspelled-key", "wrong-type", "negative-weight", "alpha-above-1",
-         "missing-dataset", "empty-dataset", "unreachable-model", "broken-model-dir", "missing-deepspeed-config",
-         "invalid-deepspeed-json", "all-truncated"],
+    ids=[
+        "missing-config",
+        "bad-yaml",
+        "misspelled-key",
+        "wrong-type",
+        "negative-weight",
+        "alpha-above-1",
+        "missing-dataset",
+        "empty-dataset",
+        "unreachable-model",
+        "broken-model-dir",
+        "missing-deepspeed-config",
+        "invalid-deepspeed-json",
+        "all-truncated",
+    ],
 )
 def test_bad_input_exits_2_with_a_clear_message(tmp_path, make_args, phrases):
     result = run_cli(*make_args(tmp_path))
@@ -113,11 +164,21 @@ def test_llama3_tokenizer_sequences_start_with_exactly_one_bos(tmp_path):
     tokenizer.chat_template = CHAT_TEMPLATE  # Llama-3's template; the package ships none
     tokenizer.eos_token = "<|eot_id|>"
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
-                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    )
     rows = demo_rows()[:4]
     trainer = DiversitySimPOTrainer(
-        model=model, processing_class=tokenizer, train_dataset=Dataset.from_list(rows),
+        model=model,
+        processing_class=tokenizer,
+        train_dataset=Dataset.from_list(rows),
         args=DiversitySimPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False, max_length=128),
     )
     bos = tokenizer.bos_token_id

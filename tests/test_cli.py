@@ -17,7 +17,11 @@ DEMO_CONFIG = ROOT / "configs" / "demo.yaml"
 def run_cli(*args, env=None):
     return subprocess.run(
         [sys.executable, str(ROOT / "train_diversity_simpo.py"), *map(str, args)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -69,11 +73,14 @@ def test_misspelled_command_line_flag_names_the_closest_field():
         parse_args(["--config", str(DEMO_CONFIG), "--diversity_alpah", "0.5"])
 
 
-@pytest.mark.parametrize("flag, value, message", [
-    ("--diversity_weight", "-1", "diversity_weight=-1.0 is out of range: it must be a number >= 0"),
-    ("--diversity_alpha", "2", "diversity_alpha=2.0 is out of range: it must be a number in [0, 1]"),
-    ("--diversity_weight", "abc", "invalid float value: 'abc'"),
-])
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--diversity_weight", "-1", "diversity_weight=-1.0 is out of range: it must be a number >= 0"),
+        ("--diversity_alpha", "2", "diversity_alpha=2.0 is out of range: it must be a number in [0, 1]"),
+        ("--diversity_weight", "abc", "invalid float value: 'abc'"),
+    ],
+)
 def test_out_of_range_or_mistyped_values_are_config_errors(flag, value, message):
     with pytest.raises(ConfigError) as error:
         parse_args(["--config", str(DEMO_CONFIG), flag, value])
@@ -105,7 +112,9 @@ def test_dataset_with_an_empty_completion_exits_2_naming_the_row(tmp_path):
 
 
 def test_real_config_offline_says_the_hub_is_unreachable_and_points_to_the_demo(tmp_path):
-    result = run_cli("--output_dir", tmp_path / "o", "--bf16", "false", env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    result = run_cli(
+        "--output_dir", tmp_path / "o", "--bf16", "false", env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    )
     assert_clean_error(result, "Hugging Face Hub could not provide it", "configs/demo.yaml")
 
 
@@ -120,8 +129,22 @@ def test_existing_finished_model_in_output_dir_is_refused_and_left_untouched(tmp
 
 def test_demo_trains_evaluates_logs_diversity_and_saves_a_model_that_generates(tmp_path):
     output = tmp_path / "demo"
-    result = run_cli("--config", DEMO_CONFIG, "--output_dir", output, "--max_steps", 6, "--eval_steps", 3,
-                     "--save_steps", 3, "--logging_steps", 1, "--diversity_eval_prompts", 2)
+    result = run_cli(
+        "--config",
+        DEMO_CONFIG,
+        "--output_dir",
+        output,
+        "--max_steps",
+        6,
+        "--eval_steps",
+        3,
+        "--save_steps",
+        3,
+        "--logging_steps",
+        1,
+        "--diversity_eval_prompts",
+        2,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resolved_config.yaml to {output}" in result.stdout + result.stderr
 

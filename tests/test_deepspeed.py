@@ -20,15 +20,28 @@ from safetensors.torch import load_file
 pytestmark = pytest.mark.distributed
 
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")  # the launcher installed beside this Python
-COMMON = ["--config", "configs/demo.yaml", "--max_steps", "4", "--per_device_train_batch_size", "4",
-          "--eval_strategy", "no", "--logging_steps", "1", "--save_steps", "2"]
+COMMON = [
+    "--config",
+    "configs/demo.yaml",
+    "--max_steps",
+    "4",
+    "--per_device_train_batch_size",
+    "4",
+    "--eval_strategy",
+    "no",
+    "--logging_steps",
+    "1",
+    "--save_steps",
+    "2",
+]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread per rank on 2 cores; more oversubscribes them 5x
 
 
 def launch(*args, ranks=2, stdout=subprocess.PIPE):
     command = [DEEPSPEED, f"--num_gpus={ranks}", "train_diversity_simpo.py", *map(str, args)]
-    return subprocess.Popen(command, cwd=ROOT, env=ENV, text=True, stdout=stdout, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    return subprocess.Popen(
+        command, cwd=ROOT, env=ENV, text=True, stdout=stdout, stderr=subprocess.STDOUT, start_new_session=True
+    )
 
 
 def run(*args, ranks=2):
@@ -47,15 +60,27 @@ def single_process_reference(tmp_path_factory):
     """The same global batch (2 ranks x 4 pairs) in one plain process: 4 pairs x 2 accumulation steps."""
     output = tmp_path_factory.mktemp("single") / "out"
     result = subprocess.run(
-        [sys.executable, "train_diversity_simpo.py", *COMMON, "--gradient_accumulation_steps", "2",
-         "--output_dir", output], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "train_diversity_simpo.py",
+            *COMMON,
+            "--gradient_accumulation_steps",
+            "2",
+            "--output_dir",
+            output,
+        ],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     return output
 
 
 @pytest.mark.parametrize("ds_config", ["configs/ds_config.json", "configs/ds_config_zero3.json"])
-def test_two_ranks_train_log_diversity_and_save_the_single_process_model(tmp_path, ds_config,
-                                                                         single_process_reference):
+def test_two_ranks_train_log_diversity_and_save_the_single_process_model(tmp_path, ds_config, single_process_reference):
     output = tmp_path / "out"
     log = run(*COMMON, "--deepspeed", ds_config, "--output_dir", output)
     assert "terminate called" not in log
@@ -64,7 +89,7 @@ def test_two_ranks_train_log_diversity_and_save_the_single_process_model(tmp_pat
     logged = [entry for entry in state["log_history"] if "loss" in entry]
     assert [entry["step"] for entry in logged] == [1, 2, 3, 4]
     assert all("diversity/loss" in entry and "diversity/entropy" in entry for entry in logged)
-    assert sorted(p.name for p in output.iterdir() if p.name.startswith("resolved"))  == ["resolved_config.yaml"]
+    assert sorted(p.name for p in output.iterdir() if p.name.startswith("resolved")) == ["resolved_config.yaml"]
 
     from transformers import AutoModelForCausalLM
 
@@ -95,19 +120,52 @@ def test_zero2_run_killed_after_a_checkpoint_resumes_to_the_end(tmp_path):
 
 
 def test_single_process_deepspeed_runs_without_a_launcher(tmp_path):
-    result = subprocess.run([sys.executable, "train_diversity_simpo.py", *COMMON, "--max_steps", "2",
-                             "--deepspeed", "configs/ds_config.json", "--output_dir", tmp_path / "out"],
-                            cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "train_diversity_simpo.py",
+            *COMMON,
+            "--max_steps",
+            "2",
+            "--deepspeed",
+            "configs/ds_config.json",
+            "--output_dir",
+            tmp_path / "out",
+        ],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     assert "mpi4py" not in result.stderr and (tmp_path / "out" / "checkpoint-2" / "global_step2").is_dir()
 
 
 def test_accelerate_launch_with_deepspeed_trains_on_two_ranks(tmp_path):
     accelerate = str(Path(sys.executable).parent / "accelerate")
-    result = subprocess.run([accelerate, "launch", "--num_processes", "2", "--use_deepspeed", "train_diversity_simpo.py",
-                             *COMMON, "--max_steps", "2", "--deepspeed", "configs/ds_config.json",
-                             "--output_dir", tmp_path / "out"],
-                            cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [
+            accelerate,
+            "launch",
+            "--num_processes",
+            "2",
+            "--use_deepspeed",
+            "train_diversity_simpo.py",
+            *COMMON,
+            "--max_steps",
+            "2",
+            "--deepspeed",
+            "configs/ds_config.json",
+            "--output_dir",
+            tmp_path / "out",
+        ],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     state = json.loads((tmp_path / "out" / "trainer_state.json").read_text())
     assert [e["step"] for e in state["log_history"] if "loss" in e] == [1, 2]

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import DEMO_MODEL, ROOT
+from conftest import DEMO_MODEL
 from test_cli import DEMO_CONFIG, run_cli
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -49,8 +49,18 @@ def test_token_entropy_is_that_of_the_sampling_distribution():
 
 
 def test_eval_only_scores_a_saved_model_without_training(tmp_path):
-    result = run_cli("--config", DEMO_CONFIG, "--eval_only", "true", "--output_dir", tmp_path,
-                     "--diversity_eval_prompts", "3", "--diversity_eval_samples", "4")
+    result = run_cli(
+        "--config",
+        DEMO_CONFIG,
+        "--eval_only",
+        "true",
+        "--output_dir",
+        tmp_path,
+        "--diversity_eval_prompts",
+        "3",
+        "--diversity_eval_samples",
+        "4",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "eval_results.json").read_text(encoding="utf-8"))
     assert 0 <= results["eval_rewards/accuracies"] <= 1

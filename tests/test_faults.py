@@ -20,8 +20,14 @@ def log_history(checkpoint):
 
 def start_cli(*args, stderr_file):
     """The CLI in the background; stdout (where the Trainer prints its logs) is a pipe, stderr goes to a file."""
-    return subprocess.Popen([sys.executable, str(ROOT / "train_diversity_simpo.py"), *map(str, args)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=open(stderr_file, "w"), text=True, env=os.environ.copy())
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "train_diversity_simpo.py"), *map(str, args)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=open(stderr_file, "w"),
+        text=True,
+        env=os.environ.copy(),
+    )
 
 
 def wait_for(path, process, timeout=300):
@@ -34,8 +40,22 @@ def wait_for(path, process, timeout=300):
 
 def test_nan_loss_or_gradient_stops_naming_the_step_and_keeps_the_last_checkpoint_intact(tmp_path):
     # A huge learning rate makes the weights ~1e30 (finite) after an update; a few steps on, the logits overflow to NaN.
-    result = run_cli("--config", DEMO_CONFIG, "--output_dir", tmp_path, "--learning_rate", "1e30", "--warmup_steps",
-                     "0", "--save_steps", "1", "--eval_strategy", "no", "--max_steps", "5")
+    result = run_cli(
+        "--config",
+        DEMO_CONFIG,
+        "--output_dir",
+        tmp_path,
+        "--learning_rate",
+        "1e30",
+        "--warmup_steps",
+        "0",
+        "--save_steps",
+        "1",
+        "--eval_strategy",
+        "no",
+        "--max_steps",
+        "5",
+    )
     assert result.returncode == 1, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     match = re.search(r"error: the (?:loss is nan|gradient norm is (?:nan|inf)) at step (\d+)", result.stderr)
@@ -49,8 +69,20 @@ def test_nan_loss_or_gradient_stops_naming_the_step_and_keeps_the_last_checkpoin
 
 
 def test_sigkill_mid_run_then_resume_reaches_the_same_final_step_and_loss(tmp_path):
-    common = ["--config", DEMO_CONFIG, "--max_steps", 30, "--save_steps", 5, "--save_total_limit", 10,
-              "--eval_strategy", "no", "--logging_steps", 1]
+    common = [
+        "--config",
+        DEMO_CONFIG,
+        "--max_steps",
+        30,
+        "--save_steps",
+        5,
+        "--save_total_limit",
+        10,
+        "--eval_strategy",
+        "no",
+        "--logging_steps",
+        1,
+    ]
     reference = run_cli(*common, "--output_dir", tmp_path / "reference")
     assert reference.returncode == 0, reference.stderr[-3000:]
 
@@ -72,8 +104,20 @@ def test_sigkill_mid_run_then_resume_reaches_the_same_final_step_and_loss(tmp_pa
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_143_then_resume_finishes(tmp_path):
-    common = ["--config", DEMO_CONFIG, "--output_dir", tmp_path, "--max_steps", 400, "--save_steps", 1000,
-              "--eval_strategy", "no", "--logging_steps", 1]
+    common = [
+        "--config",
+        DEMO_CONFIG,
+        "--output_dir",
+        tmp_path,
+        "--max_steps",
+        400,
+        "--save_steps",
+        1000,
+        "--eval_strategy",
+        "no",
+        "--logging_steps",
+        1,
+    ]
     process = start_cli(*common, stderr_file=tmp_path / "stderr.log")
     while "'loss'" not in process.stdout.readline():  # the first logged step: training is under way
         assert process.poll() is None, "run ended before training started"
@@ -91,4 +135,8 @@ def test_sigterm_saves_a_checkpoint_and_exits_143_then_resume_finishes(tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert (tmp_path / "model.safetensors").exists()
     state = json.loads((tmp_path / "trainer_state.json").read_text())
-    assert [e["step"] for e in state["log_history"] if "loss" in e][-3:] == [stopped_at + 1, stopped_at + 2, stopped_at + 3]
+    assert [e["step"] for e in state["log_history"] if "loss" in e][-3:] == [
+        stopped_at + 1,
+        stopped_at + 2,
+        stopped_at + 3,
+    ]

@@ -14,8 +14,9 @@ from diversity_simpo_trainer import DiversitySimPOConfig, DiversitySimPOTrainer
 SIMPO = dict(loss_type="simpo", cpo_alpha=0.0, simpo_gamma=0.7, beta=2.0)
 
 
-def make_trainer(tmp_path, trainer_class=DiversitySimPOTrainer, config_class=DiversitySimPOConfig, dtype=None,
-                 rows=16, **overrides):
+def make_trainer(
+    tmp_path, trainer_class=DiversitySimPOTrainer, config_class=DiversitySimPOConfig, dtype=None, rows=16, **overrides
+):
     settings = dict(
         output_dir=str(tmp_path / "out"),
         report_to="none",
@@ -59,8 +60,12 @@ def test_config_defaults_are_simpo_with_the_users_diversity_settings(tmp_path):
 
 @pytest.mark.parametrize(
     "field, value, allowed",
-    [("diversity_weight", -0.1, ">= 0"), ("diversity_alpha", 1.5, "[0, 1]"), ("diversity_alpha", -0.01, "[0, 1]"),
-     ("diversity_chunk_elements", 0, ">= 1")],
+    [
+        ("diversity_weight", -0.1, ">= 0"),
+        ("diversity_alpha", 1.5, "[0, 1]"),
+        ("diversity_alpha", -0.01, "[0, 1]"),
+        ("diversity_chunk_elements", 0, ">= 1"),
+    ],
 )
 def test_out_of_range_fields_raise_naming_field_value_and_range(tmp_path, field, value, allowed):
     with pytest.raises(ValueError) as error:
@@ -137,5 +142,7 @@ def test_nan_loss_raises_naming_the_step_and_the_batch_rows(tmp_path):
     trainer.train_dataset = trainer.train_dataset.map(lambda _, i: {"row_id": 100 + i}, with_indices=True)
     with torch.no_grad():
         trainer.model.get_output_embeddings().weight[5, 0] = float("nan")
-    with pytest.raises(diversity_simpo_trainer.NonFiniteLossError, match=r"loss is nan at step 1 .*\[100, 101, 102, 103\]"):
+    with pytest.raises(
+        diversity_simpo_trainer.NonFiniteLossError, match=r"loss is nan at step 1 .*\[100, 101, 102, 103\]"
+    ):
         trainer.get_batch_loss_metrics(trainer.model, first_batch(trainer))
