@@ -55,27 +55,26 @@ def weights(directory):
     return load_file(Path(directory) / "model.safetensors")
 
 
+def run_plain(*command):
+    """A command without the deepspeed launcher; it must succeed."""
+    result = subprocess.run([*map(str, command)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
 @pytest.fixture(scope="module")
 def single_process_reference(tmp_path_factory):
     """The same global batch (2 ranks x 4 pairs) in one plain process: 4 pairs x 2 accumulation steps."""
     output = tmp_path_factory.mktemp("single") / "out"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "train_diversity_simpo.py",
-            *COMMON,
-            "--gradient_accumulation_steps",
-            "2",
-            "--output_dir",
-            output,
-        ],
-        cwd=ROOT,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    run_plain(
+        sys.executable,
+        "train_diversity_simpo.py",
+        *COMMON,
+        "--gradient_accumulation_steps",
+        "2",
+        "--output_dir",
+        output,
     )
-    assert result.returncode == 0, result.stderr[-4000:]
     return output
 
 
@@ -120,53 +119,15 @@ def test_zero2_run_killed_after_a_checkpoint_resumes_to_the_end(tmp_path):
 
 
 def test_single_process_deepspeed_runs_without_a_launcher(tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "train_diversity_simpo.py",
-            *COMMON,
-            "--max_steps",
-            "2",
-            "--deepspeed",
-            "configs/ds_config.json",
-            "--output_dir",
-            tmp_path / "out",
-        ],
-        cwd=ROOT,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
+    args = [*COMMON, "--max_steps", "2", "--deepspeed", "configs/ds_config.json", "--output_dir", tmp_path / "out"]
+    result = run_plain(sys.executable, "train_diversity_simpo.py", *args)
     assert "mpi4py" not in result.stderr and (tmp_path / "out" / "checkpoint-2" / "global_step2").is_dir()
 
 
 def test_accelerate_launch_with_deepspeed_trains_on_two_ranks(tmp_path):
-    accelerate = str(Path(sys.executable).parent / "accelerate")
-    result = subprocess.run(
-        [
-            accelerate,
-            "launch",
-            "--num_processes",
-            "2",
-            "--use_deepspeed",
-            "train_diversity_simpo.py",
-            *COMMON,
-            "--max_steps",
-            "2",
-            "--deepspeed",
-            "configs/ds_config.json",
-            "--output_dir",
-            tmp_path / "out",
-        ],
-        cwd=ROOT,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
+    accelerate = Path(sys.executable).parent / "accelerate"
+    args = [*COMMON, "--max_steps", "2", "--deepspeed", "configs/ds_config.json", "--output_dir", tmp_path / "out"]
+    run_plain(accelerate, "launch", "--num_processes", "2", "--use_deepspeed", "train_diversity_simpo.py", *args)
     state = json.loads((tmp_path / "out" / "trainer_state.json").read_text())
     assert [e["step"] for e in state["log_history"] if "loss" in e] == [1, 2]
     assert (tmp_path / "out" / "checkpoint-2" / "global_step2").is_dir()
