@@ -104,15 +104,15 @@ def parse_args(argv):
     for key in config:
         if key != "env" and key not in fields:
             raise ConfigError(f"{config_path}: unknown key {key!r}{_closest(key, fields)}")
-    deepspeed = argv[argv.index("--deepspeed") + 1] if "--deepspeed" in argv[:-1] else config.get("deepspeed")
-    check_deepspeed_config(deepspeed)
-    if deepspeed:
-        single_process_deepspeed_env()
     options = set(parser._option_string_actions)
     for arg in argv:
         flag = arg.split("=", 1)[0]
         if flag.startswith("--") and flag != "--config" and flag not in options:
             raise ConfigError(f"unknown option {flag}{_closest(flag[2:], fields)}")
+    deepspeed = argv[argv.index("--deepspeed") + 1] if "--deepspeed" in argv[:-1] else config.get("deepspeed")
+    check_deepspeed_config(deepspeed)
+    if deepspeed:  # only once everything else checked out: this sets process-wide environment variables
+        single_process_deepspeed_env()
     try:
         return parser.parse_args_and_config(argv)
     except ValueError as e:
@@ -182,7 +182,8 @@ def load_preference_data(args: ScriptArguments, seed: int):
     if evaluation is not None:
         evaluation = check_rows(evaluation, f"{name} [eval]")
     if args.wrap_text_as_chat and isinstance(train[0]["chosen"], str):
-        train, evaluation = (d and d.map(_as_chat) for d in (train, evaluation))
+        train = train.map(_as_chat)
+        evaluation = evaluation.map(_as_chat) if evaluation is not None else None
     return train, evaluation
 
 
@@ -277,7 +278,7 @@ def _first_line(error):
 def check_output_dir(script_args, training_args):
     """Never write over a finished model, or the checkpoints of an unfinished run, by accident."""
     output_dir = Path(training_args.output_dir)
-    if script_args.overwrite_output_dir or training_args.resume_from_checkpoint:
+    if script_args.overwrite_output_dir or resume_target(training_args.resume_from_checkpoint):
         return
     if any((output_dir / f).exists() for f in MODEL_FILES):
         raise ConfigError(
