@@ -3,7 +3,8 @@
     loss           = simpo_loss + diversity_weight * diversity_loss
     diversity_loss = -alpha * entropy + (1 - alpha) * kl
 
-`simpo_loss` is TRL's own (`loss_type="simpo"`); `entropy` and `kl` are defined in `_EntropyAndKL`.
+`simpo_loss` is TRL's own (`loss_type="simpo"`); `entropy` and `kl` are defined in `_EntropyAndKL`. With
+`fused_lm_head` the same quantities come from `fused_preference_head.py`, without the `[2B, L, V]` logits.
 """
 
 import os
@@ -12,9 +13,12 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import is_peft_model
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # CPOTrainer lives in trl.experimental in TRL 1.x; we pin TRL
 from trl.experimental.cpo import CPOConfig, CPOTrainer  # noqa: E402
+
+from fused_preference_head import add_fused_preference_head, fused_head_refusal  # noqa: E402
 
 
 @dataclass
@@ -45,8 +49,15 @@ class DiversitySimPOConfig(CPOConfig):
     diversity_chunk_elements: int = field(
         default=2**21,
         metadata={
-            "help": "Logit elements (positions x vocabulary) processed at once by the diversity term; bounds its "
-            "extra memory to a few float32 buffers of this size, whatever the vocabulary."
+            "help": "Logit elements (positions x vocabulary) processed at once by the diversity term and the fused "
+            "head; bounds their extra memory to a few float32 buffers of this size, whatever the vocabulary."
+        },
+    )
+    fused_lm_head: bool = field(
+        default=False,
+        metadata={
+            "help": "Compute SimPO's log-probabilities and the diversity term from the hidden states in tiles, "
+            "never materialising the [2B, L, V] logits (same numbers, far less memory)."
         },
     )
 
@@ -178,6 +189,12 @@ class DiversitySimPOTrainer(CPOTrainer):
         super().__init__(*args, **kwargs)
         if self.args.diversity_weight > 0 and self.is_encoder_decoder:
             raise ValueError("The diversity term supports decoder-only models; set diversity_weight: 0 for this one.")
+        if self.args.fused_lm_head:
+            refusal = fused_head_refusal(self.model)  # a PEFT model answers for its base, adapters included
+            if refusal:
+                raise ValueError(refusal)
+            base = self.model.get_base_model() if is_peft_model(self.model) else self.model
+            add_fused_preference_head(base, self.args.diversity_chunk_elements)
         # A completion that truncation to max_length leaves empty makes SimPO's length-normalised log-probability 0/0.
         self.train_dataset = _drop_empty_completions(self.train_dataset, "train", self.args.max_length)
         if isinstance(self.eval_dataset, dict):
@@ -186,6 +203,35 @@ class DiversitySimPOTrainer(CPOTrainer):
             }
         elif self.eval_dataset is not None:
             self.eval_dataset = _drop_empty_completions(self.eval_dataset, "eval", self.args.max_length)
+
+    def concatenated_forward(self, model, batch):
+        """TRL's, or with `fused_lm_head` the same outputs from the fused head: per-pair log-probabilities, each
+        row's mean logit per position in place of the logits (TRL only reads their mean), and the NLL term."""
+        if not self.args.fused_lm_head:
+            return super().concatenated_forward(model, batch)
+        inputs = self.concatenated_inputs(batch, padding_value=self.pad_token_id, device=self.accelerator.device)
+        pairs = batch["chosen_labels"].shape[0]
+        out = model(
+            inputs["concatenated_input_ids"],
+            attention_mask=inputs["concatenated_attention_mask"],
+            labels=inputs["concatenated_labels"],
+            kl_pairs=pairs if self.args.diversity_weight > 0 else 0,
+            fused_preference_head=True,
+        )
+        mask = out.label_mask
+        logps = out.log_probs.sum(-1)
+        if self.loss_type in ("ipo", "simpo"):  # TRL's average_log_prob
+            logps = logps / mask.sum(-1)
+        chosen = mask[:pairs]
+        nll_loss = (
+            torch.tensor(0.0, device=self.accelerator.device)
+            if self.cpo_alpha == 0
+            else -out.log_probs[:pairs].sum() / chosen.sum()
+        )
+        if self.args.diversity_weight > 0:
+            entropy = out.entropy[:pairs].sum() / chosen.sum().clamp(min=1)
+            self._diversity_stats = (entropy, out.kl.sum() / out.pair_mask.sum().clamp(min=1))
+        return logps[:pairs], logps[pairs:], out.mean_logits[:pairs], out.mean_logits[pairs:], nll_loss
 
     def get_batch_logps(self, logits, labels, average_log_prob=False, is_encoder_decoder=False):
         if self.args.diversity_weight > 0:

@@ -4,6 +4,7 @@
     naive  the same plus the diversity term written as the user's sketch does it (full softmax/log_softmax/kl_div
            over the [2B, L, V] logits in float32); kept here only as a reference point
     ours   DiversitySimPOTrainer with its default diversity settings
+    fused  the same with `fused_lm_head: true`: no [2B, L, V] logits at all
 
 Same model (a small random Llama with a real vocabulary), batch and seed for all three. Times are medians over
 repeats interleaved trl, naive, ours, trl, ... after a warm-up, in this process. Peak memory is measured for each
@@ -34,7 +35,7 @@ from trl.experimental.cpo import CPOTrainer  # noqa: E402
 
 from diversity_simpo_trainer import DiversitySimPOConfig, DiversitySimPOTrainer  # noqa: E402
 
-VARIANTS = ("trl", "naive", "ours")
+VARIANTS = ("trl", "naive", "ours", "fused")
 
 
 class NaiveDiversityTrainer(CPOTrainer):
@@ -74,8 +75,9 @@ def build(variant, vocab, length, pairs, hidden, layers, device, dtype):
         use_cpu=device == "cpu",
         max_length=length,
         diversity_weight=0.0 if variant == "trl" else 0.05,
+        fused_lm_head=variant == "fused",
     )
-    trainer_class = {"trl": CPOTrainer, "naive": NaiveDiversityTrainer, "ours": DiversitySimPOTrainer}[variant]
+    trainer_class = {"trl": CPOTrainer, "naive": NaiveDiversityTrainer}.get(variant, DiversitySimPOTrainer)
     placeholder = Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c"}])
     trainer = trainer_class(model=model, args=args, train_dataset=placeholder, processing_class=tokenizer)
     return trainer, torch.optim.AdamW(model.parameters(), lr=1e-5), make_batch(vocab, length, pairs, device)
