@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from accelerate.utils import is_peft_model
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # CPOTrainer lives in trl.experimental in TRL 1.x; we pin TRL
-from trl.experimental.cpo import CPOConfig, CPOTrainer  # noqa: E402
+from trl.experimental.cpo import CPOConfig, CPOTrainer
 
-from fused_preference_head import add_fused_preference_head, fused_head_refusal  # noqa: E402
+from fused_preference_head import add_fused_preference_head, fused_head_refusal
 
 
 @dataclass

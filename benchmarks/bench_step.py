@@ -1,4 +1,4 @@
-"""Time and memory of one full training step (forward, loss, backward, AdamW step) for three variants:
+"""Time and memory of one full training step (forward, loss, backward, AdamW step) for four variants:
 
     trl    TRL's CPOTrainer with loss_type=simpo (the baseline)
     naive  the same plus the diversity term written as the user's sketch does it (full softmax/log_softmax/kl_div
@@ -6,13 +6,16 @@
     ours   DiversitySimPOTrainer with its default diversity settings
     fused  the same with `fused_lm_head: true`: no [2B, L, V] logits at all
 
-Same model (a small random Llama with a real vocabulary), batch and seed for all three. Times are medians over
-repeats interleaved trl, naive, ours, trl, ... after a warm-up, in this process. Peak memory is measured for each
-variant in a process of its own: peak resident memory above that process's memory just before its first step.
+Same model (a small random Llama with a real vocabulary), batch and seed for all. Times are medians over repeats
+interleaved trl, naive, ours, fused, trl, ... after a warm-up, in this process. Peak memory is measured for each
+variant in a process of its own: on the CPU, peak resident memory (VmHWM) over two steps above the process's memory
+before the first (AdamW's state included); on a GPU, the peak allocated in the second step above what was
+allocated before it (AdamW's state, the same for every variant, excluded). `naive` is skipped where its float32
+copies of the logits would not fit in memory.
 
-    python benchmarks/bench_step.py                 # main shape, then the vocabulary and length sweeps
+    python benchmarks/bench_step.py                 # CPU: main shape (length 1024), then vocabulary and length sweeps
     python benchmarks/bench_step.py --quick         # main shape only
-    python benchmarks/bench_step.py --hidden 2048 --layers 16   # on a GPU: a ~1.6B model at length 2048, bf16
+    python benchmarks/bench_step.py --hidden 2048 --layers 16 --activation-checkpointing   # GPU: ~1.6B model, 2048
 """
 
 import argparse
@@ -31,11 +34,12 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from trl.experimental.cpo import CPOTrainer  # noqa: E402
+from trl.experimental.cpo import CPOTrainer
 
-from diversity_simpo_trainer import DiversitySimPOConfig, DiversitySimPOTrainer  # noqa: E402
+from diversity_simpo_trainer import DiversitySimPOConfig, DiversitySimPOTrainer
 
 VARIANTS = ("trl", "naive", "ours", "fused")
+GB = 1e9
 
 
 class NaiveDiversityTrainer(CPOTrainer):
@@ -52,9 +56,8 @@ class NaiveDiversityTrainer(CPOTrainer):
         return losses.mean() + self.args.diversity_weight * (-alpha * chosen_entropy + (1 - alpha) * kl), {}
 
 
-def build(variant, vocab, length, pairs, hidden, layers, device, dtype):
-    from datasets import Dataset
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+def random_llama(vocab, length, hidden, layers, device, dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     config = LlamaConfig(
@@ -65,7 +68,18 @@ def build(variant, vocab, length, pairs, hidden, layers, device, dtype):
         num_attention_heads=max(1, hidden // 64),
         max_position_embeddings=length,
     )
-    model = LlamaForCausalLM(config).to(device=device, dtype=getattr(torch, dtype))
+    return LlamaForCausalLM(config).to(device=device, dtype=getattr(torch, dtype))
+
+
+def build(variant, vocab, length, pairs, hidden, layers, device, dtype, checkpointing=False, model=None):
+    """(trainer, optimizer, batch); `model` shares one model between variants (on a GPU, four would not fit)."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    model = model or random_llama(vocab, length, hidden, layers, device, dtype)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
     tokenizer = AutoTokenizer.from_pretrained(ROOT / "demo" / "tiny-llama-ja")  # only to build the trainer
     tokenizer.pad_token = tokenizer.eos_token
     args = DiversitySimPOConfig(
@@ -80,6 +94,7 @@ def build(variant, vocab, length, pairs, hidden, layers, device, dtype):
     trainer_class = {"trl": CPOTrainer, "naive": NaiveDiversityTrainer}.get(variant, DiversitySimPOTrainer)
     placeholder = Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c"}])
     trainer = trainer_class(model=model, args=args, train_dataset=placeholder, processing_class=tokenizer)
+    trainer.model.train()
     return trainer, torch.optim.AdamW(model.parameters(), lr=1e-5), make_batch(vocab, length, pairs, device)
 
 
@@ -113,13 +128,13 @@ def proc_status_bytes(field):
 
 
 def peak_memory(variant, shape):
-    """Run in a child process: bytes of peak memory above the memory held just before the first step."""
+    """Run in a child process: bytes of peak memory of a step (see the module docstring)."""
     trainer, optimizer, batch = build(variant, **shape)
     if shape["device"] == "cuda":
+        step(trainer, optimizer, batch)
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-        for _ in range(2):
-            step(trainer, optimizer, batch)
+        step(trainer, optimizer, batch)
         return torch.cuda.max_memory_allocated() - before
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets this process's peak resident memory (VmHWM) to its current value
@@ -129,11 +144,22 @@ def peak_memory(variant, shape):
     return proc_status_bytes("VmHWM") - before
 
 
-def time_variants(shape, repeats, warmup=1):
-    built = {v: build(v, **shape) for v in VARIANTS}
-    times = {v: [] for v in VARIANTS}
+def variants_that_fit(shape):
+    """All variants, but `naive` only where its ~6 float32 copies of the [2B, L, V] logits fit in half the memory."""
+    naive_bytes = 6 * 4 * 2 * shape["pairs"] * shape["length"] * shape["vocab"]
+    if shape["device"] == "cuda":
+        available = torch.cuda.get_device_properties(0).total_memory
+    else:
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return tuple(v for v in VARIANTS if v != "naive" or naive_bytes < available / 2)
+
+
+def time_variants(shape, variants, repeats, warmup=1):
+    shared = random_llama(**{k: shape[k] for k in ("vocab", "length", "hidden", "layers", "device", "dtype")})
+    built = {v: build(v, **shape, model=shared) for v in variants}
+    times = {v: [] for v in variants}
     for round_ in range(warmup + repeats):
-        for variant in VARIANTS:
+        for variant in variants:
             start = time.perf_counter()
             step(*built[variant])
             if round_ >= warmup:
@@ -142,9 +168,10 @@ def time_variants(shape, repeats, warmup=1):
 
 
 def measure(shape, repeats):
-    times = time_variants(shape, repeats)
+    variants = variants_that_fit(shape)
+    times = time_variants(shape, variants, repeats)
     memory = {}
-    for variant in VARIANTS:
+    for variant in variants:
         child = subprocess.run(
             [sys.executable, __file__, "--child-memory", variant, json.dumps(shape)], capture_output=True, text=True
         )
@@ -161,25 +188,43 @@ def table(rows):
         "|---|---|---|---|---|---|---|---|",
     ]
     for shape, times, memory in rows:
-        naive_extra = times["naive"] - times["trl"]
+        naive_extra = times["naive"] - times["trl"] if "naive" in times else None
         for v in VARIANTS:
-            extra = "" if v == "trl" else f"{(times[v] - times['trl']) / naive_extra:.2f}" if naive_extra > 0 else "n/a"
+            if v not in times:
+                lines.append(f"| {shape['vocab']:,} | {shape['length']} | {v} | skipped: would not fit in memory |||||")
+                continue
+            extra = "" if v == "trl" or not naive_extra else f"{(times[v] - times['trl']) / naive_extra:.2f}"
             lines.append(
                 f"| {shape['vocab']:,} | {shape['length']} | {v} | {times[v]:.2f} | "
-                f"{times[v] / times['trl']:.2f}x | {extra} | {memory[v] / 1e9:.2f} | "
+                f"{times[v] / times['trl']:.2f}x | {extra} | {memory[v] / GB:.2f} | "
                 f"{memory[v] / memory['trl']:.2f}x |"
             )
     return "\n".join(lines)
 
 
-def targets(times, memory):
-    extra_share = (times["ours"] - times["trl"]) / (times["naive"] - times["trl"])
-    return (
-        f"Targets: peak memory ours/TRL {memory['ours'] / memory['trl']:.2f}x (<= 1.05x); extra time of ours over "
-        f"TRL as a share of the naive term's extra time {extra_share:.2f}"
-        " (<= 0.5). The remaining extra time is the term's two passes over the logits (one in forward, one "
-        "recomputing in backward); its memory is a few float32 buffers of diversity_chunk_elements each."
-    )
+def targets(times, memory, gpu):
+    """The issues' targets, each with its measured value."""
+    lines = []
+    if "naive" in times:
+        extra_share = (times["ours"] - times["trl"]) / (times["naive"] - times["trl"])
+        lines.append(f"- ours' extra time over TRL as a share of the naive term's extra: {extra_share:.2f} (<= 0.5)")
+    lines.append(f"- ours' peak memory / TRL's: {memory['ours'] / memory['trl']:.2f}x (<= 1.05x)")
+    limit_memory, limit_time = (0.6, 1.05) if gpu else (0.25, 1.0)
+    lines.append(f"- fused peak memory / TRL's: {memory['fused'] / memory['trl']:.2f}x (<= {limit_memory}x)")
+    lines.append(f"- fused step time / TRL's: {times['fused'] / times['trl']:.2f}x (<= {limit_time}x)")
+    return "\n".join(lines)
+
+
+def memory_slopes(rows):
+    """Least-squares slope of peak memory against sequence length, in GB per 1,000 tokens, per variant."""
+    sweep = [r for r in rows if r[0]["sweep"] == "length"]
+    slopes = {}
+    for v in VARIANTS:
+        points = [(r[0]["length"] / 1000, r[2][v] / GB) for r in sweep if v in r[2]]
+        if len(points) >= 2:
+            mx, my = statistics.fmean(p[0] for p in points), statistics.fmean(p[1] for p in points)
+            slopes[v] = sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
+    return slopes
 
 
 def plot(rows, path):
@@ -193,8 +238,9 @@ def plot(rows, path):
         sweep = [r for r in rows if r[0]["sweep"] == key]
         x = [r[0][key] for r in sweep]
         for v in VARIANTS:
-            axes[0, column].plot(x, [r[1][v] for r in sweep], marker="o", label=v)
-            axes[1, column].plot(x, [r[2][v] / 1e9 for r in sweep], marker="o", label=v)
+            nan = float("nan")  # a variant skipped at a shape (naive, too big) leaves a gap
+            axes[0, column].plot(x, [r[1].get(v, nan) for r in sweep], marker="o", label=v)
+            axes[1, column].plot(x, [r[2].get(v, nan) / GB for r in sweep], marker="o", label=v)
         axes[0, column].set(title=f"step time vs {label}", ylabel="seconds", xlabel=label)
         axes[1, column].set(title=f"peak memory vs {label}", ylabel="GB above start", xlabel=label)
     for ax in axes.flat:
@@ -210,6 +256,17 @@ def machine():
     return f"{platform.machine()}, {os.cpu_count()} cores ({cpu}), {gpu}; torch {torch.__version__}"
 
 
+def write_section(path, device, text):
+    """Replace this device's section of RESULTS.md (CPU and GPU runs happen on different machines)."""
+    begin, end = f"<!-- {device}:begin -->", f"<!-- {device}:end -->"
+    old = path.read_text(encoding="utf-8") if path.exists() else "# Step benchmark\n"
+    if begin in old:
+        new = old[: old.index(begin)] + begin + "\n" + text + "\n" + old[old.index(end) :]
+    else:
+        new = old.rstrip("\n") + f"\n\n{begin}\n{text}\n{end}\n"
+    path.write_text(new, encoding="utf-8")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="main shape only, no sweeps")
@@ -217,6 +274,9 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--hidden", type=int, default=128, help="GPU target: 2048 (with --layers 16, ~1.6B parameters)")
     parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--length", type=int, help="main shape's length (default: 2048 on a GPU, 1024 on the CPU)")
+    parser.add_argument("--vocab", type=int, default=128256)
+    parser.add_argument("--activation-checkpointing", action="store_true", help="as the real config trains")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks")
     parser.add_argument("--child-memory", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -226,18 +286,19 @@ def main():
 
     gpu = args.device == "cuda"
     base = dict(
-        vocab=128256,
-        length=2048 if gpu else 512,
+        vocab=args.vocab,
+        length=args.length or (2048 if gpu else 1024),
         pairs=2,
         hidden=args.hidden,
         layers=args.layers,
         device=args.device,
         dtype="bfloat16" if gpu else "float32",
+        checkpointing=args.activation_checkpointing,
     )
     shapes = [base | {"sweep": "main"}]
     if not args.quick:
         shapes += [base | {"vocab": v, "sweep": "vocab"} for v in (32000, 64000, 128256)]
-        shapes += [base | {"length": n, "sweep": "length"} for n in (256, 512, 1024)]
+        shapes += [base | {"length": n, "sweep": "length"} for n in (256, 512, 1024, 2048)]
     rows, measured = [], {}
     for shape in shapes:
         run_shape = {k: v for k, v in shape.items() if k != "sweep"}
@@ -245,28 +306,42 @@ def main():
         if key not in measured:
             measured[key] = measure(run_shape, args.repeats)
         rows.append((shape, *measured[key]))
-        print("\n".join(table([rows[-1]]).splitlines()[-3:]), flush=True)
+        print("\n".join(table([rows[-1]]).splitlines()[2:]), flush=True)
 
+    memory_method = (
+        "peak allocated in the second step above what was allocated before it (AdamW state excluded)"
+        if gpu
+        else "peak resident memory (VmHWM) over two steps above the process's memory before the first"
+    )
     report = [
-        f"# Step benchmark ({args.device})",
+        f"## {'GPU' if gpu else 'CPU'}: {machine()}",
         "",
-        f"Machine: {machine()}.",
+        f"Model: random Llama, hidden {base['hidden']}, {base['layers']} layers, {base['dtype']}"
+        f"{', activation checkpointing' if base['checkpointing'] else ''}; batch {base['pairs']} pairs; median of "
+        f"{args.repeats} interleaved repeats after a warm-up; memory: {memory_method}, one process per variant.",
         "",
-        f"Model: random Llama, hidden {base['hidden']}, {base['layers']} layers, {base['dtype']}; "
-        f"batch {base['pairs']} pairs; median of {args.repeats} interleaved repeats after a warm-up; "
-        "memory: peak resident memory (VmHWM) above the process's memory before its first step, "
-        "one process per variant.",
-        "",
-        "## Main shape",
+        "### Main shape",
         "",
         table(rows[:1]),
         "",
-        targets(*rows[0][1:]),
+        targets(*rows[0][1:], gpu),
     ]
     if not args.quick:
-        report += ["", "## Sweeps", "", table(rows[1:]), "", "![sweep](bench_sweep.png)"]
-        plot(rows[1:], args.output / "bench_sweep.png")
-    (args.output / "RESULTS.md").write_text("\n".join(report) + "\n", encoding="utf-8")
+        slopes = memory_slopes(rows)
+        report += [
+            "",
+            "### Sweeps",
+            "",
+            table(rows[1:]),
+            "",
+            "Peak memory against length (least-squares slope, GB per 1,000 tokens of length): "
+            + ", ".join(f"{v} {slope:.2f}" for v, slope in slopes.items())
+            + f"; fused/TRL slope {slopes['fused'] / slopes['trl']:.3f}.",
+            "",
+            f"![sweep]({'bench_sweep_gpu' if gpu else 'bench_sweep'}.png)",
+        ]
+        plot(rows[1:], args.output / f"{'bench_sweep_gpu' if gpu else 'bench_sweep'}.png")
+    write_section(args.output / "RESULTS.md", "gpu" if gpu else "cpu", "\n".join(report))
     print("\n".join(report))
 
 

@@ -43,3 +43,17 @@ def random_batch(pairs=3, length=9, vocab=13, seed=0):
         labels[row, :prompt] = -100
         labels[row, end:] = -100
     return logits, labels
+
+
+def label_logprob_reference(logits, labels):
+    """[2B, L] float64 log-probability of the next-token label at each response position (0 elsewhere): the logits at
+    t predict the label at t + 1; prompt and padding labels are -100."""
+    z = logits.double()
+    rows, length, _ = z.shape
+    out = torch.zeros(rows, length, dtype=torch.float64)
+    for row in range(rows):
+        for t in range(length - 1):
+            label = labels[row, t + 1].item() if t + 1 < labels.shape[1] else -100
+            if label != -100:
+                out[row, t] = torch.log_softmax(z[row, t], dim=-1)[label]
+    return out

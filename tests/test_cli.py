@@ -88,7 +88,7 @@ def test_out_of_range_or_mistyped_values_are_config_errors(flag, value, message)
 
 
 def test_missing_config_file_is_a_clear_error(tmp_path):
-    with pytest.raises(ConfigError, match="config file .*missing.yaml not found"):
+    with pytest.raises(ConfigError, match=r"config file .*missing.yaml not found"):
         parse_args(["--config", str(tmp_path / "missing.yaml")])
 
 

@@ -78,10 +78,15 @@ def single_process_reference(tmp_path_factory):
     return output
 
 
+@pytest.mark.parametrize("fused", ["false", "true"], ids=["unfused", "fused"])
 @pytest.mark.parametrize("ds_config", ["configs/ds_config.json", "configs/ds_config_zero3.json"])
-def test_two_ranks_train_log_diversity_and_save_the_single_process_model(tmp_path, ds_config, single_process_reference):
+def test_two_ranks_train_log_diversity_and_save_the_single_process_model(
+    tmp_path, ds_config, fused, single_process_reference
+):
+    """ZeRO-2 and ZeRO-3, with the logits or the fused head (which must run inside the engine's forward, where
+    ZeRO-3 gathers the LM head): the same weights as one process with the logits."""
     output = tmp_path / "out"
-    log = run(*COMMON, "--deepspeed", ds_config, "--output_dir", output)
+    log = run(*COMMON, "--deepspeed", ds_config, "--fused_lm_head", fused, "--output_dir", output)
     assert "terminate called" not in log
     assert (output / "checkpoint-4" / "global_step4").is_dir()  # DeepSpeed's engine wrote it, not plain torch
     state = json.loads((output / "checkpoint-4" / "trainer_state.json").read_text())
@@ -99,9 +104,10 @@ def test_two_ranks_train_log_diversity_and_save_the_single_process_model(tmp_pat
         torch.testing.assert_close(ours[name], reference[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_zero2_run_killed_after_a_checkpoint_resumes_to_the_end(tmp_path):
+def test_zero2_fused_run_killed_after_a_checkpoint_resumes_to_the_end(tmp_path):
     output = tmp_path / "out"
-    args = [*COMMON, "--max_steps", "8", "--deepspeed", "configs/ds_config.json", "--output_dir", output]
+    args = [*COMMON, "--max_steps", "8", "--deepspeed", "configs/ds_config.json", "--fused_lm_head", "true"]
+    args += ["--output_dir", output]
     process = launch(*args, stdout=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not (output / "checkpoint-4" / "trainer_state.json").exists():

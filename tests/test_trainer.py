@@ -88,9 +88,12 @@ def test_weight_zero_gives_exactly_the_parents_loss_and_metrics_and_skips_the_te
     assert calls == []
 
 
-def test_loss_and_gradients_equal_simpo_plus_weighted_reference_term(tmp_path):
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+def test_loss_and_gradients_equal_simpo_plus_weighted_reference_term(tmp_path, fused):
     weight, alpha = 0.3, 0.25
-    ours = make_trainer(tmp_path, diversity_weight=weight, diversity_alpha=alpha, diversity_chunk_elements=3000)
+    ours = make_trainer(
+        tmp_path, diversity_weight=weight, diversity_alpha=alpha, diversity_chunk_elements=3000, fused_lm_head=fused
+    )
     batch = first_batch(ours)
     loss, metrics = ours.get_batch_loss_metrics(ours.model, batch)
     loss.backward()

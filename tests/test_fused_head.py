@@ -1,0 +1,244 @@
+"""The fused LM head (`fused_lm_head: true`): the numbers of the unfused path, without the [2B, L, V] logits.
+
+Function level: against the float64 reference written from the math (tests/reference.py), on random inputs with
+prompt and padding masks, with vocabulary and row tiling forced small so every tiling path runs. Trainer level: the
+loss, every logged metric and every gradient equal the unfused trainer's on a random tiny Llama.
+"""
+
+import pytest
+import torch
+from conftest import DEMO_DATA, DEMO_MODEL
+from datasets import load_dataset
+from reference import diversity_reference, label_logprob_reference, random_batch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+import fused_preference_head
+from diversity_simpo_trainer import DiversitySimPOConfig, DiversitySimPOTrainer
+from fused_preference_head import fused_head_refusal, preference_head
+
+
+@pytest.fixture
+def small_vocab_tiles(monkeypatch):
+    """Vocabulary tiles of 7 logits: every online-softmax rescaling path runs even on a tiny vocabulary."""
+    monkeypatch.setattr(fused_preference_head, "VOCAB_TILE", 7)
+
+
+def random_head_inputs(pairs=3, length=10, hidden_size=6, vocab=23, seed=0, bias=True):
+    _, labels = random_batch(pairs, length, vocab, seed)
+    generator = torch.Generator().manual_seed(seed + 100)
+    hidden = torch.randn(2 * pairs, length, hidden_size, generator=generator)
+    weight = torch.randn(vocab, hidden_size, generator=generator)
+    b = torch.randn(vocab, generator=generator) if bias else None
+    return hidden, weight, b, labels
+
+
+@pytest.mark.parametrize("tile_elements", [1, 30, 10**6], ids=["rows-of-2", "rows-of-4", "one-tile"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_head_matches_the_float64_reference_in_value_and_gradient(small_vocab_tiles, tile_elements, bias):
+    hidden, weight, b, labels = random_head_inputs(bias=bias)
+    pairs = hidden.shape[0] // 2
+    upstream = torch.randn(hidden.shape[:2], generator=torch.Generator().manual_seed(5))
+    w_entropy, w_kl = 0.7, -1.3
+
+    def loss_and_grads(log_probs, entropy, kl, leaves):
+        loss = (log_probs * upstream).sum() + w_entropy * entropy + w_kl * kl
+        return loss, torch.autograd.grad(loss, leaves)
+
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight) + ((b,) if bias else ())]
+    out = preference_head(leaves[0], leaves[1], leaves[2] if bias else None, labels, pairs, tile_elements)
+    chosen = out.label_mask[:pairs]
+    entropy = out.entropy[:pairs][chosen].mean()
+    kl = out.kl[out.pair_mask].mean()
+    loss, grads = loss_and_grads(out.log_probs, entropy, kl, leaves)
+
+    ref_leaves = [t.double().requires_grad_() for t in (hidden, weight) + ((b,) if bias else ())]
+    logits = ref_leaves[0] @ ref_leaves[1].t() + (ref_leaves[2] if bias else 0)
+    ref_entropy, ref_kl = diversity_reference(logits, labels)
+    ref_log_probs = label_logprob_reference(logits, labels)
+    ref_loss, ref_grads = loss_and_grads(ref_log_probs, ref_entropy, ref_kl, ref_leaves)
+
+    torch.testing.assert_close(out.log_probs.double(), ref_log_probs, rtol=1e-5, atol=1e-5)
+    assert entropy.item() == pytest.approx(ref_entropy.item(), rel=1e-5)
+    assert kl.item() == pytest.approx(ref_kl.item(), rel=1e-5)
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-5)
+    torch.testing.assert_close(out.mean_logits.double(), logits.detach().mean(-1), rtol=1e-5, atol=1e-5)
+    for grad, ref in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(grad.double(), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_positions_outside_responses_are_zero_and_get_no_gradient(small_vocab_tiles):
+    hidden, weight, b, labels = random_head_inputs(seed=1)
+    hidden = hidden.requires_grad_()
+    out = preference_head(hidden, weight, b, labels, hidden.shape[0] // 2, 50)
+    assert (out.log_probs[~out.label_mask] == 0).all() and (out.entropy[~out.label_mask] == 0).all()
+    assert (out.kl[~out.pair_mask] == 0).all()
+    (grad,) = torch.autograd.grad(out.log_probs.sum() + out.entropy.sum() + out.kl.sum(), hidden)
+    predicts_nothing = ~out.label_mask  # hidden state at t only feeds the prediction of label t + 1
+    assert (grad[predicts_nothing] == 0).all() and (grad[out.label_mask].abs().sum(-1) > 0).all()
+
+
+def test_batch_without_any_pair_position_gives_zero_kl_not_nan():
+    hidden, weight, b, labels = random_head_inputs(pairs=2, length=10, seed=2)
+    labels[:] = -100
+    labels[:2, 1:4] = 3  # chosen responses predicted at positions 0..2
+    labels[2:, 6:9] = 5  # rejected responses predicted at positions 5..7: no overlap
+    out = preference_head(hidden.requires_grad_(), weight, b, labels, 2, 100)
+    assert out.pair_mask.sum() == 0 and torch.isfinite(out.log_probs).all()
+    (grad,) = torch.autograd.grad(out.log_probs.sum() + out.kl.sum(), hidden)
+    assert torch.isfinite(grad).all()
+
+
+def test_bfloat16_inputs_are_projected_in_bf16_and_folded_in_float32():
+    hidden, weight, _, labels = random_head_inputs(pairs=2, length=12, vocab=40, seed=3)
+    hidden, weight = hidden.bfloat16().requires_grad_(), weight.bfloat16()
+    out = preference_head(hidden, weight, None, labels, 2, 100)
+    logits = (hidden.detach() @ weight.t()).double()  # the bf16 logits an unfused bf16 head would produce
+    torch.testing.assert_close(out.log_probs.double(), label_logprob_reference(logits, labels), rtol=1e-5, atol=1e-5)
+    (grad,) = torch.autograd.grad(out.log_probs.sum(), hidden)
+    assert out.log_probs.dtype == torch.float32 and grad.dtype == torch.bfloat16 and torch.isfinite(grad.float()).all()
+
+
+# --- the trainer: fused against unfused on a random tiny Llama -------------------------------------------------
+
+
+def random_llama(dtype=torch.float32, seed=0):
+    """A random Llama with the demo tokenizer's vocabulary; a wide init gives O(1) entropies and KLs, so that float32
+    relative comparisons are meaningful."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=2048,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        initializer_range=0.3,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config).to(dtype)
+
+
+def make_trainer(tmp_path, model, fused, peft_config=None, **overrides):
+    tokenizer = AutoTokenizer.from_pretrained(DEMO_MODEL)
+    tokenizer.pad_token = tokenizer.eos_token
+    data = load_dataset(str(DEMO_DATA))
+    settings = dict(
+        output_dir=str(tmp_path / "out"),
+        report_to="none",
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=4,
+        max_length=64,
+        max_steps=2,
+        logging_steps=1,
+        save_strategy="no",
+        bf16=False,
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        diversity_chunk_elements=1500,  # rows of a few positions: the row tiling runs too
+        fused_lm_head=fused,
+    )
+    settings.update(overrides)
+    return DiversitySimPOTrainer(
+        model=model,
+        args=DiversitySimPOConfig(**settings),
+        train_dataset=data["train"].select(range(8)),
+        eval_dataset=data["test"].select(range(4)),
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
+
+
+def loss_metrics_grads(trainer):
+    batch = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(4)]))
+    lengths = {len(trainer.train_dataset[i][k]) for i in range(4) for k in ("chosen_input_ids", "rejected_input_ids")}
+    assert len(lengths) > 3, "the batch must hold pairs of unequal lengths (padding)"
+    loss, metrics = trainer.get_batch_loss_metrics(trainer.model, batch)
+    loss.backward()
+    grads = {n: p.grad.float().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    return loss.item(), metrics, grads
+
+
+def assert_same(fused, unfused, rel, grad_rel):
+    (loss, metrics, grads), (ref_loss, ref_metrics, ref_grads) = fused, unfused
+    assert loss == pytest.approx(ref_loss, rel=rel)
+    assert metrics.keys() == ref_metrics.keys()
+    for key, value in ref_metrics.items():
+        assert metrics[key] == pytest.approx(value, rel=rel, abs=1e-7), key
+    assert grads.keys() == ref_grads.keys() and grads
+    for name, ref in ref_grads.items():
+        torch.testing.assert_close(grads[name], ref, rtol=grad_rel, atol=grad_rel * ref.abs().max().item(), msg=name)
+
+
+SETTINGS = [
+    dict(diversity_weight=0.0, cpo_alpha=0.0),
+    dict(diversity_weight=0.0, cpo_alpha=0.5),
+    *(
+        dict(diversity_weight=0.3, diversity_alpha=alpha, cpo_alpha=cpo_alpha)
+        for alpha in (0.0, 0.1, 1.0)
+        for cpo_alpha in (0.0, 0.5)
+    ),
+]
+
+
+@pytest.mark.parametrize("settings", SETTINGS, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
+def test_fused_loss_metrics_and_gradients_equal_the_unfused_path(tmp_path, small_vocab_tiles, settings):
+    results = [loss_metrics_grads(make_trainer(tmp_path, random_llama(), fused, **settings)) for fused in (True, False)]
+    expected = {"rewards/margins", "logps/chosen", "logits/chosen", "logits/rejected", "nll_loss"}
+    if settings["diversity_weight"] > 0:
+        expected |= {"diversity/entropy", "diversity/kl", "diversity/loss"}
+    assert expected <= results[0][1].keys()
+    assert_same(*results, rel=1e-5, grad_rel=1e-5)
+
+
+def test_bf16_model_fused_equals_unfused_within_bf16_tolerance(tmp_path):
+    results = [
+        loss_metrics_grads(make_trainer(tmp_path, random_llama(torch.bfloat16), fused, diversity_weight=0.3))
+        for fused in (True, False)
+    ]
+    assert_same(*results, rel=2e-2, grad_rel=5e-2)
+
+
+@pytest.mark.parametrize("peft, checkpointing", [(True, False), (False, True), (True, True)])
+def test_fused_path_equals_unfused_with_lora_and_activation_checkpointing(tmp_path, peft, checkpointing):
+    from peft import LoraConfig
+
+    def trainer(fused):
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]) if peft else None
+        return make_trainer(tmp_path, random_llama(), fused, peft_config=config, activation_checkpointing=checkpointing)
+
+    fused, unfused = trainer(True), trainer(False)
+    if peft:
+        unfused.model.load_state_dict(fused.model.state_dict())  # the same random adapter initialisation
+    results = [loss_metrics_grads(t) for t in (fused, unfused)]
+    assert all("lora" in name for name in results[0][2]) == peft
+    assert_same(*results, rel=1e-5, grad_rel=1e-5)
+
+
+def test_fused_trainer_trains_evaluates_and_runs_one_forward_per_step(tmp_path):
+    trainer = make_trainer(tmp_path, random_llama(), True, max_steps=3, diversity_weight=0.3)
+    forwards = []
+    trainer.model.register_forward_hook(lambda *_: forwards.append(1))
+    before = trainer.model.lm_head.weight.detach().clone()
+    trainer.train()
+    assert len(forwards) == 3 and not torch.equal(before, trainer.model.lm_head.weight)
+    evaluation = trainer.evaluate()
+    assert {"eval_diversity/kl", "eval_rewards/accuracies", "eval_logits/chosen"} <= set(evaluation)
+    assert all(torch.isfinite(torch.tensor(v)) for k, v in evaluation.items() if k.startswith("eval_"))
+    assert trainer.model(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 2048)  # plain calls keep their logits
+
+
+def test_models_the_fused_head_cannot_serve_are_refused_in_one_line(tmp_path):
+    from peft import LoraConfig
+    from transformers import Gemma2Config, Gemma2ForCausalLM, T5Config, T5ForConditionalGeneration
+
+    assert fused_head_refusal(random_llama()) is None
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=8, d_ff=16, num_layers=1, num_heads=1, d_kv=8))
+    assert "decoder-only" in fused_head_refusal(t5)
+    gemma = Gemma2ForCausalLM(
+        Gemma2Config(vocab_size=64, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=1)
+    )
+    assert "final_logit_softcapping" in fused_head_refusal(gemma)
+    with pytest.raises(ValueError, match=r"plain linear layer.*lora_target_modules") as error:
+        make_trainer(tmp_path, random_llama(), True, peft_config=LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
+    assert "\n" not in str(error.value)
