@@ -17,12 +17,13 @@ Every statistic is averaged over prompts. `DiversityEvalCallback` runs this at e
 import importlib.util
 import math
 import sys
+import time
 import unicodedata
 from collections import Counter
 from pathlib import Path
 
 import torch
-from transformers import TrainerCallback
+from transformers import LogitsProcessor, LogitsProcessorList, TrainerCallback
 
 
 def normalise(text):
@@ -66,35 +67,65 @@ def self_bleu(samples):
     return sum(bleu(t, texts[:i] + texts[i + 1 :]) for i, t in enumerate(texts)) / len(texts)
 
 
-def sample_replies(model, tokenizer, prompt, num_samples, temperature, max_new_tokens):
-    """`num_samples` sampled replies to one prompt (a string, or a list of chat messages) and the mean entropy of the
-    sampling distribution over their generated tokens."""
+class _SamplingEntropy(LogitsProcessor):
+    """Records, at each generated position, the entropy of softmax(scores / temperature), the distribution that is
+    sampled from (generate runs with top_k=0 and top_p=1, so temperature is the only warper, and it comes after the
+    processors passed in). Keeps `[batch]` per step, never the `[batch, V]` logits; the scores pass through."""
+
+    def __init__(self, temperature):
+        self.temperature, self.steps = temperature, []
+
+    def __call__(self, input_ids, scores):
+        log_p = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        self.steps.append(-(log_p.exp() * log_p).sum(-1))
+        return scores
+
+
+def prompt_ids(tokenizer, prompt):
+    """Token ids of one prompt: a string as is, chat messages through the chat template (which writes BOS itself)."""
     if isinstance(prompt, str):
-        inputs = tokenizer(prompt, return_tensors="pt")
-    else:  # the chat template writes BOS itself
-        inputs = tokenizer.apply_chat_template(
-            prompt, add_generation_prompt=True, return_tensors="pt", return_dict=True
-        )
-    inputs = {k: v.to(model.device) for k, v in inputs.items()}
-    output = model.generate(
-        **inputs,
+        return tokenizer(prompt)["input_ids"]
+    return list(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_dict=True)["input_ids"])
+
+
+def sample_replies(model, tokenizer, prompts, num_samples, temperature, max_new_tokens, synced_gpus=False):
+    """`num_samples` sampled replies to each of `prompts` (strings or lists of chat messages), in one `generate` call
+    on the left-padded batch; returns, per prompt, (replies, mean entropy of the sampling distribution over their
+    generated tokens). `synced_gpus`: the weights are sharded (ZeRO-3), so every process must take part in every
+    forward pass until all of them are done."""
+    ids = [prompt_ids(tokenizer, p) for p in prompts]
+    width = max(map(len, ids))
+    input_ids = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, sequence in enumerate(ids):
+        input_ids[row, width - len(sequence) :] = torch.tensor(sequence)
+        attention_mask[row, width - len(sequence) :] = 1
+    entropy = _SamplingEntropy(temperature)
+    sequences = model.generate(
+        input_ids=input_ids.to(model.device),
+        attention_mask=attention_mask.to(model.device),
         do_sample=True,
         temperature=temperature,
         top_k=0,
+        top_p=1.0,
         max_new_tokens=max_new_tokens,
         num_return_sequences=num_samples,
-        output_logits=True,
-        return_dict_in_generate=True,
+        logits_processor=LogitsProcessorList([entropy]),
         pad_token_id=tokenizer.pad_token_id,
+        synced_gpus=synced_gpus,
     )
-    generated = output.sequences[:, inputs["input_ids"].shape[1] :]
+    generated = sequences[:, width:]
     # Positions up to and including the first end-of-sequence token are the reply; later ones are padding.
     ended = torch.cumsum((generated == tokenizer.eos_token_id).int(), dim=1)
     in_reply = (ended == 0) | ((ended == 1) & (generated == tokenizer.eos_token_id))
-    log_p = torch.stack(output.logits, dim=1).float().div(temperature).log_softmax(-1)
-    entropy = -(log_p.exp() * log_p).sum(-1)
-    mean_entropy = (entropy * in_reply).sum() / in_reply.sum().clamp(min=1)
-    return tokenizer.batch_decode(generated, skip_special_tokens=True), mean_entropy.item()
+    token_entropy = torch.stack(entropy.steps, dim=1) * in_reply
+    replies = tokenizer.batch_decode(generated, skip_special_tokens=True)
+    results = []
+    for i in range(len(prompts)):
+        rows = slice(i * num_samples, (i + 1) * num_samples)  # generate repeats each prompt num_samples times
+        mean_entropy = token_entropy[rows].sum() / in_reply[rows].sum().clamp(min=1)
+        results.append((replies[rows], mean_entropy.item()))
+    return results
 
 
 def sentence_embedder():
@@ -121,37 +152,72 @@ def mean_pairwise_cosine_distance(samples, embedder):
 
 
 def diversity_report(
-    model, tokenizer, prompts, num_samples=8, temperature=1.0, max_new_tokens=64, seed=0, embedder=None
+    model,
+    tokenizer,
+    prompts,
+    num_samples=8,
+    temperature=1.0,
+    max_new_tokens=64,
+    seed=0,
+    embedder=None,
+    batch_size=8,
+    accelerator=None,
+    synced_gpus=False,
 ):
-    """The statistics of the module docstring, averaged over `prompts`, plus one example reply per prompt."""
-    torch.manual_seed(seed)
+    """The statistics of the module docstring, averaged over `prompts`, plus one example reply per prompt.
+
+    The prompts go in groups of `batch_size` per `generate` call, and group g is sampled with seed `seed + g`
+    whichever process runs it. With an `accelerator` of several processes, each process takes every world-size-th
+    group and the per-prompt results are gathered, so every process returns the same numbers, and the same as one
+    process would. `model` is the plain model with its full weights (under ZeRO-3, inside TRL's
+    `unwrap_model_for_generation`, which gathers them once for the whole generation), or, with `synced_gpus`, its
+    ZeRO-3 shards: then every process runs the same number of `generate` calls (the last ones on a spare group,
+    whose replies are dropped) so that none waits for a forward pass that never comes.
+    """
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    groups = len(range(0, len(prompts), batch_size))
+    calls = -(-groups // world) if synced_gpus else len(range(rank, groups, world))
     was_training = model.training
     model.eval()
     rows = []
-    with torch.no_grad():
-        for prompt in prompts:
-            samples, entropy = sample_replies(model, tokenizer, prompt, num_samples, temperature, max_new_tokens)
-            row = {
-                "distinct_1": distinct_n(samples, 1),
-                "distinct_2": distinct_n(samples, 2),
-                "self_bleu": self_bleu(samples),
-                "token_entropy": entropy,
-            }
-            if embedder is not None:
-                row["embedding_distance"] = mean_pairwise_cosine_distance(samples, embedder)
-            rows.append((row, samples[0]))
+    devices = [model.device] if model.device.type == "cuda" else []
+    with torch.no_grad(), torch.random.fork_rng(devices=devices):  # the training run's random state is left as it was
+        for call in range(calls):
+            group = rank + call * world
+            spare = group >= groups
+            torch.manual_seed(seed + group)
+            start = 0 if spare else group * batch_size
+            batch = prompts[start : start + batch_size]
+            replies = sample_replies(model, tokenizer, batch, num_samples, temperature, max_new_tokens, synced_gpus)
+            if spare:
+                continue
+            for index, (samples, entropy) in enumerate(replies, start):
+                row = {
+                    "distinct_1": distinct_n(samples, 1),
+                    "distinct_2": distinct_n(samples, 2),
+                    "self_bleu": self_bleu(samples),
+                    "token_entropy": entropy,
+                }
+                if embedder is not None:
+                    row["embedding_distance"] = mean_pairwise_cosine_distance(samples, embedder)
+                rows.append((index, row, samples[0]))
     model.train(was_training)
-    report = {key: sum(r[key] for r, _ in rows) / len(rows) for key in rows[0][0]}
-    report["examples"] = [example for _, example in rows]
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        rows = gather_object(rows)
+    rows.sort(key=lambda r: r[0])
+    report = {key: sum(r[key] for _, r, _ in rows) / len(rows) for key in rows[0][1]}
+    report["examples"] = [example for _, _, example in rows]
     return report
 
 
 class DiversityEvalCallback(TrainerCallback):
-    """At every evaluation, sample replies to the first eval prompts and log `diversity_eval/*`."""
+    """At every evaluation, sample replies to the first eval prompts and log `diversity_eval/*` (and the time it
+    took as `diversity_eval/runtime`, in seconds)."""
 
-    def __init__(self, trainer, prompts, num_samples, temperature, max_new_tokens):
-        self.trainer, self.prompts = trainer, prompts
-        self.settings = dict(num_samples=num_samples, temperature=temperature, max_new_tokens=max_new_tokens)
+    def __init__(self, trainer, **settings):
+        self.trainer, self.settings = trainer, settings
         self.embedder = sentence_embedder()
         if self.embedder is None:
             print(
@@ -160,13 +226,31 @@ class DiversityEvalCallback(TrainerCallback):
             )
 
     def on_evaluate(self, args, state, control, **kwargs):
-        report = diversity_report(
-            self.trainer.model,
-            self.trainer.processing_class,
-            self.prompts,
-            seed=args.seed,
-            embedder=self.embedder,
-            **self.settings,
-        )
+        report = run_diversity_eval(self.trainer, self.embedder, **self.settings)
         report.pop("examples")
         self.trainer.log({f"diversity_eval/{k}": v for k, v in report.items()})
+
+
+def run_diversity_eval(trainer, embedder, **settings):
+    """`diversity_report` on the trainer's model, on every process (each samples its share of the prompts). Under
+    ZeRO-3 the weights are gathered once for the whole generation (TRL's `unwrap_model_for_generation`: far faster
+    than gathering them layer by layer at every token), unless `gather_weights` is False, which keeps them sharded
+    and generates with `synced_gpus` (for models too big to hold whole on one GPU)."""
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+    from trl.models.utils import unwrap_model_for_generation
+
+    gather_weights = settings.pop("gather_weights", True)
+    synced_gpus = is_deepspeed_zero3_enabled() and trainer.accelerator.num_processes > 1 and not gather_weights
+    start = time.perf_counter()
+    with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator, gather_weights) as model:
+        report = diversity_report(
+            model,
+            trainer.processing_class,
+            seed=trainer.args.seed,
+            embedder=embedder,
+            accelerator=trainer.accelerator,
+            synced_gpus=synced_gpus,
+            **settings,
+        )
+    report["runtime"] = time.perf_counter() - start
+    return report

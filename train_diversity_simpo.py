@@ -63,6 +63,16 @@ class ScriptArguments:
     diversity_eval_samples: int = field(default=8, metadata={"help": "Replies sampled per prompt."})
     diversity_eval_temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
     diversity_eval_max_new_tokens: int = field(default=64, metadata={"help": "Longest reply sampled, in tokens."})
+    diversity_eval_batch_size: int = field(
+        default=8, metadata={"help": "Eval prompts per generate call (each with diversity_eval_samples replies)."}
+    )
+    diversity_eval_gather_weights: bool = field(
+        default=True,
+        metadata={
+            "help": "Under ZeRO-3, gather the whole model on each GPU once for the diversity eval's generation "
+            "(fast); false keeps it sharded and generates in lockstep (slow, for models too big to gather)."
+        },
+    )
 
 
 def make_parser():
@@ -365,17 +375,11 @@ def eval_prompts(dataset, count):
 
 def evaluate_only(trainer, diversity_eval, output_dir):
     """Preference accuracy and the rest of TRL's eval metrics, plus the diversity of sampled replies if asked for."""
-    from diversity_eval import diversity_report, sentence_embedder
+    from diversity_eval import run_diversity_eval, sentence_embedder
 
     results = trainer.evaluate()
     if diversity_eval["prompts"]:
-        report = diversity_report(
-            trainer.model,
-            trainer.processing_class,
-            seed=trainer.args.seed,
-            embedder=sentence_embedder(),
-            **diversity_eval,
-        )
+        report = run_diversity_eval(trainer, sentence_embedder(), **diversity_eval)
         results |= {f"diversity_eval/{k}": v for k, v in report.items()}
     if trainer.is_world_process_zero():
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -440,6 +444,8 @@ def main(argv=None):
         num_samples=script_args.diversity_eval_samples,
         temperature=script_args.diversity_eval_temperature,
         max_new_tokens=script_args.diversity_eval_max_new_tokens,
+        batch_size=script_args.diversity_eval_batch_size,
+        gather_weights=script_args.diversity_eval_gather_weights,
     )
     if script_args.eval_only:
         return evaluate_only(trainer, diversity_eval, Path(training_args.output_dir))

@@ -46,7 +46,11 @@ def launch(*args, ranks=2, stdout=subprocess.PIPE):
 
 def run(*args, ranks=2):
     process = launch(*args, ranks=ranks)
-    output, _ = process.communicate(timeout=600)
+    try:
+        output, _ = process.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # a hung rank must not outlive the test
+        raise
     assert process.returncode == 0, output[-4000:]
     return output
 
@@ -137,3 +141,21 @@ def test_accelerate_launch_with_deepspeed_trains_on_two_ranks(tmp_path):
     state = json.loads((tmp_path / "out" / "trainer_state.json").read_text())
     assert [e["step"] for e in state["log_history"] if "loss" in e] == [1, 2]
     assert (tmp_path / "out" / "checkpoint-2" / "global_step2").is_dir()
+
+
+@pytest.mark.parametrize("gather", ["true", "false"], ids=["gathered", "sharded-synced"])
+def test_diversity_eval_numbers_do_not_depend_on_the_number_of_ranks(tmp_path, gather):
+    """5 prompts in groups of 2: rank 0 samples groups 0 and 2, rank 1 group 1 and then waits (with the ZeRO-3 weights
+    gathered once) or runs a spare group in lockstep (weights left sharded); neither hangs, and the gathered
+    statistics equal one process's."""
+    args = ["--config", "configs/demo.yaml", "--eval_only", "true", "--diversity_eval_prompts", "5"]
+    args += ["--diversity_eval_batch_size", "2", "--diversity_eval_samples", "3"]
+    args += ["--diversity_eval_max_new_tokens", "12"]
+    run_plain(sys.executable, "train_diversity_simpo.py", *args, "--output_dir", tmp_path / "one")
+    args += ["--diversity_eval_gather_weights", gather]
+    run(*args, "--deepspeed", "configs/ds_config_zero3.json", "--output_dir", tmp_path / "two")
+    one, two = (json.loads((tmp_path / d / "eval_results.json").read_text()) for d in ("one", "two"))
+    keys = [k for k in one if k.startswith("diversity_eval/") and k != "diversity_eval/runtime"]
+    assert "diversity_eval/distinct_2" in keys and len(one["diversity_eval/examples"]) == 5
+    for key in keys:
+        assert two[key] == (pytest.approx(one[key], rel=1e-6) if isinstance(one[key], float) else one[key]), key

@@ -36,16 +36,23 @@ def test_self_bleu_is_one_for_identical_replies_and_zero_for_disjoint_ones():
     assert self_bleu(["あいうえお", "かきくけこ", "さしすせそ"]) == 0.0
 
 
-def test_token_entropy_is_that_of_the_sampling_distribution():
+def test_token_entropy_is_that_of_the_sampling_distribution_for_each_prompt_of_a_padded_batch():
     tokenizer = AutoTokenizer.from_pretrained(DEMO_MODEL)
     tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(DEMO_MODEL).eval()
-    prompt = [{"role": "user", "content": "桜について教えてください。"}]
+    prompts = [
+        [{"role": "user", "content": "桜について教えてください。"}],
+        [{"role": "user", "content": "日本で一番高い山は何ですか。その高さも教えてください。"}],  # longer: left padding
+    ]
     with torch.no_grad():
-        _, entropy = sample_replies(model, tokenizer, prompt, num_samples=4, temperature=0.7, max_new_tokens=1)
-        ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-        log_p = torch.log_softmax(model(**ids).logits[0, -1].double() / 0.7, dim=-1)
-    assert entropy == pytest.approx(-(log_p.exp() * log_p).sum().item(), rel=1e-4)
+        results = sample_replies(model, tokenizer, prompts, num_samples=4, temperature=0.7, max_new_tokens=1)
+        for prompt, (replies, entropy) in zip(prompts, results, strict=True):
+            ids = tokenizer.apply_chat_template(
+                prompt, add_generation_prompt=True, return_tensors="pt", return_dict=True
+            )
+            log_p = torch.log_softmax(model(**ids).logits[0, -1].double() / 0.7, dim=-1)
+            assert len(replies) == 4
+            assert entropy == pytest.approx(-(log_p.exp() * log_p).sum().item(), rel=1e-4)
 
 
 def test_eval_only_scores_a_saved_model_without_training(tmp_path):
