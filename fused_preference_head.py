@@ -22,6 +22,7 @@ float32:
     dKL/dz_c = p_c - p_r                      dKL/dz_r = p_r (log p_r - log p_c - KL)
 """
 
+import os
 import types
 from dataclasses import dataclass
 
@@ -30,7 +31,14 @@ from transformers.utils import ModelOutput
 from trl.kernels.chunked_logprob import _addmm_fp32  # fp32 accumulation of bf16 products (pinned TRL)
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
-VOCAB_TILE = 32768
+try:  # Triton comes with PyTorch's CUDA builds on Linux; without it (this CPU build) the tiles fold in torch
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+VOCAB_TILE = 32768  # logits per row of a tile; the rows per tile come from `tile_elements`
+TRITON_BLOCK = 1024  # columns per step of a Triton program
 
 
 @dataclass
@@ -136,13 +144,114 @@ def _compute_dtype(tensor):
     return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else tensor.dtype
 
 
-def _project(hidden, weight, bias):
-    """float32 logits tile `hidden @ weight^T + bias`, from inputs in the compute dtype (as the model's head computes
-    them, so that a bf16 model's fused logits are its unfused logits)."""
-    tile = hidden @ weight.t()
-    if bias is not None:
-        tile = tile + bias
-    return tile.float()
+def _tiles(rows, hidden, weight, bias, compute_dtype):
+    """(vocab start, weight tile, logits tile [rows, <= VOCAB_TILE]) over the vocabulary, in one reused buffer. The
+    logits are in the compute dtype, as the model's own head computes them, so that a bf16 model's fused logits are
+    its unfused logits; every fold upcasts them to float32."""
+    h = hidden.index_select(0, rows).to(compute_dtype)
+    vocab = weight.shape[0]
+    buffer = torch.empty(rows.numel(), min(vocab, VOCAB_TILE), dtype=compute_dtype, device=hidden.device)
+    for start in range(0, vocab, VOCAB_TILE):
+        w = weight[start : start + VOCAB_TILE].to(compute_dtype)
+        tile = buffer[:, : w.shape[0]]
+        torch.mm(h, w.t(), out=tile)
+        if bias is not None:
+            tile.add_(bias[start : start + VOCAB_TILE].to(compute_dtype))
+        yield start, h, w, tile
+
+
+class _FoldState:
+    """Online statistics of a chunk's rows over the vocabulary tiles seen so far, relative to the running max m (so
+    that a confident model's small entropy and KL are not differences of large numbers):
+        s = sum_v e_v,  zp = sum_v e_v (z_v - m),  e_v = exp(z_v - m),  target = z_label
+    and, for the rejected row of each pair, mc = the chosen row's running max and
+        cross = sum_v e_r,v (z_c,v - mc), in the rejected row's scale."""
+
+    def __init__(self, rows, pairs, device):
+        self.m = torch.full((rows,), float("-inf"), device=device)
+        self.s, self.zp, self.target = (torch.zeros(rows, device=device) for _ in range(3))
+        self.mc = torch.full((pairs,), float("-inf"), device=device)
+        self.cross = torch.zeros(pairs, device=device)
+
+
+def _fold_torch(tile, targets, start, state, n):
+    """Fold one logits tile into `state` (see `_FoldState`), in torch ops (the CPU path)."""
+    z = tile.float()
+    local = targets - start
+    in_tile = (local >= 0) & (local < z.shape[1])
+    picked = z.gather(1, local.clamp(0, z.shape[1] - 1).unsqueeze(-1)).squeeze(-1)
+    state.target = torch.where(in_tile, picked, state.target)
+    new_m = torch.maximum(state.m, z.amax(-1))
+    delta = state.m - new_m
+    scale = delta.exp()
+    z.sub_(new_m.unsqueeze(-1))
+    e = z.exp()
+    seen = state.s > 0  # before the first tile m is -inf: nothing to rescale
+    if n:
+        delta_c = state.mc - new_m[:n]
+        shift = torch.where(seen[n:], delta_c * state.s[n:], 0.0)
+        state.cross = scale[n:] * (state.cross + shift) + torch.linalg.vecdot(e[n:], z[:n])
+        state.mc = new_m[:n]
+    state.zp = scale * (state.zp + torch.where(seen, delta * state.s, 0.0)) + torch.linalg.vecdot(e, z)
+    state.s = scale * state.s + e.sum(-1)
+    state.m = new_m
+
+
+def _fold_triton(tile, targets, start, state, n):
+    """`_fold_torch` as Triton kernels, one program per row: one read of the tile (two for the rejected rows)."""
+    # (rows, their partner rows): chosen rows, then rejected rows with their chosen rows; or all rows, unpaired
+    launches = [(slice(0, n), None), (slice(n, 2 * n), slice(0, n))] if n else [(slice(None), None)]
+    for rows, partner in launches:
+        block = tile[rows]
+        _fold_kernel[(block.shape[0],)](
+            block,
+            tile[partner] if partner else block,
+            tile.stride(0),
+            targets[rows],
+            state.m[rows],
+            state.s[rows],
+            state.zp[rows],
+            state.target[rows],
+            state.mc,
+            state.cross,
+            start,
+            N_COLS=tile.shape[1],
+            HAS_PARTNER=partner is not None,
+            BLOCK=TRITON_BLOCK,
+        )
+    if n:  # the rejected rows' kernel tracked the chosen rows' max as mc; the chosen rows' kernel wrote it to m
+        state.mc.copy_(state.m[:n])
+
+
+def _grad_torch(tile, targets, start, lse, a, c, gl, gk, n):
+    """Overwrite one logits tile with dLoss/dz: -p (a log p + c) + gl 1[v = label], plus for pairs (chosen rows
+    [0, n), rejected rows [n, 2n)) the KL cross terms -gk p_r (chosen) and -gk p_r log p_c (rejected)."""
+    log_p = tile.float().sub_(lse.unsqueeze(-1))
+    p = log_p.exp()
+    grad = log_p  # overwritten in place, row block by row block
+    if n:  # rejected rows first: their KL gradient reads the chosen rows' log p
+        grad[n:].mul_(a[n:, None]).addcmul_(log_p[:n], gk[:, None]).add_(c[n:, None]).mul_(p[n:])
+        grad[:n].mul_(a[:n, None]).add_(c[:n, None]).mul_(p[:n]).addcmul_(p[n:], gk[:, None])
+    else:
+        grad.mul_(a[:, None]).add_(c[:, None]).mul_(p)
+    grad.neg_()
+    local = targets - start
+    hit = ((local >= 0) & (local < tile.shape[1])).nonzero().squeeze(-1)
+    grad.index_put_((hit, local[hit]), gl[hit], accumulate=True)
+    tile.copy_(grad)
+
+
+def _grad_triton(tile, targets, start, lse, a, c, gl, gk, n):
+    """`_grad_torch` as one Triton kernel; a pair's two rows share a program, which reads both before writing."""
+    rows = n if n else tile.shape[0]
+    _grad_kernel[(rows, triton.cdiv(tile.shape[1], TRITON_BLOCK))](
+        tile, tile.stride(0), targets, lse, a, c, gl, gk if n else gl, start, n,
+        N_COLS=tile.shape[1], PAIRED=n > 0, BLOCK=TRITON_BLOCK,
+    )  # fmt: skip
+
+
+def _use_triton(device):
+    return triton is not None and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
 
 
 class _FusedHeadFunction(torch.autograd.Function):
@@ -153,46 +262,23 @@ class _FusedHeadFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, pair_chosen, pair_rejected, single, tile_elements):
         ctx.set_materialize_grads(False)
         compute_dtype = _compute_dtype(hidden)
-        vocab = weight.shape[0]
-        rows_per_tile = max(2, tile_elements // min(vocab, VOCAB_TILE))
+        fold = _fold_triton if _use_triton(hidden.device) else _fold_torch
+        rows_per_tile = max(2, tile_elements // min(weight.shape[0], VOCAB_TILE))
         lse = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         log_probs, entropy = torch.zeros_like(lse), torch.zeros_like(lse)
         kl = torch.zeros(pair_chosen.numel(), dtype=torch.float32, device=hidden.device)
         with torch.autocast(hidden.device.type, enabled=False):
             for rows, n, pairs in _row_chunks(pair_chosen, pair_rejected, single, rows_per_tile):
-                h, t = hidden.index_select(0, rows).to(compute_dtype), targets[rows]
-                # Running statistics relative to the running max m (so that a confident model's small entropy and
-                # KL are not differences of large numbers): s = sum e, zp = sum e (z - m), e = exp(z - m); for pairs
-                # cross = sum e_r (z_c - m_c), in the rejected row's scale.
-                m = s = zp = cross = None
-                target_logit = torch.zeros(rows.numel(), device=hidden.device)
-                for start in range(0, vocab, VOCAB_TILE):
-                    end = min(start + VOCAB_TILE, vocab)
-                    z = _project(h, weight[start:end].to(compute_dtype), None if bias is None else bias[start:end])
-                    local = t - start
-                    in_tile = (local >= 0) & (local < end - start)
-                    picked = z.gather(1, local.clamp(0, end - start - 1).unsqueeze(-1)).squeeze(-1)
-                    target_logit = torch.where(in_tile, picked, target_logit)
-                    new_m = z.amax(-1) if m is None else torch.maximum(m, z.amax(-1))
-                    z.sub_(new_m.unsqueeze(-1))
-                    e = z.exp()
-                    if m is None:
-                        s, zp = e.sum(-1), torch.linalg.vecdot(e, z)
-                        cross = torch.linalg.vecdot(e[n:], z[:n]) if n else None
-                    else:
-                        delta = m - new_m
-                        scale = delta.exp()
-                        if n:
-                            cross = scale[n:] * (cross + delta[:n] * s[n:]) + torch.linalg.vecdot(e[n:], z[:n])
-                        zp = scale * (zp + delta * s) + torch.linalg.vecdot(e, z)
-                        s = scale * s + e.sum(-1)
-                    m = new_m
-                log_s = s.log()
-                lse[rows] = m + log_s
-                log_probs[rows] = (target_logit - m) - log_s
-                entropy[rows] = log_s - zp / s
+                t = targets[rows]
+                state = _FoldState(rows.numel(), n, hidden.device)
+                for start, _, _, tile in _tiles(rows, hidden, weight, bias, compute_dtype):
+                    fold(tile, t, start, state, n)
+                log_s = state.s.log()
+                lse[rows] = state.m + log_s
+                log_probs[rows] = (state.target - state.m) - log_s
+                entropy[rows] = log_s - state.zp / state.s
                 if n:
-                    kl[pairs] = (zp[n:] - cross) / s[n:] - log_s[n:] + log_s[:n]
+                    kl[pairs] = (state.zp[n:] - state.cross) / state.s[n:] - log_s[n:] + log_s[:n]
         ctx.save_for_backward(hidden, weight, bias, targets, pair_chosen, pair_rejected, single, lse, entropy, kl)
         ctx.tile_elements, ctx.compute_dtype = tile_elements, compute_dtype
         return log_probs, entropy, kl
@@ -202,49 +288,34 @@ class _FusedHeadFunction(torch.autograd.Function):
         hidden, weight, bias, targets, pair_chosen, pair_rejected, single, lse, entropy, kl = ctx.saved_tensors
         needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
         compute_dtype, device = ctx.compute_dtype, hidden.device
+        grad_tile = _grad_triton if _use_triton(device) else _grad_torch
         zeros = torch.zeros_like(lse)
         g_logp = zeros if grad_log_probs is None else grad_log_probs.float()
         g_ent = zeros if grad_entropy is None else grad_entropy.float()
         g_kl = torch.zeros_like(kl) if grad_kl is None else grad_kl.float()
         with maybe_gather_lm_head_ctx(weight, bias), torch.autocast(device.type, enabled=False):
-            vocab = weight.shape[0]
-            rows_per_tile = max(2, ctx.tile_elements // min(vocab, VOCAB_TILE))
+            rows_per_tile = max(2, ctx.tile_elements // min(weight.shape[0], VOCAB_TILE))
             grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=device) if needs_hidden else None
             grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=device) if needs_weight else None
-            grad_bias = torch.zeros(vocab, dtype=torch.float32, device=device) if needs_bias else None
+            grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=device) if needs_bias else None
             for rows, n, pairs in _row_chunks(pair_chosen, pair_rejected, single, rows_per_tile):
-                h, t, row_lse = hidden.index_select(0, rows).to(compute_dtype), targets[rows], lse[rows]
-                gl, ge = g_logp[rows], g_ent[rows]
-                # dLoss/dz = -p * (a * log p + c) per row (+ the label's one-hot and the KL cross terms below)
+                t, gl, ge = targets[rows], g_logp[rows], g_ent[rows]
+                # dLoss/dz = -p (a log p + c) per row, plus the label's one-hot and the KL cross terms
                 a, c = ge.clone(), gl + ge * entropy[rows]
+                gk = g_kl[pairs] if n else None
                 if n:
-                    gk = g_kl[pairs]
                     a[n:] -= gk
                     c[:n] -= gk
                     c[n:] += gk * kl[pairs]
                 grad_h = torch.zeros(rows.numel(), hidden.shape[1], dtype=torch.float32, device=device)
-                for start in range(0, vocab, VOCAB_TILE):
-                    end = min(start + VOCAB_TILE, vocab)
-                    w = weight[start:end].to(compute_dtype)
-                    log_p = _project(h, w, None if bias is None else bias[start:end]).sub_(row_lse.unsqueeze(-1))
-                    p = log_p.exp()
-                    grad = log_p  # overwritten in place, row block by row block
-                    if n:  # rejected rows first: their KL gradient reads the chosen rows' log p
-                        grad[n:].mul_(a[n:, None]).addcmul_(log_p[:n], gk[:, None]).add_(c[n:, None]).mul_(p[n:])
-                        grad[:n].mul_(a[:n, None]).add_(c[:n, None]).mul_(p[:n]).addcmul_(p[n:], gk[:, None])
-                    else:
-                        grad.mul_(a[:, None]).add_(c[:, None]).mul_(p)
-                    grad.neg_()
-                    local = t - start
-                    hit = ((local >= 0) & (local < end - start)).nonzero().squeeze(-1)
-                    grad.index_put_((hit, local[hit]), gl[hit], accumulate=True)
-                    grad = grad.to(compute_dtype)
+                for start, h, w, tile in _tiles(rows, hidden, weight, bias, compute_dtype):
+                    grad_tile(tile, t, start, lse[rows], a, c, gl, gk, n)
                     if grad_hidden is not None:
-                        _addmm_fp32(grad_h, grad, w)
+                        _addmm_fp32(grad_h, tile, w)
                     if grad_weight is not None:
-                        _addmm_fp32(grad_weight[start:end], grad.t(), h)
+                        _addmm_fp32(grad_weight[start : start + w.shape[0]], tile.t(), h)
                     if grad_bias is not None:
-                        grad_bias[start:end] += grad.sum(0, dtype=torch.float32)
+                        grad_bias[start : start + w.shape[0]] += tile.sum(0, dtype=torch.float32)
                 if grad_hidden is not None:
                     grad_hidden.index_copy_(0, rows, grad_h)
         return (
@@ -253,3 +324,69 @@ class _FusedHeadFunction(torch.autograd.Function):
             None if grad_bias is None else grad_bias.to(bias.dtype),
             *(None,) * 5,
         )
+
+
+if triton is not None:
+
+    @triton.jit
+    def _fold_kernel(
+        tile_ptr, partner_ptr, stride, targets_ptr, m_ptr, s_ptr, zp_ptr, target_ptr, mc_ptr, cross_ptr, start,
+        N_COLS: tl.constexpr, HAS_PARTNER: tl.constexpr, BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        # One program per row: `_fold_torch` for one row, block by block along the tile.
+        row = tl.program_id(0).to(tl.int64)
+        m, s, zp = tl.load(m_ptr + row), tl.load(s_ptr + row), tl.load(zp_ptr + row)
+        if HAS_PARTNER:
+            mc, cross = tl.load(mc_ptr + row), tl.load(cross_ptr + row)
+        for offset in range(0, N_COLS, BLOCK):
+            cols = offset + tl.arange(0, BLOCK)
+            mask = cols < N_COLS
+            z = tl.load(tile_ptr + row * stride + cols, mask=mask, other=-float("inf")).to(tl.float32)
+            new_m = tl.maximum(m, tl.max(z, axis=0))
+            scale = tl.exp(m - new_m)
+            shifted = tl.where(mask, z - new_m, 0.0)
+            e = tl.where(mask, tl.exp(shifted), 0.0)
+            if HAS_PARTNER:
+                zc = tl.load(partner_ptr + row * stride + cols, mask=mask, other=-float("inf")).to(tl.float32)
+                new_mc = tl.maximum(mc, tl.max(zc, axis=0))
+                shift_c = tl.where(s > 0, (mc - new_mc) * s, 0.0)
+                cross = scale * (cross + shift_c) + tl.sum(e * tl.where(mask, zc - new_mc, 0.0), axis=0)
+                mc = new_mc
+            zp = scale * (zp + tl.where(s > 0, (m - new_m) * s, 0.0)) + tl.sum(e * shifted, axis=0)
+            s = scale * s + tl.sum(e, axis=0)
+            m = new_m
+        tl.store(m_ptr + row, m)
+        tl.store(s_ptr + row, s)
+        tl.store(zp_ptr + row, zp)
+        if HAS_PARTNER:
+            tl.store(mc_ptr + row, mc)
+            tl.store(cross_ptr + row, cross)
+        local = tl.load(targets_ptr + row) - start
+        if (local >= 0) & (local < N_COLS):
+            tl.store(target_ptr + row, tl.load(tile_ptr + row * stride + local).to(tl.float32))
+
+    @triton.jit
+    def _grad_kernel(
+        tile_ptr, stride, targets_ptr, lse_ptr, a_ptr, c_ptr, gl_ptr, gk_ptr, start, n,
+        N_COLS: tl.constexpr, PAIRED: tl.constexpr, BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        # One program per row (per pair when PAIRED: chosen row i, rejected row i + n) and block of columns.
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < N_COLS
+        ptr = tile_ptr + row * stride + cols
+        log_p = tl.load(ptr, mask=mask, other=0.0).to(tl.float32) - tl.load(lse_ptr + row)
+        p = tl.exp(log_p)
+        one_hot = tl.where(cols + start == tl.load(targets_ptr + row), tl.load(gl_ptr + row), 0.0)
+        grad = one_hot - p * (tl.load(a_ptr + row) * log_p + tl.load(c_ptr + row))
+        if PAIRED:
+            other = row + n
+            other_ptr = tile_ptr + other * stride + cols
+            log_q = tl.load(other_ptr, mask=mask, other=0.0).to(tl.float32) - tl.load(lse_ptr + other)
+            q = tl.exp(log_q)
+            gk = tl.load(gk_ptr + row)
+            grad -= gk * q
+            other_hot = tl.where(cols + start == tl.load(targets_ptr + other), tl.load(gl_ptr + other), 0.0)
+            other_grad = other_hot - q * (tl.load(a_ptr + other) * log_q + gk * log_p + tl.load(c_ptr + other))
+            tl.store(other_ptr, other_grad.to(tile_ptr.dtype.element_ty), mask=mask)
+        tl.store(ptr, grad.to(tile_ptr.dtype.element_ty), mask=mask)

@@ -5,9 +5,13 @@ prompt and padding masks, with vocabulary and row tiling forced small so every t
 loss, every logged metric and every gradient equal the unfused trainer's on a random tiny Llama.
 """
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
-from conftest import DEMO_DATA, DEMO_MODEL
+from conftest import DEMO_DATA, DEMO_MODEL, ROOT
 from datasets import load_dataset
 from reference import diversity_reference, label_logprob_reference, random_batch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -242,3 +246,25 @@ def test_models_the_fused_head_cannot_serve_are_refused_in_one_line(tmp_path):
     with pytest.raises(ValueError, match=r"plain linear layer.*lora_target_modules") as error:
         make_trainer(tmp_path, random_llama(), True, peft_config=LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
     assert "\n" not in str(error.value)
+
+
+# --- the GPU path's Triton kernels, run on the CPU by Triton's interpreter --------------------------------------
+
+TRITON = ROOT / ".triton"  # triton from PyPI, which `make setup` installs here only (the CPU venv has none)
+FUNCTION_LEVEL = "head_matches or outside_responses or pair_position or bfloat16_inputs or triton_kernels_in_use"
+
+
+def test_triton_kernels_in_use_when_interpreting():
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("runs inside test_triton_kernels_pass_the_function_level_tests")
+    assert fused_preference_head._use_triton(torch.device("cpu"))
+
+
+def test_triton_kernels_pass_the_function_level_tests():
+    """On a GPU the tiles fold in Triton kernels (`_fold_kernel`, `_grad_kernel`); with TRITON_INTERPRET=1 Triton runs
+    them on the CPU, so the function-level tests above (float64 reference, masks, bf16) check them here too."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(TRITON), str(ROOT)])}
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", FUNCTION_LEVEL]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, check=False)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert "10 passed" in result.stdout, result.stdout[-2000:]
