@@ -219,8 +219,6 @@ def _fold_triton(tile, targets, start, state, n):
             HAS_PARTNER=partner is not None,
             BLOCK=TRITON_BLOCK,
         )
-    if n:  # the rejected rows' kernel tracked the chosen rows' max as mc; the chosen rows' kernel wrote it to m
-        state.mc.copy_(state.m[:n])
 
 
 def _grad_torch(tile, targets, start, lse, a, c, gl, gk, n):

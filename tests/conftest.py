@@ -1,10 +1,12 @@
-"""Shared test setup: everything runs offline on the CPU, on the tiny model and data that the repo ships."""
+"""Shared test setup: everything runs offline, on the tiny model and data that the repo ships, on the CPU unless
+TEST_DEVICE says otherwise (`TEST_DEVICE=cuda`: the GPU check runs the loss and trainer tests on a GPU)."""
 
 import os
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -16,6 +18,8 @@ os.environ["WANDB_MODE"] = "offline"
 os.environ["WANDB_SILENT"] = "true"
 os.environ["TRL_EXPERIMENTAL_SILENCE"] = "1"
 
+DEVICE = torch.device(os.environ.get("TEST_DEVICE", "cpu"))
+ON_CPU = DEVICE.type == "cpu"
 DEMO_MODEL = ROOT / "demo" / "tiny-llama-ja"
 DEMO_DATA = ROOT / "demo" / "data"
 

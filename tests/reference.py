@@ -4,6 +4,7 @@ Deliberately independent of diversity_simpo_trainer: no index arithmetic, no chu
 """
 
 import torch
+from conftest import DEVICE
 
 
 def diversity_reference(logits, labels):
@@ -42,7 +43,7 @@ def random_batch(pairs=3, length=9, vocab=13, seed=0):
         end = int(torch.randint(prompt + 1, length + 1, (), generator=generator))
         labels[row, :prompt] = -100
         labels[row, end:] = -100
-    return logits, labels
+    return logits.to(DEVICE), labels.to(DEVICE)
 
 
 def label_logprob_reference(logits, labels):
@@ -50,7 +51,7 @@ def label_logprob_reference(logits, labels):
     t predict the label at t + 1; prompt and padding labels are -100."""
     z = logits.double()
     rows, length, _ = z.shape
-    out = torch.zeros(rows, length, dtype=torch.float64)
+    out = torch.zeros(rows, length, dtype=torch.float64, device=z.device)
     for row in range(rows):
         for t in range(length - 1):
             label = labels[row, t + 1].item() if t + 1 < labels.shape[1] else -100

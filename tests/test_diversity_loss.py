@@ -27,7 +27,7 @@ def reference_value_and_grad(logits, labels, upstream, w_entropy, w_kl):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_matches_float64_reference_in_value_and_gradient(chunk_rows, seed):
     logits, labels = random_batch(pairs=3, length=11, vocab=17, seed=seed)
-    upstream = torch.randn(logits.shape, generator=torch.Generator().manual_seed(seed + 100))
+    upstream = torch.randn(logits.shape, generator=torch.Generator().manual_seed(seed + 100)).to(logits.device)
     w_entropy, w_kl = -0.3, 0.7
     entropy, kl, grad = chunked_value_and_grad(logits, labels, chunk_rows * 17, upstream, w_entropy, w_kl)
     ref_entropy, ref_kl, ref_grad = reference_value_and_grad(logits, labels, upstream, w_entropy, w_kl)
@@ -57,7 +57,7 @@ def assert_same_term(batch, other_batch):
 
 def test_appending_padding_does_not_change_the_term():
     logits, labels = random_batch(seed=3)
-    extra = torch.randn(logits.shape[0], 4, logits.shape[-1]) * 5
+    extra = torch.randn(logits.shape[0], 4, logits.shape[-1], device=logits.device) * 5
     padded_logits = torch.cat([logits, extra], dim=1)
     padded_labels = torch.cat([labels, labels.new_full((labels.shape[0], 4), -100)], dim=1)
     assert_same_term((logits, labels), (padded_logits, padded_labels))
@@ -65,9 +65,9 @@ def test_appending_padding_does_not_change_the_term():
 
 def test_prompt_and_padding_logits_do_not_change_the_term():
     logits, labels = random_batch(seed=4)
-    response = torch.zeros(labels.shape, dtype=torch.bool)
+    response = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
     response[:, :-1] = labels[:, 1:] != -100
-    scrambled = torch.where(response.unsqueeze(-1), logits, torch.randn(logits.shape) * 10)
+    scrambled = torch.where(response.unsqueeze(-1), logits, torch.randn_like(logits) * 10)
     assert_same_term((logits, labels), (scrambled, labels))
 
 

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from conftest import DEMO_DATA, DEMO_MODEL, ROOT
+from conftest import DEMO_DATA, DEMO_MODEL, ON_CPU, ROOT
 from datasets import load_dataset
 from reference import diversity_reference, label_logprob_reference, random_batch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -30,9 +30,9 @@ def small_vocab_tiles(monkeypatch):
 def random_head_inputs(pairs=3, length=10, hidden_size=6, vocab=23, seed=0, bias=True):
     _, labels = random_batch(pairs, length, vocab, seed)
     generator = torch.Generator().manual_seed(seed + 100)
-    hidden = torch.randn(2 * pairs, length, hidden_size, generator=generator)
-    weight = torch.randn(vocab, hidden_size, generator=generator)
-    b = torch.randn(vocab, generator=generator) if bias else None
+    hidden = torch.randn(2 * pairs, length, hidden_size, generator=generator).to(labels.device)
+    weight = torch.randn(vocab, hidden_size, generator=generator).to(labels.device)
+    b = torch.randn(vocab, generator=generator).to(labels.device) if bias else None
     return hidden, weight, b, labels
 
 
@@ -41,7 +41,7 @@ def random_head_inputs(pairs=3, length=10, hidden_size=6, vocab=23, seed=0, bias
 def test_head_matches_the_float64_reference_in_value_and_gradient(small_vocab_tiles, tile_elements, bias):
     hidden, weight, b, labels = random_head_inputs(bias=bias)
     pairs = hidden.shape[0] // 2
-    upstream = torch.randn(hidden.shape[:2], generator=torch.Generator().manual_seed(5))
+    upstream = torch.randn(hidden.shape[:2], generator=torch.Generator().manual_seed(5)).to(hidden.device)
     w_entropy, w_kl = 0.7, -1.3
 
     def loss_and_grads(log_probs, entropy, kl, leaves):
@@ -136,7 +136,7 @@ def make_trainer(tmp_path, model, fused, peft_config=None, **overrides):
         logging_steps=1,
         save_strategy="no",
         bf16=False,
-        use_cpu=True,
+        use_cpu=ON_CPU,
         disable_tqdm=True,
         seed=0,
         diversity_chunk_elements=1500,  # rows of a few positions: the row tiling runs too
@@ -229,7 +229,11 @@ def test_fused_trainer_trains_evaluates_and_runs_one_forward_per_step(tmp_path):
     evaluation = trainer.evaluate()
     assert {"eval_diversity/kl", "eval_rewards/accuracies", "eval_logits/chosen"} <= set(evaluation)
     assert all(torch.isfinite(torch.tensor(v)) for k, v in evaluation.items() if k.startswith("eval_"))
-    assert trainer.model(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 2048)  # plain calls keep their logits
+    assert trainer.model(torch.tensor([[1, 2, 3]], device=trainer.model.device)).logits.shape == (
+        1,
+        3,
+        2048,
+    )  # plain calls keep their logits
 
 
 def test_models_the_fused_head_cannot_serve_are_refused_in_one_line(tmp_path):
@@ -260,6 +264,7 @@ def test_triton_kernels_in_use_when_interpreting():
     assert fused_preference_head._use_triton(torch.device("cpu"))
 
 
+@pytest.mark.skipif(not ON_CPU, reason="on a GPU the function-level tests above run the kernels for real")
 def test_triton_kernels_pass_the_function_level_tests():
     """On a GPU the tiles fold in Triton kernels (`_fold_kernel`, `_grad_kernel`); with TRITON_INTERPRET=1 Triton runs
     them on the CPU, so the function-level tests above (float64 reference, masks, bf16) check them here too."""

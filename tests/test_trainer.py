@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import DEMO_DATA, DEMO_MODEL
+from conftest import DEMO_DATA, DEMO_MODEL, ON_CPU
 from datasets import load_dataset
 from reference import diversity_reference
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -29,7 +29,7 @@ def make_trainer(
         bf16=False,
         activation_checkpointing=False,
         remove_unused_columns=False,
-        use_cpu=True,
+        use_cpu=ON_CPU,
         disable_tqdm=True,
         seed=0,
         **SIMPO,
