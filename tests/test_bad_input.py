@@ -141,7 +141,7 @@ def test_remote_code_is_off_unless_the_config_turns_it_on():
     from train_diversity_simpo import parse_args
 
     for config in ("demo.yaml", "config_diversity_simpo.yaml", "config_cpo.yaml"):
-        _, training, _ = parse_args(["--config", str(ROOT / "configs" / config), "--bf16", "false"])
+        _, training, _ = parse_args(["--config", str(ROOT / "configs" / config), "--bf16", "false", "--deepspeed", ""])
         assert training.trust_remote_code is False
 
 

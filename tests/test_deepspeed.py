@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import ROOT
 from safetensors.torch import load_file
 
@@ -159,3 +160,21 @@ def test_diversity_eval_numbers_do_not_depend_on_the_number_of_ranks(tmp_path, g
     assert "diversity_eval/distinct_2" in keys and len(one["diversity_eval/examples"]) == 5
     for key in keys:
         assert two[key] == (pytest.approx(one[key], rel=1e-6) if isinstance(one[key], float) else one[key]), key
+
+
+def test_the_original_notes_command_runs_zero2_from_the_real_config(tmp_path):
+    """`deepspeed --num_gpus=N train_diversity_simpo.py`, exactly as the user's notes launch it (no --config, no
+    --deepspeed): the real config names configs/ds_config.json, so the run is ZeRO-2. Pointed at the demo model and
+    data on 2 CPU ranks; everything else is the real config (fused head, activation checkpointing, ...)."""
+    output = tmp_path / "out"
+    demo = ["--model_name_or_path", "demo/tiny-llama-ja", "--dataset_name", "demo/data", "--dtype", "float32"]
+    demo += ["--bf16", "false", "--use_cpu", "true", "--max_length", "128", "--report_to", "none"]
+    short = ["--max_steps", "2", "--gradient_accumulation_steps", "1", "--eval_strategy", "no", "--save_steps", "2"]
+    log = run(*demo, *short, "--diversity_eval_prompts", "0", "--output_dir", output)
+    assert "terminate called" not in log
+    resolved = yaml.safe_load((output / "resolved_config.yaml").read_text(encoding="utf-8"))
+    assert resolved["deepspeed"] == "configs/ds_config.json" and resolved["fused_lm_head"] is True
+    shards = sorted(p.name for p in (output / "checkpoint-2" / "global_step2").glob("*optim_states.pt"))
+    assert len(shards) == 2 and all("zero_pp_rank_" in name for name in shards), shards  # ZeRO: one shard per rank
+    config = json.loads((ROOT / "configs" / "ds_config.json").read_text(encoding="utf-8"))
+    assert config["zero_optimization"]["stage"] == 2
