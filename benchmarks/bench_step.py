@@ -68,10 +68,11 @@ def random_llama(vocab, length, hidden, layers, device, dtype):
         num_attention_heads=max(1, hidden // 64),
         max_position_embeddings=length,
     )
-    return LlamaForCausalLM(config).to(device=device, dtype=getattr(torch, dtype))
+    with torch.device(device):  # initialised where it runs: a 1.6B model's CPU init alone takes a minute
+        return LlamaForCausalLM(config).to(dtype=getattr(torch, dtype))
 
 
-def build(variant, vocab, length, pairs, hidden, layers, device, dtype, checkpointing=False, model=None):
+def build(variant, vocab, length, pairs, hidden, layers, device, dtype, checkpointing=False, chunk=None, model=None):
     """(trainer, optimizer, batch); `model` shares one model between variants (on a GPU, four would not fit)."""
     from datasets import Dataset
     from transformers import AutoTokenizer
@@ -90,6 +91,7 @@ def build(variant, vocab, length, pairs, hidden, layers, device, dtype, checkpoi
         max_length=length,
         diversity_weight=0.0 if variant == "trl" else 0.05,
         fused_lm_head=variant == "fused",
+        **({"diversity_chunk_elements": chunk} if chunk else {}),
     )
     trainer_class = {"trl": CPOTrainer, "naive": NaiveDiversityTrainer}.get(variant, DiversitySimPOTrainer)
     placeholder = Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c"}])
@@ -258,6 +260,7 @@ def machine():
 
 def write_section(path, device, text):
     """Replace this device's section of RESULTS.md (CPU and GPU runs happen on different machines)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     begin, end = f"<!-- {device}:begin -->", f"<!-- {device}:end -->"
     old = path.read_text(encoding="utf-8") if path.exists() else "# Step benchmark\n"
     if begin in old:
@@ -277,6 +280,7 @@ def main():
     parser.add_argument("--length", type=int, help="main shape's length (default: 2048 on a GPU, 1024 on the CPU)")
     parser.add_argument("--vocab", type=int, default=128256)
     parser.add_argument("--activation-checkpointing", action="store_true", help="as the real config trains")
+    parser.add_argument("--chunk-elements", type=int, help="diversity_chunk_elements (default: the config's default)")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks")
     parser.add_argument("--child-memory", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -294,6 +298,7 @@ def main():
         device=args.device,
         dtype="bfloat16" if gpu else "float32",
         checkpointing=args.activation_checkpointing,
+        chunk=args.chunk_elements,
     )
     shapes = [base | {"sweep": "main"}]
     if not args.quick:
@@ -317,7 +322,9 @@ def main():
         f"## {'GPU' if gpu else 'CPU'}: {machine()}",
         "",
         f"Model: random Llama, hidden {base['hidden']}, {base['layers']} layers, {base['dtype']}"
-        f"{', activation checkpointing' if base['checkpointing'] else ''}; batch {base['pairs']} pairs; median of "
+        f"{', activation checkpointing' if base['checkpointing'] else ''}"
+        f"{', diversity_chunk_elements ' + str(base['chunk']) if base['chunk'] else ''}; batch {base['pairs']} pairs; "
+        "median of "
         f"{args.repeats} interleaved repeats after a warm-up; memory: {memory_method}, one process per variant.",
         "",
         "### Main shape",

