@@ -123,7 +123,8 @@ def tests(report, gpu, work):
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files]
     if not gpu:  # the interpreter test runs in the main suite; the smoke run checks only that this step works
         command += ["-k", "not triton_kernels_pass"]
-    code, output, seconds = run(command, env={"TEST_DEVICE": "cuda" if gpu else "cpu"}, log=work / "tests.log")
+    env = {"TEST_DEVICE": "cuda" if gpu else "cpu"}
+    code, output, seconds = run(command, env=env, timeout=240, log=work / "tests.log")
     summary = (re.findall(r"^=*\s*(\d+ (?:passed|failed).*?)\s*=*$", output, re.M) or ["no summary"])[-1]
     failed = re.findall(r"^FAILED (\S+)", output, re.M)
     detail = f"{summary} ({'TEST_DEVICE=cuda' if gpu else 'CPU'}, {seconds:.0f} s)"
@@ -137,7 +138,7 @@ def tests(report, gpu, work):
 def benchmark(report, gpu, work):
     output_dir = ROOT / "benchmarks" if gpu else work / "bench"
     command = [sys.executable, "benchmarks/bench_step.py", "--quick", *BENCH["gpu" if gpu else "smoke"]]
-    code, output, seconds = run([*command, "--output", output_dir], log=work / "bench.log")
+    code, output, seconds = run([*command, "--output", output_dir], timeout=300, log=work / "bench.log")
     results = output_dir / "RESULTS.md"
     section = "gpu" if gpu else "cpu"
     text = results.read_text(encoding="utf-8") if results.exists() and not code else ""
@@ -251,7 +252,7 @@ def train(report, gpu, work, launcher):
     else:  # the `deepspeed` console script is this module; the config's `deepspeed` key makes it ZeRO-2
         command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus=1", *args]
     poller = GpuMemoryPoller() if gpu else None
-    code, log, seconds = run(command, env={"OMP_NUM_THREADS": "4"}, log=work / f"train-{launcher}.log")
+    code, log, seconds = run(command, env={"OMP_NUM_THREADS": "4"}, timeout=240, log=work / f"train-{launcher}.log")
     peak = poller.stop() if poller else None
     name = f"train ({'python' if launcher == 'python' else 'deepspeed ZeRO-2'})"
     state_file = output / "trainer_state.json"
