@@ -19,6 +19,7 @@ copies of the logits would not fit in memory.
 """
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -172,6 +173,10 @@ def time_variants(shape, variants, repeats, warmup=1):
 def measure(shape, repeats):
     variants = variants_that_fit(shape)
     times = time_variants(shape, variants, repeats)
+    print("step times (s): " + ", ".join(f"{v} {t:.3f}" for v, t in times.items()), flush=True)
+    gc.collect()  # the trainers hold reference cycles: free the shared model and optimizers before the children run
+    if shape["device"] == "cuda":
+        torch.cuda.empty_cache()
     memory = {}
     for variant in variants:
         child = subprocess.run(
