@@ -9,9 +9,9 @@
 Same model (a small random Llama with a real vocabulary), batch and seed for all. Times are medians over repeats
 interleaved trl, naive, ours, fused, trl, ... after a warm-up, in this process. Peak memory is measured for each
 variant in a process of its own: on the CPU, peak resident memory (VmHWM) over two steps above the process's memory
-before the first (AdamW's state included); on a GPU, the peak allocated in the second step above what was
-allocated before it (AdamW's state, the same for every variant, excluded). `naive` is skipped where its float32
-copies of the logits would not fit in memory.
+before the first (AdamW's state included); on a GPU, the peak allocated in the forward and backward of the second
+step above what was allocated before it (AdamW's state and its step, the same for every variant, left out).
+`naive` is skipped where its float32 copies of the logits would not fit in memory.
 
     python benchmarks/bench_step.py                 # CPU: main shape (length 1024), then vocabulary and length sweeps
     python benchmarks/bench_step.py --quick         # main shape only
@@ -137,7 +137,9 @@ def peak_memory(variant, shape):
         step(trainer, optimizer, batch)
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-        step(trainer, optimizer, batch)
+        loss, _ = trainer.get_batch_loss_metrics(trainer.model, batch)
+        loss.backward()  # the peak of forward + backward: AdamW's own step (its foreach temporaries) is left out
+        torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - before
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets this process's peak resident memory (VmHWM) to its current value
@@ -319,7 +321,8 @@ def main():
         print("\n".join(table([rows[-1]]).splitlines()[2:]), flush=True)
 
     memory_method = (
-        "peak allocated in the second step above what was allocated before it (AdamW state excluded)"
+        "peak allocated in the forward and backward of the second step above what was allocated before it "
+        "(AdamW's state and its step, the same for every variant, left out)"
         if gpu
         else "peak resident memory (VmHWM) over two steps above the process's memory before the first"
     )
