@@ -292,12 +292,11 @@ class _FusedHeadFunction(torch.autograd.Function):
         g_ent = zeros if grad_entropy is None else grad_entropy.float()
         g_kl = torch.zeros_like(kl) if grad_kl is None else grad_kl.float()
         with maybe_gather_lm_head_ctx(weight, bias), torch.autocast(device.type, enabled=False):
-            rows_per_tile = max(2, ctx.tile_elements // min(weight.shape[0], VOCAB_TILE))
-            grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=device) if needs_hidden else None
-            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=device) if needs_weight else None
-            grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=device) if needs_bias else None
+            vocab = weight.shape[0]
+            rows_per_tile = max(2, ctx.tile_elements // min(vocab, VOCAB_TILE))
+            chunks = []
             for rows, n, pairs in _row_chunks(pair_chosen, pair_rejected, single, rows_per_tile):
-                t, gl, ge = targets[rows], g_logp[rows], g_ent[rows]
+                gl, ge = g_logp[rows], g_ent[rows]
                 # dLoss/dz = -p (a log p + c) per row, plus the label's one-hot and the KL cross terms
                 a, c = ge.clone(), gl + ge * entropy[rows]
                 gk = g_kl[pairs] if n else None
@@ -305,20 +304,35 @@ class _FusedHeadFunction(torch.autograd.Function):
                     a[n:] -= gk
                     c[:n] -= gk
                     c[n:] += gk * kl[pairs]
-                grad_h = torch.zeros(rows.numel(), hidden.shape[1], dtype=torch.float32, device=device)
-                for start, h, w, tile in _tiles(rows, hidden, weight, bias, compute_dtype):
-                    grad_tile(tile, t, start, lse[rows], a, c, gl, gk, n)
+                h = hidden.index_select(0, rows).to(compute_dtype)
+                chunks.append((rows, h, (targets[rows], lse[rows], a, c, gl, gk, n)))
+            grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=device) if needs_hidden else None
+            # The weight's gradient is written tile by tile in its own dtype: only one float32 tile of it exists.
+            grad_weight = torch.empty_like(weight) if needs_weight else None
+            grad_bias = torch.zeros(vocab, dtype=torch.float32, device=device) if needs_bias else None
+            buffer = torch.empty(rows_per_tile, min(vocab, VOCAB_TILE), dtype=compute_dtype, device=device)
+            for start in range(0, vocab, VOCAB_TILE):
+                w = weight[start : start + VOCAB_TILE].to(compute_dtype)
+                weight_tile = torch.zeros(w.shape, dtype=torch.float32, device=device) if needs_weight else None
+                for rows, h, tile_args in chunks:
+                    tile = buffer[: rows.numel(), : w.shape[0]]
+                    torch.mm(h, w.t(), out=tile)
+                    if bias is not None:
+                        tile.add_(bias[start : start + VOCAB_TILE].to(compute_dtype))
+                    grad_tile(tile, tile_args[0], start, *tile_args[1:])
                     if grad_hidden is not None:
-                        _addmm_fp32(grad_h, tile, w)
-                    if grad_weight is not None:
-                        _addmm_fp32(grad_weight[start : start + w.shape[0]], tile.t(), h)
+                        part = torch.zeros(rows.numel(), hidden.shape[1], dtype=torch.float32, device=device)
+                        _addmm_fp32(part, tile, w)
+                        grad_hidden.index_add_(0, rows, part)
+                    if weight_tile is not None:
+                        _addmm_fp32(weight_tile, tile.t(), h)
                     if grad_bias is not None:
                         grad_bias[start : start + w.shape[0]] += tile.sum(0, dtype=torch.float32)
-                if grad_hidden is not None:
-                    grad_hidden.index_copy_(0, rows, grad_h)
+                if weight_tile is not None:
+                    grad_weight[start : start + w.shape[0]] = weight_tile
         return (
             None if grad_hidden is None else grad_hidden.to(hidden.dtype),
-            None if grad_weight is None else grad_weight.to(weight.dtype),
+            grad_weight,
             None if grad_bias is None else grad_bias.to(bias.dtype),
             *(None,) * 5,
         )
