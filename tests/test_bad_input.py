@@ -61,7 +61,7 @@ def config_with(tmp_path, **fields):
                 "configs/demo.yaml",
             ],
         ),
-        (lambda p: ["--config", config_with(p, model_name_or_path=str(p))], ["could not load the model in"]),
+        (lambda p: ["--config", config_with(p, model_name_or_path=str(p))], ["has no config.json"]),
         (
             lambda p: ["--config", DEMO_CONFIG, "--output_dir", p / "o", "--deepspeed", p / "ds.json"],
             ["ds.json not found"],

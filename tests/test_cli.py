@@ -112,7 +112,7 @@ def test_dataset_with_an_empty_completion_exits_2_naming_the_row(tmp_path):
     data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     config = write_yaml(tmp_path / "c.yaml", dataset_name=str(data), eval_strategy="no", output_dir=str(tmp_path / "o"))
     result = run_cli("--config", config)
-    assert_clean_error(result, "pairs.jsonl", "row 1 has an empty 'chosen'")
+    assert_clean_error(result, "pairs.jsonl", "row 1: 'chosen' is empty")
 
 
 def test_real_config_offline_says_the_hub_is_unreachable_and_points_to_the_demo(tmp_path):

@@ -1,0 +1,350 @@
+"""Preference data in the layouts public sets use, checked and normalised to one shape before TRL sees it.
+
+Every row becomes `{"prompt", "chosen", "rejected", "row_id"}`: three strings (the standard layout, kept as is), or a
+prompt conversation (a list of `{"role", "content"}`, system turn first) with one assistant message each for chosen and
+rejected. TRL then applies the chat template to the prompt and appends each reply, so the labels are exactly the
+final assistant reply and earlier turns are prompt. `row_id` is the row's index in its split (errors name it).
+
+Layouts (the README's table has an example row of each):
+    standard        prompt, chosen, rejected: strings
+    conversational  chosen, rejected: conversations ending in the assistant's reply; the prompt is their shared
+                    leading turns, or the `prompt` column (a string or a conversation) when they hold the reply alone
+    hh              chosen, rejected: "\\n\\nHuman: ... \\n\\nAssistant: ..." transcripts (Anthropic HH); no prompt
+    sharegpt        conversations: [{"from": "human" | "gpt" | "system", "value"}]; chosen, rejected: strings, or
+                    one {"from", "value"} each
+`dataset_columns` renames columns first ({prompt: input, system: system}, say); a `system` column or `system_prompt`
+gives prompts without a system turn one; a system turn, `system_prompt` or `wrap_text_as_chat` turns string rows into
+conversations. Other columns (ids, scores, metadata, a `messages` column) are dropped.
+"""
+
+import gzip
+import json
+import re
+import sys
+from pathlib import Path
+
+FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+MAPPABLE = ("prompt", "system", "chosen", "rejected", "conversations")
+ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system"}
+HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
+LAYOUTS = (
+    "prompt/chosen/rejected strings; chosen/rejected conversations ({role, content} lists, with or without a "
+    "prompt); chosen/rejected Anthropic-HH transcripts; ShareGPT conversations ({from, value}) with chosen/rejected"
+)
+DEMO_HINT = " To try the tool offline: python train_diversity_simpo.py --config configs/demo.yaml"
+
+
+class DataError(ValueError):
+    """A mistake in the user's data or data settings: reported in one line, without a traceback."""
+
+
+def load_preference_data(args, seed):
+    """(train, eval or None), normalised and checked, from `args` (the CLI's ScriptArguments)."""
+    dataset = _read(args)
+    if args.dataset_train_split not in dataset:
+        raise DataError(
+            f"dataset {args.dataset_name!r} has no split {args.dataset_train_split!r}; it has {list(dataset)}: "
+            "set dataset_train_split"
+        )
+    train = dataset[args.dataset_train_split]
+    if args.dataset_test_split in dataset:
+        evaluation = dataset[args.dataset_test_split]
+    elif args.dataset_test_fraction > 0:
+        if len(train) < 2:
+            raise DataError(f"dataset {args.dataset_name!r} has {len(train)} row(s): too few to hold out an eval split")
+        split = train.train_test_split(test_size=args.dataset_test_fraction, seed=seed)
+        train, evaluation = split["train"], split["test"]
+    else:
+        evaluation = None
+    train = normalise(train, args, f"{args.dataset_name} [{args.dataset_train_split}]")
+    if evaluation is not None:
+        evaluation = normalise(evaluation, args, f"{args.dataset_name} [eval]")
+    return train, evaluation
+
+
+def is_conversation(value):
+    return isinstance(value, list) and bool(value) and all(isinstance(m, dict) and "role" in m for m in value)
+
+
+# --- reading -----------------------------------------------------------------------------------------------------
+
+
+def _read(args):
+    """A DatasetDict from a Hub id, a local file (.jsonl, .jsonl.gz, .json, .parquet, .csv) or a folder of them."""
+    from datasets import load_dataset
+
+    name = args.dataset_name
+    if not name or not isinstance(name, str):
+        raise DataError("dataset_name is not set: give a Hub dataset id or a local .jsonl/.json/.parquet/.csv path")
+    path = Path(name).expanduser()
+    try:
+        if path.is_file():
+            builder = _builder(path)
+            _check_json_lines(path, builder)
+            return load_dataset(builder, data_files={args.dataset_train_split: str(path)})
+        if path.is_dir():
+            files = [p for p in sorted(path.rglob("*")) if p.is_file() and _builder(p, strict=False)]
+            if not files:
+                raise DataError(f"dataset folder {path} holds no .jsonl/.json/.parquet/.csv file")
+            for file in files:
+                _check_json_lines(file, _builder(file))
+            return load_dataset(str(path), name=args.dataset_config)
+        if _builder(path, strict=False) or name.startswith((".", "/", "~")) or name.count("/") > 1:
+            raise DataError(f"dataset file {name} not found; check dataset_name")
+        return load_dataset(name, name=args.dataset_config)
+    except DataError:
+        raise
+    except Exception as e:  # datasets raises many types; the user needs the message, not the stack
+        hint = "" if path.exists() else f" (not a local path, and the Hub could not provide it: offline?{DEMO_HINT})"
+        raise DataError(f"could not load dataset {name!r}{hint}: {_first_line(e)}") from None
+
+
+def _builder(path, strict=True):
+    suffixes = [s.lower() for s in path.suffixes[-2:]]
+    if suffixes and suffixes[-1] in (".gz", ".bz2", ".xz", ".zst"):
+        suffixes = suffixes[:-1]
+    builder = FILE_BUILDERS.get(suffixes[-1]) if suffixes else None
+    if builder is None and strict:
+        raise DataError(f"dataset file {path} must end in .jsonl, .json, .parquet or .csv (optionally .gz)")
+    return builder
+
+
+def _check_json_lines(path, builder):
+    """A JSON(-lines) file that does not parse is named with its line, before `datasets` says it obscurely."""
+    if builder != "json":
+        return
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError, EOFError) as e:
+        raise DataError(f"dataset file {path} cannot be read as UTF-8 text: {_first_line(e)}") from None
+    if not text.strip():
+        raise DataError(f"dataset file {path} is empty")
+    if text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(
+                f"dataset file {path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}"
+            ) from None
+        if not all(isinstance(r, dict) for r in rows):
+            raise DataError(f"dataset file {path} must hold a list of objects (one per pair)")
+        return
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"dataset file {path}, line {number}: not valid JSON ({e.msg}, column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"dataset file {path}, line {number}: each line must be a JSON object, not {_kind(row)}")
+
+
+# --- normalising ---------------------------------------------------------------------------------------------------
+
+
+def normalise(dataset, args, source):
+    """The rows of `dataset` as {prompt, chosen, rejected, row_id} (module docstring); mistakes raise DataError naming
+    `source` and the row; identical pairs, and pairs whose conversations differ before the final reply, are dropped
+    with a count."""
+    from datasets import Dataset
+
+    if len(dataset) == 0:
+        raise DataError(f"{source} has no rows")
+    dataset = _rename(dataset, args.dataset_columns, source)
+    columns = set(dataset.column_names)
+    if len({"chosen", "rejected"} & columns) == 1:
+        missing = sorted({"chosen", "rejected"} - columns)
+        raise DataError(
+            f"{source} lacks column(s) {missing}; it has {sorted(columns)}. A preference pair needs chosen and "
+            "rejected (map other names with dataset_columns)"
+        )
+    if not {"chosen", "rejected"} <= columns:
+        raise DataError(
+            f"{source} has columns {sorted(columns)}, which are not preference pairs. Accepted layouts: {LAYOUTS}. "
+            "Map other names with dataset_columns (e.g. {prompt: input})."
+        )
+    keep = [c for c in ("prompt", "system", "chosen", "rejected", "conversations") if c in columns]
+    rows, identical, diverging = [], 0, 0
+    for index, row in enumerate(dataset.select_columns(keep)):
+        pair = _pair(row, args, f"{source}: row {index}")
+        if pair is None:
+            diverging += 1
+        elif pair["chosen"] == pair["rejected"]:
+            identical += 1
+        else:
+            rows.append({**pair, "row_id": index})
+    skipped = ((identical, "chosen and rejected are identical"), (diverging, "conversations differ before the reply"))
+    for count, why in skipped:
+        if count:
+            print(f"warning: {source}: skipped {count} of {len(dataset)} rows whose {why}", file=sys.stderr)
+    if not rows:
+        raise DataError(f"{source}: no row is left with a preference to learn (see the warnings above)")
+    kinds = {isinstance(r["prompt"], str) for r in rows}
+    if len(kinds) > 1:  # one split, one kind: TRL applies the chat template to all rows or to none
+        rows = [r if not isinstance(r["prompt"], str) else {**_as_chat(r), "row_id": r["row_id"]} for r in rows]
+    return Dataset.from_list(rows)
+
+
+def _rename(dataset, mapping, source):
+    if not mapping:
+        return dataset
+    if not isinstance(mapping, dict) or not all(isinstance(v, str) for v in mapping.values()):
+        raise DataError(f"dataset_columns must map names to column names, e.g. {{prompt: input}}; got {mapping!r}")
+    unknown = sorted(set(mapping) - set(MAPPABLE))
+    if unknown:
+        raise DataError(f"dataset_columns: unknown key(s) {unknown}; the keys are {list(MAPPABLE)}")
+    missing = sorted(v for v in mapping.values() if v not in dataset.column_names)
+    if missing:
+        raise DataError(
+            f"dataset_columns names {missing}, which {source} lacks; its columns are {dataset.column_names}"
+        )
+    renames = {column: key for key, column in mapping.items() if column != key}
+    dataset = dataset.remove_columns([c for c in renames.values() if c in dataset.column_names and c not in renames])
+    return dataset.rename_columns(renames)
+
+
+def _pair(row, args, where):
+    """{prompt, chosen, rejected} for one row, or None when its two conversations differ before the final reply."""
+    system = row.get("system")
+    if system is not None:
+        system = _text(system, f"{where}: 'system'", allow_empty=True) or None
+    system = system or args.system_prompt or None
+    if "conversations" in row:
+        prompt = _messages(row["conversations"], f"{where}: 'conversations'")
+        chosen, rejected = (_reply(row[k], f"{where}: {k!r}") for k in ("chosen", "rejected"))
+        return _with_system({"prompt": prompt, "chosen": [chosen], "rejected": [rejected]}, system)
+    chosen, rejected = row["chosen"], row["rejected"]
+    if isinstance(chosen, (list, dict)) or isinstance(rejected, (list, dict)):
+        return _conversation_pair(row, system, where)
+    chosen, rejected = (_text(row[k], f"{where}: {k!r}") for k in ("chosen", "rejected"))
+    if "prompt" not in row and _is_hh(chosen) and _is_hh(rejected):
+        (context, chosen_reply), (other, rejected_reply) = _split_hh(chosen, where), _split_hh(rejected, where)
+        if context != other:
+            return None
+        pair = {"prompt": context, "chosen": [chosen_reply], "rejected": [rejected_reply]}
+        return _with_system(pair, system)
+    if "prompt" not in row:
+        raise DataError(
+            f"{where}: chosen and rejected are strings but there is no prompt column (and they are not "
+            "'\\n\\nHuman: ... \\n\\nAssistant: ...' transcripts); map one with dataset_columns: {prompt: <column>}"
+        )
+    if isinstance(row["prompt"], list):  # a conversation prompt with string replies
+        prompt = _messages(row["prompt"], f"{where}: 'prompt'")
+        return _as_chat({"prompt": prompt, "chosen": chosen, "rejected": rejected}, system)
+    pair = {"prompt": _text(row["prompt"], f"{where}: 'prompt'"), "chosen": chosen, "rejected": rejected}
+    return _as_chat(pair, system) if args.wrap_text_as_chat or system else pair
+
+
+def _conversation_pair(row, system, where):
+    conversations = {k: _messages(row[k], f"{where}: {k!r}") for k in ("chosen", "rejected")}
+    for key, messages in conversations.items():
+        if messages[-1]["role"] != "assistant":
+            raise DataError(
+                f"{where}: {key!r} has no assistant reply (its last turn is {messages[-1]['role']!r}); a preference "
+                "pair needs the assistant's reply last"
+            )
+    context = conversations["chosen"][:-1]
+    if context != conversations["rejected"][:-1]:
+        return None
+    if context:
+        prompt = context
+    elif "prompt" in row and row["prompt"] is not None:
+        if isinstance(row["prompt"], list):
+            prompt = _messages(row["prompt"], f"{where}: 'prompt'")
+        else:
+            prompt = [{"role": "user", "content": _text(row["prompt"], f"{where}: 'prompt'")}]
+    else:
+        raise DataError(f"{where}: chosen and rejected hold the reply alone and there is no prompt column")
+    if prompt[-1]["role"] == "assistant":
+        raise DataError(f"{where}: the prompt ends with an assistant turn; the last prompt turn must be the user's")
+    pair = {"prompt": prompt, "chosen": [conversations["chosen"][-1]], "rejected": [conversations["rejected"][-1]]}
+    return _with_system(pair, system)
+
+
+def _as_chat(pair, system=None):
+    """String replies as assistant messages, a prompt string as one user turn (a conversation prompt stays)."""
+    prompt = pair["prompt"]
+    chat = {
+        "prompt": [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt,
+        "chosen": [{"role": "assistant", "content": pair["chosen"]}],
+        "rejected": [{"role": "assistant", "content": pair["rejected"]}],
+    }
+    return _with_system(chat, system)
+
+
+def _with_system(pair, system):
+    if system and pair["prompt"][0]["role"] != "system":
+        pair["prompt"] = [{"role": "system", "content": system}, *pair["prompt"]]
+    return pair
+
+
+def _messages(value, where):
+    """A conversation as [{"role", "content"}]: {role, content} or ShareGPT {from, value} turns, checked."""
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{where} must be a conversation (a list of turns), not {_kind(value)}")
+    messages = []
+    for turn in value:
+        if not isinstance(turn, dict):
+            raise DataError(f"{where}: every turn must be an object with role and content, not {_kind(turn)}")
+        speaker = turn.get("role", turn.get("from"))
+        content = turn.get("content", turn.get("value"))
+        role = ROLES.get(str(speaker).lower()) if speaker is not None else None
+        if role is None:
+            raise DataError(f"{where}: unknown speaker {speaker!r}; expected one of {sorted(ROLES)}")
+        messages.append({"role": role, "content": _text(content, f"{where}: a {role} turn")})
+    return messages
+
+
+def _reply(value, where):
+    """A ShareGPT reply: a string, or one {from, value} turn (LLaMA-Factory), as an assistant message."""
+    if isinstance(value, (dict, list)):
+        messages = _messages(value, where)
+        if messages[-1]["role"] != "assistant":
+            raise DataError(f"{where} has no assistant reply (its last turn is {messages[-1]['role']!r})")
+        return messages[-1]
+    return {"role": "assistant", "content": _text(value, where)}
+
+
+def _is_hh(text):
+    return text.lstrip("\n").startswith("Human: ") and "\n\nAssistant: " in text
+
+
+def _split_hh(text, where):
+    """(context turns, final reply) of an HH transcript, split at its last '\\n\\nAssistant: ' (not character by
+    character, which would move shared leading characters of Japanese replies into the prompt)."""
+    context, _, reply = ("\n\n" + text.lstrip("\n")).rpartition("\n\nAssistant: ")
+    parts = HH_TURN.split(context)[1:]  # ["Human", text, "Assistant", text, ...]
+    turns = [{"role": ROLES[s.lower()], "content": c.strip()} for s, c in zip(parts[::2], parts[1::2], strict=True)]
+    if not turns or turns[-1]["role"] != "user" or not reply.strip():
+        raise DataError(f"{where}: an HH transcript must end with a Human turn and the Assistant's reply")
+    return turns, {"role": "assistant", "content": reply.strip()}
+
+
+def _text(value, where, allow_empty=False):
+    if not isinstance(value, str):
+        what = "empty (null)" if value is None else f"{_kind(value)}, not text"
+        raise DataError(f"{where} is {what}; fill it in or remove the row")
+    if not value.strip() and not allow_empty:
+        raise DataError(f"{where} is empty; fill it in or remove the row")
+    return value
+
+
+def _kind(value):
+    if isinstance(value, bool):
+        return f"a boolean ({value})"
+    if isinstance(value, (int, float)):
+        return f"a number ({value})"
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "a list"
+    return f"a {type(value).__name__}"
+
+
+def _first_line(error):
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]

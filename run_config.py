@@ -1,0 +1,432 @@
+"""A run's configuration: the YAML file and command-line flags into `ScriptArguments`, `DiversitySimPOConfig` and
+TRL's `ModelConfig`, and every check of what the user controls, made before anything is written.
+
+A mistake raises `ConfigError` with one line that names the field (or file) and says how to fix it; the CLI prints
+it as `error: ...` and exits with status 2. The checks are mechanisms, not a list of past mistakes:
+  - every key and flag must be a field (the closest one is suggested);
+  - every value must have its field's type, and every number must be finite;
+  - `LIMITS` holds each numeric field's allowed range, in one table;
+  - what the libraries would reject later (an optimizer's or a scheduler's settings) is tried on a dummy parameter;
+  - every path is checked: config, DeepSpeed JSON, model folder, output_dir, the checkpoint to resume from.
+"""
+
+import difflib
+import json
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from enum import Enum
+from pathlib import Path
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "config_diversity_simpo.yaml"
+MODEL_FILES = ("config.json", "adapter_config.json")
+
+
+class ConfigError(Exception):
+    """A mistake in the user's config, command line or paths: reported in one line, without a traceback."""
+
+
+@dataclass
+class ScriptArguments:
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "Hub dataset id, or a local .jsonl(.gz)/.json/.parquet/.csv file or folder."},
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name on the Hub."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    dataset_test_split: str = field(default="test", metadata={"help": "Split to evaluate on, if the dataset has it."})
+    dataset_test_fraction: float = field(
+        default=0.0, metadata={"help": "Without a test split, hold out this fraction of the train split for eval."}
+    )
+    dataset_columns: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Rename columns to the layout's names, e.g. {prompt: input, system: system} (a JSON object on the "
+            "command line); keys: prompt, system, chosen, rejected, conversations."
+        },
+    )
+    system_prompt: str | None = field(
+        default=None, metadata={"help": "System turn given to every prompt that has none (turns text rows into chat)."}
+    )
+    wrap_text_as_chat: bool = field(
+        default=False,
+        metadata={
+            "help": "Turn plain-text rows into one user turn and one assistant reply, so that the tokenizer's chat "
+            "template is applied as for conversational data (what an instruct model expects)."
+        },
+    )
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Allow writing over a finished model already in output_dir."}
+    )
+    eval_only: bool = field(
+        default=False,
+        metadata={
+            "help": "Evaluate model_name_or_path on the eval split (preference accuracy, diversity), no training."
+        },
+    )
+    diversity_eval_prompts: int = field(
+        default=0, metadata={"help": "Eval prompts to sample replies for at each evaluation (0: no diversity eval)."}
+    )
+    diversity_eval_samples: int = field(default=8, metadata={"help": "Replies sampled per prompt."})
+    diversity_eval_temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
+    diversity_eval_max_new_tokens: int = field(default=64, metadata={"help": "Longest reply sampled, in tokens."})
+    diversity_eval_batch_size: int = field(
+        default=8, metadata={"help": "Eval prompts per generate call (each with diversity_eval_samples replies)."}
+    )
+    diversity_eval_gather_weights: bool = field(
+        default=True,
+        metadata={
+            "help": "Under ZeRO-3, gather the whole model on each GPU once for the diversity eval's generation "
+            "(fast); false keeps it sharded and generates in lockstep (slow, for models too big to gather)."
+        },
+    )
+
+    def __post_init__(self):
+        if isinstance(self.dataset_columns, str):
+            try:
+                self.dataset_columns = json.loads(self.dataset_columns)
+            except json.JSONDecodeError:
+                raise ValueError(
+                    f'dataset_columns={self.dataset_columns!r} is not a JSON object such as \'{{"prompt": "input"}}\''
+                ) from None
+
+
+def _positive(v):
+    return v > 0
+
+
+def _non_negative(v):
+    return v >= 0
+
+
+def _fraction(v):
+    return 0 <= v < 1
+
+
+# Allowed values of numeric fields: (test, what the message says). Types and finiteness are checked for every field.
+LIMITS = {
+    "per_device_train_batch_size": (_positive, "an integer >= 1"),
+    "per_device_eval_batch_size": (_positive, "an integer >= 1"),
+    "gradient_accumulation_steps": (_positive, "an integer >= 1"),
+    "learning_rate": (_positive, "a number > 0 (e.g. 1e-6)"),
+    "num_train_epochs": (_non_negative, "a number >= 0"),
+    "max_steps": (lambda v: v == -1 or v > 0, "-1 (train num_train_epochs) or an integer >= 1"),
+    "max_length": (lambda v: v is None or v >= 2, "an integer >= 2 (prompt + completion tokens)"),
+    "max_completion_length": (lambda v: v is None or v >= 1, "an integer >= 1"),
+    "warmup_steps": (_non_negative, "a number >= 0 (below 1: a fraction of all steps)"),
+    "weight_decay": (_non_negative, "a number >= 0"),
+    "max_grad_norm": (_non_negative, "a number >= 0"),
+    "logging_steps": (_positive, "a number > 0"),
+    "eval_steps": (lambda v: v is None or v > 0, "a number > 0"),
+    "save_steps": (_positive, "a number > 0"),
+    "save_total_limit": (lambda v: v is None or v >= 1, "an integer >= 1"),
+    "seed": (lambda v: 0 <= v < 2**32, "an integer in [0, 2^32)"),
+    "dataloader_num_workers": (_non_negative, "an integer >= 0"),
+    "beta": (_positive, "a number > 0"),
+    "label_smoothing": (lambda v: 0 <= v <= 0.5, "a number in [0, 0.5]"),
+    "cpo_alpha": (_non_negative, "a number >= 0"),
+    "dataset_test_fraction": (_fraction, "a number in [0, 1)"),
+    "diversity_eval_prompts": (_non_negative, "an integer >= 0"),
+    "diversity_eval_samples": (_positive, "an integer >= 1"),
+    "diversity_eval_batch_size": (_positive, "an integer >= 1"),
+    "diversity_eval_max_new_tokens": (_positive, "an integer >= 1"),
+    "diversity_eval_temperature": (_positive, "a number > 0"),
+    "lora_r": (_positive, "an integer >= 1"),
+    "lora_alpha": (_positive, "a number > 0"),
+    "lora_dropout": (_fraction, "a number in [0, 1)"),
+}
+
+
+def make_parser():
+    from trl import ModelConfig, TrlParser
+
+    from diversity_simpo_trainer import DiversitySimPOConfig
+
+    class Parser(TrlParser):
+        def error(self, message):  # argparse would print the whole usage (hundreds of options) and exit
+            raise ConfigError(f"{message} (see --help)")
+
+    return Parser((ScriptArguments, DiversitySimPOConfig, ModelConfig))
+
+
+def parse_args(argv):
+    """(ScriptArguments, DiversitySimPOConfig, ModelConfig) from the YAML config (`--config`, default
+    DEFAULT_CONFIG) overridden by command-line flags; every value checked (module docstring)."""
+    import yaml
+
+    argv = [str(a) for a in argv]
+    if "--config" not in argv:
+        argv = ["--config", str(DEFAULT_CONFIG), *argv]
+    position = argv.index("--config") + 1
+    if position == len(argv):
+        raise ConfigError("--config needs a file path")
+    config_path = Path(argv[position])
+    if not config_path.is_file():
+        what = "is a folder" if config_path.is_dir() else "not found"
+        raise ConfigError(f"config file {config_path} {what}; pass --config FILE (e.g. configs/demo.yaml)")
+    try:
+        config = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{config_path} is not a UTF-8 text file") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{config_path} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{config_path} must be a YAML mapping of `field: value` lines")
+
+    parser = make_parser()
+    names = {action.dest for action in parser._actions} - {"help"}
+    for key in config:
+        if key != "env" and key not in names:
+            raise ConfigError(f"{config_path}: unknown key {key!r}{_closest(str(key), names)}")
+    options = set(parser._option_string_actions)
+    for arg in argv:
+        flag = arg.split("=", 1)[0]
+        if flag.startswith("--") and flag != "--config" and flag not in options:
+            raise ConfigError(f"unknown option {flag}{_closest(flag[2:], names)}")
+    deepspeed = _flag_value(argv, "--deepspeed", config.get("deepspeed"))
+    check_deepspeed_config(deepspeed)
+    check_values(config, (ScriptArguments, *parser.dataclass_types[1:]), str(config_path))
+    if deepspeed:  # only once everything else checked out: this sets process-wide environment variables
+        single_process_deepspeed_env()
+    try:
+        parsed = parser.parse_args_and_config(argv)
+    except (ValueError, TypeError) as e:  # a dataclass's own check (ours, transformers' or TRL's)
+        raise ConfigError(_first_line(e)) from None
+    for instance in parsed[:3]:  # the merged values: types were checked above (YAML) or by argparse (flags)
+        check_values(vars(instance), [type(instance)], None, types=False)
+    _, training, model = parsed[:3]
+    if training.max_steps <= 0 and training.num_train_epochs <= 0:
+        raise ConfigError("num_train_epochs is 0 and max_steps is not set: nothing would be trained; set either")
+    if training.fused_lm_head and model.use_peft:
+        targets = model.lora_target_modules
+        adapted = [targets] if isinstance(targets, str) else list(targets or [])
+        adapted += list(model.lora_modules_to_save or [])
+        if "lm_head" in adapted:
+            raise ConfigError(
+                "fused_lm_head reads lm_head.weight directly, so an adapter on lm_head would never train: remove "
+                "lm_head from lora_target_modules and lora_modules_to_save, or set fused_lm_head: false"
+            )
+    return parsed[:3]
+
+
+def _flag_value(argv, flag, default):
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    return default
+
+
+def check_values(values, classes, source, types=True):
+    """Each value of a field of `classes` has the field's type (if `types`), is finite, and is within LIMITS."""
+    declared = {}
+    for cls in classes:
+        hints = typing.get_type_hints(cls)
+        declared.update({f.name: hints.get(f.name, f.type) for f in fields(cls)})
+    for name, value in values.items():
+        if name not in declared:
+            continue
+        # strings from YAML go through argparse's own type conversion, which names the value it cannot convert
+        expected = _type_problem(value, declared[name]) if types and not isinstance(value, str) else None
+        if expected:
+            raise ConfigError(f"{name}={value!r} must be {expected} ({source}){_hint(name)}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{name}={value} must be a finite number" + (f" ({source})" if source else ""))
+        if name in LIMITS and value is not None and not isinstance(value, bool) and isinstance(value, (int, float)):
+            test, allowed = LIMITS[name]
+            if not test(value):
+                raise ConfigError(f"{name}={value!r} is out of range: it must be {allowed}")
+
+
+def _type_problem(value, annotation):
+    """None if `value` fits `annotation`, else a description of what would. Annotations other than plain scalars,
+    lists, dicts and enums are not judged here (their dataclass checks them)."""
+    options = typing.get_args(annotation) if _is_union(annotation) else (annotation,)
+    simple = (str, int, float, bool, type(None), list, tuple, dict, typing.Any)
+    if not all((typing.get_origin(o) or o) in simple or _is_enum(o) for o in options):
+        return None
+    for option in options:
+        origin = typing.get_origin(option) or option
+        if option is type(None) and value is None:
+            return None
+        if origin is typing.Any or (origin is str and isinstance(value, str)):
+            return None
+        if origin is bool and isinstance(value, bool):
+            return None
+        if origin is int and isinstance(value, int) and not isinstance(value, bool):
+            return None
+        if origin is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return None
+        if origin in (list, tuple) and isinstance(value, (list, tuple)):
+            return None
+        if origin is dict and isinstance(value, dict):
+            return None
+        if _is_enum(origin) and isinstance(value, (str, Enum)):
+            return None
+    names = {
+        int: "an integer",
+        float: "a number",
+        bool: "true or false",
+        str: "a string",
+        type(None): "empty (null)",
+        dict: "a mapping",
+        list: "a list",
+    }
+    wanted = [names.get(typing.get_origin(o) or o, getattr(o, "__name__", str(o))) for o in options]
+    return " or ".join(dict.fromkeys(wanted))
+
+
+def _is_enum(annotation):
+    return isinstance(annotation, type) and issubclass(annotation, Enum)
+
+
+def _is_union(annotation):
+    return typing.get_origin(annotation) in (typing.Union, types.UnionType)
+
+
+def _hint(name):
+    return "; use a whole number" if "steps" in name or "size" in name or name.endswith("_r") else ""
+
+
+def check_deepspeed_config(path):
+    if not path or not isinstance(path, str) or path.lstrip().startswith("{"):
+        return  # not set, or an inline JSON dict that TrainingArguments parses itself
+    if not Path(path).is_file():
+        raise ConfigError(f"DeepSpeed config {path} not found; check --deepspeed (e.g. configs/ds_config.json)")
+    try:
+        config = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ConfigError(
+            f"DeepSpeed config {path} is not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}"
+        ) from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"DeepSpeed config {path} is not a UTF-8 text file") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"DeepSpeed config {path} must be a JSON object")
+
+
+def check_paths(script_args, training_args, model_args):
+    """Model folder, output_dir and the checkpoint to resume from; none of it written to."""
+    name = model_args.model_name_or_path
+    if not name:
+        raise ConfigError("model_name_or_path is not set: give a Hub model id or a local model folder")
+    model_path = Path(name).expanduser()
+    if model_path.is_file():
+        raise ConfigError(f"model_name_or_path {name} is a file; give the model's folder (with config.json)")
+    if model_path.is_dir() and not any((model_path / f).exists() for f in MODEL_FILES):
+        raise ConfigError(f"model folder {name} has no config.json: not a saved model (save_pretrained writes one)")
+    if not model_path.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
+        raise ConfigError(f"model folder {name} not found; check model_name_or_path")
+
+    output_dir = Path(training_args.output_dir)
+    for path in (output_dir, *output_dir.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise ConfigError(f"output_dir {output_dir}: {path} is a file; choose another output_dir")
+            if not os.access(path, os.W_OK):
+                raise ConfigError(f"output_dir {output_dir}: {path} is not writable; choose another output_dir")
+            break
+    if script_args.eval_only:
+        return
+    target = resume_target(training_args.resume_from_checkpoint)
+    if target is True:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        if not output_dir.is_dir() or get_last_checkpoint(str(output_dir)) is None:
+            raise ConfigError(
+                f"--resume_from_checkpoint latest: output_dir {output_dir} holds no checkpoint to resume from; "
+                "drop the flag to start a new run"
+            )
+    elif target is not None and not (Path(target) / "trainer_state.json").is_file():
+        raise ConfigError(
+            f"resume_from_checkpoint {target} is not a checkpoint folder (no trainer_state.json); "
+            "give output_dir/checkpoint-N, or latest"
+        )
+    if script_args.overwrite_output_dir or target:
+        return
+    if any((output_dir / f).exists() for f in MODEL_FILES):
+        raise ConfigError(
+            f"output_dir {output_dir} already holds a trained model; choose another output_dir, "
+            "or pass --overwrite_output_dir true"
+        )
+    if list(output_dir.glob("checkpoint-*")):
+        raise ConfigError(
+            f"output_dir {output_dir} holds checkpoints of an unfinished run; continue it with "
+            "--resume_from_checkpoint latest, or pass --overwrite_output_dir true to start again"
+        )
+
+
+def check_optimizer_and_schedule(training_args):
+    """Build the configured optimizer and scheduler on a dummy parameter: whatever torch or transformers would reject
+    in them at the first step is reported now, before anything is written."""
+    import torch
+    from transformers import Trainer, get_scheduler
+
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    steps = training_args.max_steps if training_args.max_steps > 0 else 100
+    try:
+        optimizer_class, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(training_args)
+        optimizer = optimizer_class([parameter], **optimizer_kwargs)
+    except Exception as e:  # torch and transformers raise ValueError, TypeError, ImportError, ... with a clear message
+        raise ConfigError(
+            f"the optimizer settings (optim={training_args.optim.value}, learning_rate, weight_decay, adam_*, "
+            f"optim_args) are rejected: {_first_line(e)}"
+        ) from None
+    try:
+        get_scheduler(
+            training_args.lr_scheduler_type,
+            optimizer=optimizer,
+            num_warmup_steps=training_args.get_warmup_steps(steps),
+            num_training_steps=steps,
+            scheduler_specific_kwargs=training_args.lr_scheduler_kwargs,
+        )
+    except Exception as e:
+        raise ConfigError(
+            f"the learning-rate schedule (lr_scheduler_type={training_args.lr_scheduler_type.value}, warmup_steps, "
+            f"lr_scheduler_kwargs) is rejected: {_first_line(e)}"
+        ) from None
+
+
+def resume_target(value):
+    """`latest` (or `true`) resumes from the newest checkpoint in output_dir; a path resumes from that checkpoint."""
+    if value is None or str(value).lower() in ("false", "none", ""):
+        return None
+    return True if str(value).lower() in ("latest", "true") else value
+
+
+def single_process_deepspeed_env():
+    """`python train_diversity_simpo.py --deepspeed ...` without a launcher: DeepSpeed would look for MPI to learn the
+    world size; tell it there is one process instead."""
+    import socket
+
+    if "RANK" in os.environ or "LOCAL_RANK" in os.environ:
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+def save_resolved_config(path, *configs):
+    """Every setting of the run, as YAML, without secrets (tokens, API keys)."""
+    import yaml
+
+    resolved = {}
+    for config in configs:
+        resolved.update(config.to_dict() if hasattr(config, "to_dict") else vars(config))
+    resolved = {k: v for k, v in resolved.items() if "token" not in k and "api_key" not in k}
+    path.write_text(yaml.safe_dump(resolved, allow_unicode=True, sort_keys=True), encoding="utf-8")
+
+
+def _closest(name, candidates):
+    match = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
+    return f"; did you mean {match[0]!r}?" if match else ""
+
+
+def _first_line(error):
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
