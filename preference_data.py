@@ -19,6 +19,7 @@ conversations. Other columns (ids, scores, metadata, a `messages` column) are dr
 
 import gzip
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -326,6 +327,8 @@ def _split_hh(text, where):
 
 
 def _text(value, where, allow_empty=False):
+    if isinstance(value, float) and math.isnan(value):
+        value = None  # an empty CSV cell
     if not isinstance(value, str):
         what = "empty (null)" if value is None else f"{_kind(value)}, not text"
         raise DataError(f"{where} is {what}; fill it in or remove the row")

@@ -11,6 +11,7 @@ it as `error: ...` and exits with status 2. The checks are mechanisms, not a lis
 """
 
 import difflib
+import itertools
 import json
 import math
 import os
@@ -112,14 +113,13 @@ LIMITS = {
     "gradient_accumulation_steps": (_positive, "an integer >= 1"),
     "learning_rate": (_positive, "a number > 0 (e.g. 1e-6)"),
     "num_train_epochs": (_non_negative, "a number >= 0"),
-    "max_steps": (lambda v: v == -1 or v > 0, "-1 (train num_train_epochs) or an integer >= 1"),
     "max_length": (lambda v: v is None or v >= 2, "an integer >= 2 (prompt + completion tokens)"),
     "max_completion_length": (lambda v: v is None or v >= 1, "an integer >= 1"),
     "warmup_steps": (_non_negative, "a number >= 0 (below 1: a fraction of all steps)"),
     "weight_decay": (_non_negative, "a number >= 0"),
     "max_grad_norm": (_non_negative, "a number >= 0"),
     "logging_steps": (_positive, "a number > 0"),
-    "eval_steps": (lambda v: v is None or v > 0, "a number > 0"),
+    "eval_steps": (lambda v: v is None or v >= 0, "a number >= 0 (0: every logging_steps)"),
     "save_steps": (_positive, "a number > 0"),
     "save_total_limit": (lambda v: v is None or v >= 1, "an integer >= 1"),
     "seed": (lambda v: 0 <= v < 2**32, "an integer in [0, 2^32)"),
@@ -133,6 +133,7 @@ LIMITS = {
     "diversity_eval_batch_size": (_positive, "an integer >= 1"),
     "diversity_eval_max_new_tokens": (_positive, "an integer >= 1"),
     "diversity_eval_temperature": (_positive, "a number > 0"),
+    "diversity_chunk_elements": (_positive, "an integer >= 1"),
     "lora_r": (_positive, "an integer >= 1"),
     "lora_alpha": (_positive, "a number > 0"),
     "lora_dropout": (_fraction, "a number in [0, 1)"),
@@ -187,6 +188,9 @@ def parse_args(argv):
         flag = arg.split("=", 1)[0]
         if flag.startswith("--") and flag != "--config" and flag not in options:
             raise ConfigError(f"unknown option {flag}{_closest(flag[2:], names)}")
+    for flag, value in itertools.pairwise(argv):  # before the dataclasses, which would overflow on them
+        if flag.startswith("--") and value.strip().lower().lstrip("+-") in ("nan", "inf", "infinity"):
+            raise ConfigError(f"{flag[2:]}={value} must be a finite number (the command line)")
     deepspeed = _flag_value(argv, "--deepspeed", config.get("deepspeed"))
     check_deepspeed_config(deepspeed)
     check_values(config, (ScriptArguments, *parser.dataclass_types[1:]), str(config_path))
@@ -194,7 +198,7 @@ def parse_args(argv):
         single_process_deepspeed_env()
     try:
         parsed = parser.parse_args_and_config(argv)
-    except (ValueError, TypeError) as e:  # a dataclass's own check (ours, transformers' or TRL's)
+    except (ValueError, TypeError, ArithmeticError) as e:  # a dataclass's own check (ours, transformers', TRL's)
         raise ConfigError(_first_line(e)) from None
     for instance in parsed[:3]:  # the merged values: types were checked above (YAML) or by argparse (flags)
         check_values(vars(instance), [type(instance)], None, types=False)

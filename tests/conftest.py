@@ -33,3 +33,16 @@ def pytest_configure(config):
 @pytest.fixture(autouse=True)
 def _wandb_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+
+
+_SUMMARY = []  # lines a test wants in the terminal summary (the generated-mistakes counts, say)
+
+
+@pytest.fixture
+def record_summary():
+    return _SUMMARY.append
+
+
+def pytest_terminal_summary(terminalreporter):
+    for line in _SUMMARY:
+        terminalreporter.write_line(line)
