@@ -178,3 +178,72 @@ def test_the_original_notes_command_runs_zero2_from_the_real_config(tmp_path):
     assert len(shards) == 2 and all("zero_pp_rank_" in name for name in shards), shards  # ZeRO: one shard per rank
     config = json.loads((ROOT / "configs" / "ds_config.json").read_text(encoding="utf-8"))
     assert config["zero_optimization"]["stage"] == 2
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed-hostfile"])
+def test_two_nodes_on_one_machine_write_once_gather_metrics_and_train_like_one_process(
+    tmp_path, launcher, single_process_reference
+):
+    """Two launcher processes, each a "node" with one CPU rank and its own working folder (node-local disk, the case
+    that shows double writes), ZeRO-2 and the demo config: torchrun's multi-node rendezvous, or DeepSpeed's own
+    multi-node launcher reading a hostfile (`--no_ssh`: each node starts its ranks itself, as ssh/pdsh would). Both
+    ranks have LOCAL_RANK 0: only global rank 0 may write the model, resolved_config.yaml, trainer_state.json and
+    the curves; the logged metrics are gathered over both; the weights equal one process's."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    (tmp_path / "hostfile").write_text("node0 slots=1\nnode1 slots=1\n", encoding="utf-8")
+    script = [str(ROOT / "train_diversity_simpo.py"), *COMMON, "--report_to", "none", "--output_dir", "out"]
+    script[script.index("configs/demo.yaml")] = str(ROOT / "configs" / "demo.yaml")
+    script += ["--model_name_or_path", ROOT / "demo" / "tiny-llama-ja", "--dataset_name", ROOT / "demo" / "data"]
+    script += ["--deepspeed", ROOT / "configs" / "ds_config.json"]
+    bin_dir = Path(sys.executable).parent
+    nodes = []
+    for rank in (0, 1):
+        node = tmp_path / f"node{rank}"
+        node.mkdir()
+        if launcher == "torchrun":
+            command = [bin_dir / "torchrun", "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", rank]
+            command += ["--master_addr", "127.0.0.1", "--master_port", port, *script]
+        else:
+            command = [DEEPSPEED, "--hostfile", tmp_path / "hostfile", "--no_ssh", "--node_rank", rank]
+            command += ["--master_addr", "127.0.0.1", "--master_port", port, *script]
+        nodes.append(
+            subprocess.Popen(
+                [str(c) for c in command],
+                cwd=node,
+                env=ENV,
+                text=True,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
+    try:
+        outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                os.killpg(node.pid, signal.SIGKILL)
+    for node, output in zip(nodes, outputs, strict=True):
+        assert node.returncode == 0, output[-4000:]
+
+    first, second = tmp_path / "node0" / "out", tmp_path / "node1" / "out"
+    once = ["model.safetensors", "resolved_config.yaml", "trainer_state.json", "training_curves.png"]
+    assert all((first / name).exists() for name in once)
+    assert not [name for name in once if (second / name).exists()], "global rank 1 wrote what only rank 0 may write"
+    assert not list(second.glob("checkpoint-*/trainer_state.json"))
+    assert list(second.glob("checkpoint-4/global_step4/*optim_states.pt"))  # its own ZeRO shard: that it must write
+
+    logged = [e for e in json.loads((first / "trainer_state.json").read_text())["log_history"] if "loss" in e]
+    reference = [e for e in json.loads((single_process_reference / "trainer_state.json").read_text())["log_history"]]
+    reference = [e for e in reference if "loss" in e]
+    assert [e["step"] for e in logged] == [1, 2, 3, 4]
+    for ours, theirs in zip(logged, reference, strict=True):  # each step's metrics: the mean over both ranks' pairs
+        for key in ("loss", "rewards/margins", "logps/chosen", "diversity/entropy"):
+            assert ours[key] == pytest.approx(theirs[key], rel=1e-3), (key, ours["step"])
+    ours, theirs = weights(first), weights(single_process_reference)
+    for name in theirs:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-4, atol=1e-5, msg=name)
