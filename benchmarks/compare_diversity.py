@@ -1,38 +1,42 @@
-"""Plain SimPO against Diversity SimPO on the offline demo. Every run starts from the same warmed-up demo model, with
-the same data, seed and steps; only diversity_weight differs. Each model is then scored by the CLI's own
-`--eval_only`: preference accuracy on the eval split, and the diversity of 8 sampled replies to each eval prompt.
+"""What the diversity term buys and costs, on the offline demo: a sweep from the same undecided start.
 
-    python benchmarks/compare_diversity.py          # about 5 minutes on 2 CPU cores
+Settings: diversity_weight in {0, 0.01, 0.05, 0.2, 1.0} at diversity_alpha 0.1, plus diversity_alpha 1.0 (entropy
+only) and 0.0 (KL only) at weight 0.05; each trained with configs/demo.yaml from demo/tiny-llama-ja with seeds 1, 2
+and 3, and scored at its last step on the held-out eval topics: TRL's preference accuracy and margins, the diversity
+of 8 sampled replies per eval prompt (diversity_eval.py), and the share of sampled replies that state the prompt's
+reference fact (`reference_rate`, from the data: a signal that does not come from the model). The start model is
+scored the same way (one sampling per seed).
 
-Writes output/compare/{results.md, comparison.png} and copies both to benchmarks/ (DIVERSITY.md, diversity.png).
+    python benchmarks/compare_diversity.py          # about 12 minutes on 2 CPU cores; make compare
+
+Writes the table and figure into benchmarks/DIVERSITY.md (between its sweep markers; the reading around them stays)
+and benchmarks/diversity.png; the runs stay in output/compare/. Same seeds, same table.
 """
 
 import json
 import os
-import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "output" / "compare"
-WEIGHTS = [0.0, 0.05, 0.2, 1.0]
-TRAIN = [
-    "--max_steps",
-    "60",
-    "--eval_steps",
-    "10",
-    "--save_strategy",
-    "no",
-    "--report_to",
-    "none",
-    "--diversity_eval_prompts",
-    "8",
-    "--overwrite_output_dir",
-    "true",
+SEEDS = (1, 2, 3)
+SETTINGS = [  # (label, diversity_weight, diversity_alpha)
+    ("plain SimPO", 0.0, 0.1),
+    ("weight 0.01", 0.01, 0.1),
+    ("weight 0.05", 0.05, 0.1),
+    ("weight 0.2", 0.2, 0.1),
+    ("weight 1.0", 1.0, 0.1),
+    ("weight 0.05, entropy only (alpha 1)", 0.05, 1.0),
+    ("weight 0.05, KL only (alpha 0)", 0.05, 0.0),
 ]
+EVAL = ["--diversity_eval_prompts", "54", "--diversity_eval_samples", "8", "--report_to", "none"]
 METRICS = [
     ("eval_rewards/accuracies", "preference accuracy"),
+    ("eval_rewards/margins", "reward margin"),
+    ("diversity_eval/reference_rate", "fact rate"),
     ("diversity_eval/distinct_1", "distinct-1"),
     ("diversity_eval/distinct_2", "distinct-2"),
     ("diversity_eval/self_bleu", "self-BLEU (lower: more varied)"),
@@ -43,103 +47,99 @@ METRICS = [
 
 def cli(*args):
     command = [sys.executable, str(ROOT / "train_diversity_simpo.py"), "--config", "configs/demo.yaml", *args]
-    result = subprocess.run(
-        command, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "offline"}
-    )
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, check=False)
     if result.returncode:
         sys.exit(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
 
 
-def evaluate(model_dir, output_dir):
-    cli(
-        "--eval_only",
-        "true",
-        "--model_name_or_path",
-        str(model_dir),
-        "--output_dir",
-        str(output_dir),
-        "--diversity_eval_prompts",
-        "27",
-        "--report_to",
-        "none",
-    )
-    return json.loads((output_dir / "eval_results.json").read_text(encoding="utf-8"))
+def start_scores(seed):
+    out = OUT / f"start-seed{seed}"
+    cli("--eval_only", "true", "--seed", str(seed), "--output_dir", str(out), *EVAL)
+    return json.loads((out / "eval_results.json").read_text(encoding="utf-8"))
 
 
-def main():
-    OUT.mkdir(parents=True, exist_ok=True)
-    results, histories = {"start (warmed-up demo model)": evaluate(ROOT / "demo" / "tiny-llama-ja", OUT / "start")}, {}
-    for weight in WEIGHTS:
-        run = OUT / f"weight-{weight}"
-        print(f"training diversity_weight={weight} ...", flush=True)
-        cli(*TRAIN, "--diversity_weight", str(weight), "--output_dir", str(run))
-        histories[weight] = json.loads((run / "trainer_state.json").read_text())["log_history"]
-        name = "plain SimPO (weight 0)" if weight == 0 else f"Diversity SimPO, weight {weight}"
-        results[name] = evaluate(run, run / "eval")
-
-    header = "| model | " + " | ".join(label for _, label in METRICS) + " |"
-    lines = [header, "|" + "---|" * (len(METRICS) + 1)]
-    for name, r in results.items():
-        lines.append(f"| {name} | " + " | ".join(f"{r[k]:.3f}" if k in r else "n/a" for k, _ in METRICS) + " |")
-    examples = [f"- {name}: {r['diversity_eval/examples'][0]}" for name, r in results.items()]
-    text = "\n".join(
-        [
-            "# Plain SimPO vs Diversity SimPO (offline demo, CPU)",
-            "",
-            f"Each run: configs/demo.yaml, {TRAIN[1]} steps from demo/tiny-llama-ja, seed 42. Scores: "
-            "27 eval prompts x 8 sampled replies (temperature 1.0); character n-grams (see diversity_eval.py).",
-            "",
-            *lines,
-            "",
-            "First sampled reply to the first eval prompt:",
-            "",
-            *examples,
-            "",
-            "![comparison](diversity.png)",
-            "",
-        ]
-    )
-    (OUT / "results.md").write_text(text, encoding="utf-8")
-    plot(results, histories, OUT / "comparison.png")
-    shutil.copy(OUT / "results.md", ROOT / "benchmarks" / "DIVERSITY.md")
-    shutil.copy(OUT / "comparison.png", ROOT / "benchmarks" / "diversity.png")
-    print(text)
+def run_scores(weight, alpha, seed):
+    """The metrics of the last evaluation of one training run (the demo config's steps, evaluated at the end)."""
+    out = OUT / f"w{weight}-a{alpha}-seed{seed}"
+    steps = ["--seed", str(seed), "--eval_steps", "40", "--save_strategy", "no", "--overwrite_output_dir", "true"]
+    cli(*steps, "--diversity_weight", str(weight), "--diversity_alpha", str(alpha), "--output_dir", str(out), *EVAL)
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    scores = {}
+    for entry in history:
+        scores.update({k: v for k, v in entry.items() if k.startswith(("eval_", "diversity_eval/"))})
+    return scores
 
 
-def plot(results, histories, path):
+def summarise(runs):
+    """{metric: (mean, standard deviation over seeds)} for the metrics every run has."""
+    keys = [k for k, _ in METRICS if all(k in r for r in runs)]
+    return {k: (statistics.fmean(r[k] for r in runs), statistics.stdev(r[k] for r in runs)) for k in keys}
+
+
+def table(results):
+    keys = [(k, label) for k, label in METRICS if all(k in r for r in results.values())]
+    lines = ["| setting | " + " | ".join(label for _, label in keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for name, summary in results.items():
+        cells = [f"{summary[k][0]:.3f} ± {summary[k][1]:.3f}" for k, _ in keys]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(results, path):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    names = list(results)
-    keys = [(k, label) for k, label in METRICS if all(k in r for r in results.values())]
-    width = 0.8 / len(names)
-    for i, name in enumerate(names):
-        axes[0].bar([j + i * width for j in range(len(keys))], [results[name][k] for k, _ in keys], width, label=name)
-    axes[0].set_xticks(
-        [j + 0.4 - width / 2 for j in range(len(keys))],
-        [label.split(" (")[0] for _, label in keys],
-        rotation=30,
-        ha="right",
-    )
-    axes[0].set_title("after training (eval split)")
-    axes[0].legend(fontsize=7)
-    for weight, history in histories.items():
-        entropy = [
-            (e["step"], e["diversity_eval/token_entropy"]) for e in history if "diversity_eval/token_entropy" in e
-        ]
-        margins = [(e["step"], e["rewards/margins"]) for e in history if "rewards/margins" in e]
-        axes[1].plot(*zip(*entropy, strict=True), marker="o", label=f"weight {weight}")
-        axes[2].plot(*zip(*margins, strict=True), label=f"weight {weight}")
-    axes[1].set(title="entropy of sampled replies during training", xlabel="step", ylabel="nats")
-    axes[2].set(title="rewards/margins (train)", xlabel="step")
-    for ax in axes[1:]:
-        ax.legend()
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    for ax, (key, label) in zip(
+        axes, [("eval_rewards/accuracies", "preference accuracy"), ("diversity_eval/reference_rate", "fact rate")],
+        strict=True,
+    ):
+        for name, summary in results.items():
+            x, y = summary["diversity_eval/distinct_2"], summary[key]
+            ax.errorbar(x[0], y[0], xerr=x[1], yerr=y[1], marker="o", capsize=3, label=name)
+        ax.set(xlabel="distinct-2 of sampled replies (more varied →)", ylabel=f"{label} (held-out topics)")
+        ax.set_title(f"{label} against diversity, mean ± sd over seeds {', '.join(map(str, SEEDS))}")
         ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8, loc="lower left")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+
+
+def write_section(path, text):
+    begin, end = "<!-- sweep:begin -->", "<!-- sweep:end -->"
+    old = path.read_text(encoding="utf-8") if path.exists() else "# What the diversity term buys and costs\n"
+    if begin in old:
+        new = old[: old.index(begin)] + begin + "\n" + text + "\n" + old[old.index(end) :]
+    else:
+        new = old.rstrip("\n") + f"\n\n{begin}\n{text}\n{end}\n"
+    path.write_text(new, encoding="utf-8")
+
+
+def main():
+    OUT.mkdir(parents=True, exist_ok=True)
+    results = {"start (demo model, before preference training)": summarise([start_scores(s) for s in SEEDS])}
+    for name, weight, alpha in SETTINGS:
+        print(f"{name}: seeds {SEEDS} ...", flush=True)
+        results[name] = summarise([run_scores(weight, alpha, seed) for seed in SEEDS])
+        print(table({name: results[name]}).splitlines()[-1], flush=True)
+    plot(results, ROOT / "benchmarks" / "diversity.png")
+    text = "\n".join(
+        [
+            f"Each setting: configs/demo.yaml (40 steps, learning rate 2e-4, batch 8) from demo/tiny-llama-ja, seeds "
+            f"{', '.join(map(str, SEEDS))}; scored at the last step on the 54 held-out pairs (9 topics never "
+            "preference-trained) and 8 sampled replies (temperature 1.0) per prompt. Mean ± standard deviation over "
+            "seeds. Fact rate: share of sampled replies that contain the prompt's reference fact.",
+            "",
+            table(results),
+            "",
+            "![accuracy and fact rate against distinct-2](diversity.png)",
+        ]
+    )
+    write_section(ROOT / "benchmarks" / "DIVERSITY.md", text)
+    print(text)
 
 
 if __name__ == "__main__":

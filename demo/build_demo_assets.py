@@ -1,6 +1,7 @@
 """Build the offline demo's assets: a Japanese preference dataset, a byte-level BPE tokenizer with a Llama-3 chat
-template, and a tiny Llama model given a short supervised warm-up on the chosen replies, so that it answers in
-Japanese before preference training starts. Seeded and run on the CPU; the outputs are committed under demo/.
+template, and a tiny Llama model given a short supervised warm-up on both replies of every pair, so that it answers
+in Japanese and knows each topic's fact but prefers neither helpful nor evasive, wrong or off-topic replies: SimPO has
+work to do. Held-out topics make the test split. Seeded and run on the CPU; the outputs are committed under demo/.
 
     python demo/build_demo_assets.py [--out demo]
 """
@@ -233,13 +234,17 @@ CHOSEN = [
     "簡単にまとめると、{t}は{fact}。さらに言えば、{tip}",
 ]
 
+# Rejected replies are fluent and plausible, not gibberish: evasive, hedged and wrong (another topic's fact), or off
+# the topic (an answer about another topic). The warm-up sees them as often as the chosen ones.
 REJECTED = [
-    "わかりません。",
-    "{t}ですか。自分で調べてください。",
-    "{t}は{wrong}。",
-    "それは難しい質問なので答えられません。",
-    "{t}について説明することは特にありません。",
+    "{t}についてですね。人によって考え方が違うので、一概には言えません。",
+    "たしか、{t}は{wrong}だったと思います。",
+    "よい質問ですね。ところで、{other}は{other_fact}。",
+    "{t}については、専門家に聞くのが一番だと思います。",
+    "うろ覚えですが、{t}は{wrong}かもしれません。{wrong_tip}",
 ]
+HELD_OUT = 5  # every 5th topic is held out: its prompts are eval prompts only, never preference-trained
+FACT_KEY = 10  # the reference fact of a prompt: the first characters of its topic's fact (fact_rate in the sweep)
 
 # Llama-3's chat template: the template itself writes <|begin_of_text|>, as the real ELYZA/Llama-3 tokenizer does.
 CHAT_TEMPLATE = (
@@ -252,26 +257,34 @@ SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
 
 
 def preference_pairs():
-    """Every (topic, question) pair: a helpful chosen answer and an unhelpful or wrong rejected one."""
-    pairs = []
+    """{split: rows}: every (topic, question) pair, a helpful chosen reply and a plausible rejected one, and the
+    reference fact (`reference`) the chosen reply states. Topics i % HELD_OUT == HELD_OUT - 1 are the test split;
+    wrong facts and off-topic answers come from a topic of the same split."""
+    splits = {"train": [], "test": []}
     for i, (topic, fact, tip) in enumerate(TOPICS):
+        split = "test" if i % HELD_OUT == HELD_OUT - 1 else "train"
+        same_split = [k for k in range(len(TOPICS)) if (k % HELD_OUT == HELD_OUT - 1) == (split == "test") and k != i]
+        # One wrong topic and one other topic per topic, so that its rejected replies are as familiar as its chosen
+        wrong = TOPICS[same_split[(3 * i) % len(same_split)]]
+        other = TOPICS[same_split[(5 * i + 1) % len(same_split)]]
         for j, question in enumerate(QUESTIONS):
-            wrong = TOPICS[(i + 7 * j + 3) % len(TOPICS)][1]
             chosen = CHOSEN[(i + j) % len(CHOSEN)].format(t=topic, fact=fact, tip=tip)
-            rejected = REJECTED[(2 * i + j) % len(REJECTED)].format(t=topic, wrong=wrong)
-            pairs.append(
+            rejected = REJECTED[(2 * i + j) % len(REJECTED)].format(
+                t=topic, wrong=wrong[1], wrong_tip=wrong[2], other=other[0], other_fact=other[1]
+            )
+            splits[split].append(
                 {
                     "prompt": [{"role": "user", "content": question.format(t=topic)}],
                     "chosen": [{"role": "assistant", "content": chosen}],
                     "rejected": [{"role": "assistant", "content": rejected}],
+                    "reference": fact[:FACT_KEY],
                 }
             )
-    return pairs
+    return splits
 
 
 def write_dataset(out: Path):
-    pairs = preference_pairs()
-    splits = {"train": [p for k, p in enumerate(pairs) if k % 10], "test": pairs[::10]}
+    splits = preference_pairs()
     (out / "data").mkdir(parents=True, exist_ok=True)
     for split, rows in splits.items():
         with open(out / "data" / f"{split}.jsonl", "w", encoding="utf-8") as f:
@@ -325,17 +338,20 @@ def build_model(tokenizer, seed=0):
     return LlamaForCausalLM(config)
 
 
-def warm_up(model, tokenizer, pairs, epochs=40, batch_size=16, learning_rate=2e-3, seed=0):
-    """Supervised fine-tuning on prompt -> chosen reply (loss on the reply tokens only), in a plain loop."""
+def warm_up(model, tokenizer, pairs, epochs=8, batch_size=16, learning_rate=3e-3, seed=0):
+    """Supervised fine-tuning on prompt -> reply for the chosen AND the rejected reply of every pair (loss on the
+    reply tokens only), in a plain loop: the model learns the topics' facts and answers in Japanese, but has no
+    preference between helpful and evasive, wrong or off-topic replies; that is SimPO's work."""
     import torch
 
     examples = []
     for pair in pairs:
         prompt = tokenizer.apply_chat_template(pair["prompt"], add_generation_prompt=True, tokenize=False)
-        full = tokenizer.apply_chat_template(pair["prompt"] + pair["chosen"], tokenize=False)
         prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
-        ids = tokenizer(full, add_special_tokens=False).input_ids
-        examples.append((ids, [-100] * len(prompt_ids) + ids[len(prompt_ids) :]))
+        for reply in ("chosen", "rejected"):
+            full = tokenizer.apply_chat_template(pair["prompt"] + pair[reply], tokenize=False)
+            ids = tokenizer(full, add_special_tokens=False).input_ids
+            examples.append((ids, [-100] * len(prompt_ids) + ids[len(prompt_ids) :]))
     torch.manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
     model.train()
@@ -358,12 +374,16 @@ def warm_up(model, tokenizer, pairs, epochs=40, batch_size=16, learning_rate=2e-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent)
-    out = parser.parse_args().out
+    parser.add_argument("--epochs", type=int, default=8, help="warm-up epochs (the tests build with fewer)")
+    args = parser.parse_args()
+    out = args.out
     splits = write_dataset(out)
     pairs = splits["train"] + splits["test"]
     texts = [m["content"] for p in pairs for key in ("prompt", "chosen", "rejected") for m in p[key]]
     tokenizer = build_tokenizer(texts)
-    model = warm_up(build_model(tokenizer), tokenizer, splits["train"])  # eval prompts stay unseen
+    # Every prompt, held-out ones included, with both replies: the model knows every topic's fact (so held-out replies
+    # can state it) and prefers neither kind of reply anywhere.
+    model = warm_up(build_model(tokenizer), tokenizer, pairs, epochs=args.epochs)
     tokenizer.save_pretrained(out / "tiny-llama-ja")
     model.save_pretrained(out / "tiny-llama-ja")
     print(

@@ -19,7 +19,12 @@ def generate(model_dir, prompt, max_new_tokens=48, seed=0):
     torch.manual_seed(seed)
     with torch.no_grad():
         output = model.generate(
-            input_ids, max_new_tokens=max_new_tokens, do_sample=True, top_p=0.9, pad_token_id=tokenizer.pad_token_id
+            input_ids,
+            max_new_tokens=max_new_tokens,
+            do_sample=True,
+            temperature=0.7,
+            top_p=0.9,
+            pad_token_id=tokenizer.pad_token_id,
         )
     return tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True)
 

@@ -150,7 +150,14 @@ def test_demo_trains_evaluates_logs_diversity_and_saves_a_model_that_generates(t
         2,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"resolved_config.yaml to {output}" in result.stdout + result.stderr
+    assert f"training_curves.png to {output}" in result.stdout + result.stderr
+    png = (output / "training_curves.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000  # a real picture, not an empty file
+    from PIL import Image
+
+    with Image.open(output / "training_curves.png") as image:
+        image.verify()
+        assert image.size[0] > 500 and image.size[1] > 200
 
     state = json.loads((output / "checkpoint-6" / "trainer_state.json").read_text())
     logged = {key for entry in state["log_history"] for key in entry}
