@@ -35,6 +35,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from report_section import write_section
 from trl.experimental.cpo import CPOTrainer
 
 from diversity_simpo_trainer import DiversitySimPOConfig, DiversitySimPOTrainer
@@ -265,18 +266,6 @@ def machine():
     return f"{platform.machine()}, {os.cpu_count()} cores ({cpu}), {gpu}; torch {torch.__version__}"
 
 
-def write_section(path, device, text):
-    """Replace this device's section of RESULTS.md (CPU and GPU runs happen on different machines)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    begin, end = f"<!-- {device}:begin -->", f"<!-- {device}:end -->"
-    old = path.read_text(encoding="utf-8") if path.exists() else "# Step benchmark\n"
-    if begin in old:
-        new = old[: old.index(begin)] + begin + "\n" + text + "\n" + old[old.index(end) :]
-    else:
-        new = old.rstrip("\n") + f"\n\n{begin}\n{text}\n{end}\n"
-    path.write_text(new, encoding="utf-8")
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="main shape only, no sweeps")
@@ -356,7 +345,7 @@ def main():
             f"![sweep]({'bench_sweep_gpu' if gpu else 'bench_sweep'}.png)",
         ]
         plot(rows[1:], args.output / f"{'bench_sweep_gpu' if gpu else 'bench_sweep'}.png")
-    write_section(args.output / "RESULTS.md", "gpu" if gpu else "cpu", "\n".join(report))
+    write_section(args.output / "RESULTS.md", "gpu" if gpu else "cpu", "\n".join(report), "Step benchmark")
     print("\n".join(report))
 
 

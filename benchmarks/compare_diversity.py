@@ -1,13 +1,13 @@
 """What the diversity term buys and costs, on the offline demo: a sweep from the same undecided start.
 
 Settings: diversity_weight in {0, 0.01, 0.05, 0.2, 1.0} at diversity_alpha 0.1, plus diversity_alpha 1.0 (entropy
-only) and 0.0 (KL only) at weight 0.05; each trained with configs/demo.yaml from demo/tiny-llama-ja with seeds 1, 2
-and 3, and scored at its last step on the held-out eval topics: TRL's preference accuracy and margins, the diversity
+only) and 0.0 (KL only) at weights 0.05 and 1.0; each trained with configs/demo.yaml from demo/tiny-llama-ja with
+seeds 1, 2 and 3, and scored at its last step on the held-out eval topics: TRL's preference accuracy and margins, the diversity
 of 8 sampled replies per eval prompt (diversity_eval.py), and the share of sampled replies that state the prompt's
 reference fact (`reference_rate`, from the data: a signal that does not come from the model). The start model is
 scored the same way (one sampling per seed).
 
-    python benchmarks/compare_diversity.py          # about 12 minutes on 2 CPU cores; make compare
+    python benchmarks/compare_diversity.py          # about 20 minutes on 2 CPU cores; make compare
 
 Writes the table and figure into benchmarks/DIVERSITY.md (between its sweep markers; the reading around them stays)
 and benchmarks/diversity.png; the runs stay in output/compare/. Same seeds, same table.
@@ -20,6 +20,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from report_section import write_section
+
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "output" / "compare"
 SEEDS = (1, 2, 3)
@@ -31,6 +33,8 @@ SETTINGS = [  # (label, diversity_weight, diversity_alpha)
     ("weight 1.0", 1.0, 0.1),
     ("weight 0.05, entropy only (alpha 1)", 0.05, 1.0),
     ("weight 0.05, KL only (alpha 0)", 0.05, 0.0),
+    ("weight 1.0, entropy only (alpha 1)", 1.0, 1.0),  # at a weight where the term moves things, which part does it?
+    ("weight 1.0, KL only (alpha 0)", 1.0, 0.0),
 ]
 EVAL = ["--diversity_eval_prompts", "54", "--diversity_eval_samples", "8", "--report_to", "none"]
 METRICS = [
@@ -108,16 +112,6 @@ def plot(results, path):
     fig.savefig(path, dpi=100)
 
 
-def write_section(path, text):
-    begin, end = "<!-- sweep:begin -->", "<!-- sweep:end -->"
-    old = path.read_text(encoding="utf-8") if path.exists() else "# What the diversity term buys and costs\n"
-    if begin in old:
-        new = old[: old.index(begin)] + begin + "\n" + text + "\n" + old[old.index(end) :]
-    else:
-        new = old.rstrip("\n") + f"\n\n{begin}\n{text}\n{end}\n"
-    path.write_text(new, encoding="utf-8")
-
-
 def main():
     OUT.mkdir(parents=True, exist_ok=True)
     results = {"start (demo model, before preference training)": summarise([start_scores(s) for s in SEEDS])}
@@ -138,7 +132,7 @@ def main():
             "![accuracy and fact rate against distinct-2](diversity.png)",
         ]
     )
-    write_section(ROOT / "benchmarks" / "DIVERSITY.md", text)
+    write_section(ROOT / "benchmarks" / "DIVERSITY.md", "sweep", text, "What the diversity term buys and costs")
     print(text)
 
 

@@ -11,13 +11,12 @@ import sys
 
 import pytest
 import torch
-from conftest import DEMO_DATA, DEMO_MODEL, ON_CPU, ROOT
-from datasets import load_dataset
+from conftest import ON_CPU, ROOT
 from reference import diversity_reference, label_logprob_reference, random_batch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from test_trainer import make_trainer as trainer_on_demo_data
+from transformers import LlamaConfig, LlamaForCausalLM
 
 import fused_preference_head
-from diversity_simpo_trainer import DiversitySimPOConfig, DiversitySimPOTrainer
 from fused_preference_head import fused_head_refusal, preference_head
 
 
@@ -123,34 +122,9 @@ def random_llama(dtype=torch.float32, seed=0):
 
 
 def make_trainer(tmp_path, model, fused, peft_config=None, **overrides):
-    tokenizer = AutoTokenizer.from_pretrained(DEMO_MODEL)
-    tokenizer.pad_token = tokenizer.eos_token
-    data = load_dataset(str(DEMO_DATA))
-    settings = dict(
-        output_dir=str(tmp_path / "out"),
-        report_to="none",
-        per_device_train_batch_size=4,
-        per_device_eval_batch_size=4,
-        max_length=64,
-        max_steps=2,
-        logging_steps=1,
-        save_strategy="no",
-        bf16=False,
-        use_cpu=ON_CPU,
-        disable_tqdm=True,
-        seed=0,
-        diversity_chunk_elements=1500,  # rows of a few positions: the row tiling runs too
-        fused_lm_head=fused,
-    )
-    settings.update(overrides)
-    return DiversitySimPOTrainer(
-        model=model,
-        args=DiversitySimPOConfig(**settings),
-        train_dataset=data["train"].select(range(8)),
-        eval_dataset=data["test"].select(range(4)),
-        processing_class=tokenizer,
-        peft_config=peft_config,
-    )
+    """test_trainer's trainer on a random Llama; tiles of a few rows, so that the row tiling runs too."""
+    settings = {"max_steps": 2, "rows": 8, "diversity_chunk_elements": 1500, "fused_lm_head": fused, **overrides}
+    return trainer_on_demo_data(tmp_path, model=model, peft_config=peft_config, **settings)
 
 
 def loss_metrics_grads(trainer):

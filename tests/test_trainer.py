@@ -15,8 +15,16 @@ SIMPO = dict(loss_type="simpo", cpo_alpha=0.0, simpo_gamma=0.7, beta=2.0)
 
 
 def make_trainer(
-    tmp_path, trainer_class=DiversitySimPOTrainer, config_class=DiversitySimPOConfig, dtype=None, rows=16, **overrides
+    tmp_path,
+    trainer_class=DiversitySimPOTrainer,
+    config_class=DiversitySimPOConfig,
+    dtype=None,
+    rows=16,
+    model=None,
+    peft_config=None,
+    **overrides,
 ):
+    """A trainer on the demo data and tokenizer; the demo model unless `model` is given."""
     settings = dict(
         output_dir=str(tmp_path / "out"),
         report_to="none",
@@ -36,7 +44,7 @@ def make_trainer(
     )
     settings.update(overrides)
     data = load_dataset(str(DEMO_DATA))
-    model = AutoModelForCausalLM.from_pretrained(DEMO_MODEL, dtype=dtype or torch.float32)
+    model = model or AutoModelForCausalLM.from_pretrained(DEMO_MODEL, dtype=dtype or torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(DEMO_MODEL)
     tokenizer.pad_token = tokenizer.eos_token
     return trainer_class(
@@ -45,6 +53,7 @@ def make_trainer(
         train_dataset=data["train"].select(range(rows)),
         eval_dataset=data["test"].select(range(8)),
         processing_class=tokenizer,
+        **({"peft_config": peft_config} if peft_config else {}),
     )
 
 
