@@ -1,11 +1,11 @@
 """What the diversity term buys and costs, on the offline demo: a sweep from the same undecided start.
 
 Settings: diversity_weight in {0, 0.01, 0.05, 0.2, 1.0} at diversity_alpha 0.1, plus diversity_alpha 1.0 (entropy
-only) and 0.0 (KL only) at weights 0.05 and 1.0; each trained with configs/demo.yaml from demo/tiny-llama-ja with
-seeds 1, 2 and 3, and scored at its last step on the held-out eval topics: TRL's preference accuracy and margins, the diversity
-of 8 sampled replies per eval prompt (diversity_eval.py), and the share of sampled replies that state the prompt's
-reference fact (`reference_rate`, from the data: a signal that does not come from the model). The start model is
-scored the same way (one sampling per seed).
+only) and 0.0 (KL only) at weights 0.05 and 1.0. Each is trained with configs/demo.yaml from demo/tiny-llama-ja with
+seeds 1, 2 and 3, and scored at its last step on the held-out eval topics: TRL's preference accuracy and margins, the
+diversity of 8 sampled replies per eval prompt (diversity_eval.py), and the share of sampled replies that state the
+prompt's reference fact (`reference_rate`, from the data: a signal that does not come from the model). The start
+model is scored the same way (one sampling per seed).
 
     python benchmarks/compare_diversity.py          # about 20 minutes on 2 CPU cores; make compare
 
@@ -98,7 +98,8 @@ def plot(results, path):
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     for ax, (key, label) in zip(
-        axes, [("eval_rewards/accuracies", "preference accuracy"), ("diversity_eval/reference_rate", "fact rate")],
+        axes,
+        [("eval_rewards/accuracies", "preference accuracy"), ("diversity_eval/reference_rate", "fact rate")],
         strict=True,
     ):
         for name, summary in results.items():
