@@ -182,7 +182,9 @@ class DiversitySimPOTrainer(CPOTrainer):
     One forward pass per step: the diversity term reads the logits of TRL's own concatenated forward. It hooks in
     where TRL turns those logits into log-probabilities (`get_batch_logps`), and `get_batch_loss_metrics` adds the
     term to the parent's loss and logs `diversity/{loss,entropy,kl}` next to TRL's `rewards/*` and `logps/*`.
-    With `diversity_weight == 0` both are the parent's, unchanged.
+    With `diversity_weight == 0` both are the parent's, unchanged. With `fused_lm_head`, `concatenated_forward`
+    returns what TRL's does (log-probabilities, mean logits, NLL) from the fused head instead, and stashes the term's
+    statistics for `get_batch_loss_metrics`; the rest of TRL's loss and metrics is untouched.
     """
 
     def __init__(self, *args, **kwargs):
