@@ -52,7 +52,7 @@ def test_without_config_flag_the_real_config_is_used():
     assert model.model_name_or_path == "elyza/Llama-3-ELYZA-JP-8B"
     assert training.output_dir == "output/diversity-simpo-trained-model"
     assert (training.loss_type, training.cpo_alpha, training.simpo_gamma) == ("simpo", 0.0, 0.7)
-    assert (training.diversity_weight, training.diversity_alpha) == (0.05, 0.1)
+    assert (training.diversity_weight, training.diversity_alpha) == (0.05, 1.0)  # entropy only: benchmarks/DIVERSITY.md
     real = yaml.safe_load((ROOT / "configs" / "config_diversity_simpo.yaml").read_text(encoding="utf-8"))
     assert real["deepspeed"] == "configs/ds_config.json"  # `deepspeed --num_gpus=4 train_diversity_simpo.py`: ZeRO-2
 
