@@ -97,7 +97,8 @@ def _read(args):
     except DataError:
         raise
     except Exception as e:  # datasets raises many types; the user needs the message, not the stack
-        hint = "" if path.exists() else f" (not a local path, and the Hub could not provide it: offline?{DEMO_HINT})"
+        hub = "the Hugging Face Hub could not provide it: offline?"
+        hint = "" if path.exists() else f" (not a local path, and {hub}{DEMO_HINT})"
         raise DataError(f"could not load dataset {name!r}{hint}: {_first_line(e)}") from None
 
 
