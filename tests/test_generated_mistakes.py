@@ -269,7 +269,7 @@ def bad_rows(case, rng):
     ]
     conversational = rng.random() < 0.5
     if conversational:
-        rows = [dict(zip(("prompt", "chosen", "rejected"), r.values(), strict=True)) for r in demo_rows()]
+        rows = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in demo_rows()]
     at, side = rng.randrange(len(rows)), rng.choice(["chosen", "rejected", "prompt"])
     choice = rng.choice(
         [
@@ -306,11 +306,11 @@ def bad_rows(case, rng):
             rows[at][side] = bad
     elif choice == "no-assistant-reply":
         conversational = True
-        rows = [dict(zip(("prompt", "chosen", "rejected"), r.values(), strict=True)) for r in demo_rows()]
+        rows = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in demo_rows()]
         rows[at]["chosen" if side == "prompt" else side] = rows[at]["prompt"]
     elif choice == "unknown-role":
         conversational = True
-        rows = [dict(zip(("prompt", "chosen", "rejected"), r.values(), strict=True)) for r in demo_rows()]
+        rows = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in demo_rows()]
         rows[at]["prompt"] = [{"role": rng.choice(["robot", "bot", "narrator"]), "content": "質問"}]
     elif choice == "missing-column":
         for row in rows:
@@ -420,4 +420,5 @@ def test_the_demo_config_itself_passes_the_same_checks(tmp_path):
     *_, train, evaluation = preflight(
         ["--config", DEMO_CONFIG, "--output_dir", tmp_path / "out", "--model_name_or_path", DEMO_MODEL]
     )
-    assert len(train) == 243 and len(evaluation) == 27 and not (tmp_path / "out").exists()
+    lines = {s: len((DEMO_DATA / f"{s}.jsonl").read_text(encoding="utf-8").splitlines()) for s in ("train", "test")}
+    assert len(train) == lines["train"] and len(evaluation) == lines["test"] and not (tmp_path / "out").exists()
