@@ -144,20 +144,30 @@ def _compute_dtype(tensor):
     return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else tensor.dtype
 
 
+def _head_tile(weight, bias, start, compute_dtype):
+    """Rows [start, start + VOCAB_TILE) of the head's weight and bias, in the compute dtype."""
+    w = weight[start : start + VOCAB_TILE].to(compute_dtype)
+    return w, None if bias is None else bias[start : start + VOCAB_TILE].to(compute_dtype)
+
+
+def _project(h, w, b, buffer):
+    """The logits tile `h w^T + b` written into the top-left of `buffer`. The logits are in the compute dtype, as the
+    model's own head computes them, so that a bf16 model's fused logits are its unfused logits; every fold and every
+    gradient upcasts them to float32."""
+    tile = buffer[: h.shape[0], : w.shape[0]]
+    torch.mm(h, w.t(), out=tile)
+    if b is not None:
+        tile.add_(b)
+    return tile
+
+
 def _tiles(rows, hidden, weight, bias, compute_dtype):
-    """(vocab start, weight tile, logits tile [rows, <= VOCAB_TILE]) over the vocabulary, in one reused buffer. The
-    logits are in the compute dtype, as the model's own head computes them, so that a bf16 model's fused logits are
-    its unfused logits; every fold upcasts them to float32."""
+    """(vocab start, logits tile [rows, <= VOCAB_TILE]) over the vocabulary, in one reused buffer."""
     h = hidden.index_select(0, rows).to(compute_dtype)
     vocab = weight.shape[0]
     buffer = torch.empty(rows.numel(), min(vocab, VOCAB_TILE), dtype=compute_dtype, device=hidden.device)
     for start in range(0, vocab, VOCAB_TILE):
-        w = weight[start : start + VOCAB_TILE].to(compute_dtype)
-        tile = buffer[:, : w.shape[0]]
-        torch.mm(h, w.t(), out=tile)
-        if bias is not None:
-            tile.add_(bias[start : start + VOCAB_TILE].to(compute_dtype))
-        yield start, h, w, tile
+        yield start, _project(h, *_head_tile(weight, bias, start, compute_dtype), buffer)
 
 
 class _FoldState:
@@ -269,7 +279,7 @@ class _FusedHeadFunction(torch.autograd.Function):
             for rows, n, pairs in _row_chunks(pair_chosen, pair_rejected, single, rows_per_tile):
                 t = targets[rows]
                 state = _FoldState(rows.numel(), n, hidden.device)
-                for start, _, _, tile in _tiles(rows, hidden, weight, bias, compute_dtype):
+                for start, tile in _tiles(rows, hidden, weight, bias, compute_dtype):
                     fold(tile, t, start, state, n)
                 log_s = state.s.log()
                 lse[rows] = state.m + log_s
@@ -312,13 +322,10 @@ class _FusedHeadFunction(torch.autograd.Function):
             grad_bias = torch.zeros(vocab, dtype=torch.float32, device=device) if needs_bias else None
             buffer = torch.empty(rows_per_tile, min(vocab, VOCAB_TILE), dtype=compute_dtype, device=device)
             for start in range(0, vocab, VOCAB_TILE):
-                w = weight[start : start + VOCAB_TILE].to(compute_dtype)
+                w, b = _head_tile(weight, bias, start, compute_dtype)
                 weight_tile = torch.zeros(w.shape, dtype=torch.float32, device=device) if needs_weight else None
                 for rows, h, tile_args in chunks:
-                    tile = buffer[: rows.numel(), : w.shape[0]]
-                    torch.mm(h, w.t(), out=tile)
-                    if bias is not None:
-                        tile.add_(bias[start : start + VOCAB_TILE].to(compute_dtype))
+                    tile = _project(h, w, b, buffer)
                     grad_tile(tile, tile_args[0], start, *tile_args[1:])
                     if grad_hidden is not None:
                         part = torch.zeros(rows.numel(), hidden.shape[1], dtype=torch.float32, device=device)

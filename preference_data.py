@@ -25,6 +25,8 @@ import re
 import sys
 from pathlib import Path
 
+from run_config import DEMO_HINT, first_line
+
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 MAPPABLE = ("prompt", "system", "chosen", "rejected", "conversations", "reference")
 ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system"}
@@ -33,7 +35,6 @@ LAYOUTS = (
     "prompt/chosen/rejected strings; chosen/rejected conversations ({role, content} lists, with or without a "
     "prompt); chosen/rejected Anthropic-HH transcripts; ShareGPT conversations ({from, value}) with chosen/rejected"
 )
-DEMO_HINT = " To try the tool offline: python train_diversity_simpo.py --config configs/demo.yaml"
 
 
 class DataError(ValueError):
@@ -99,7 +100,7 @@ def _read(args):
     except Exception as e:  # datasets raises many types; the user needs the message, not the stack
         hub = "the Hugging Face Hub could not provide it: offline?"
         hint = "" if path.exists() else f" (not a local path, and {hub}{DEMO_HINT})"
-        raise DataError(f"could not load dataset {name!r}{hint}: {_first_line(e)}") from None
+        raise DataError(f"could not load dataset {name!r}{hint}: {first_line(e)}") from None
 
 
 def _builder(path, strict=True):
@@ -121,7 +122,7 @@ def _check_json_lines(path, builder):
         with opener(path, "rt", encoding="utf-8") as f:
             text = f.read()
     except (OSError, UnicodeDecodeError, EOFError) as e:
-        raise DataError(f"dataset file {path} cannot be read as UTF-8 text: {_first_line(e)}") from None
+        raise DataError(f"dataset file {path} cannot be read as UTF-8 text: {first_line(e)}") from None
     if not text.strip():
         raise DataError(f"dataset file {path} is empty")
     if text.lstrip().startswith("["):
@@ -351,7 +352,3 @@ def _kind(value):
     if isinstance(value, list):
         return "a list"
     return f"a {type(value).__name__}"
-
-
-def _first_line(error):
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]

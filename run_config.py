@@ -23,6 +23,7 @@ from pathlib import Path
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "config_diversity_simpo.yaml"
 MODEL_FILES = ("config.json", "adapter_config.json")
+DEMO_HINT = " To try the tool offline: python train_diversity_simpo.py --config configs/demo.yaml"
 
 
 class ConfigError(Exception):
@@ -45,7 +46,7 @@ class ScriptArguments:
         default=None,
         metadata={
             "help": "Rename columns to the layout's names, e.g. {prompt: input, system: system} (a JSON object on the "
-            "command line); keys: prompt, system, chosen, rejected, conversations."
+            "command line); keys: prompt, system, chosen, rejected, conversations, reference."
         },
     )
     system_prompt: str | None = field(
@@ -199,7 +200,7 @@ def parse_args(argv):
     try:
         parsed = parser.parse_args_and_config(argv)
     except (ValueError, TypeError, ArithmeticError) as e:  # a dataclass's own check (ours, transformers', TRL's)
-        raise ConfigError(_first_line(e)) from None
+        raise ConfigError(first_line(e)) from None
     for instance in parsed[:3]:  # the merged values: types were checked above (YAML) or by argparse (flags)
         check_values(vars(instance), [type(instance)], None, types=False)
     _, training, model = parsed[:3]
@@ -379,7 +380,7 @@ def check_optimizer_and_schedule(training_args):
     except Exception as e:  # torch and transformers raise ValueError, TypeError, ImportError, ... with a clear message
         raise ConfigError(
             f"the optimizer settings (optim={training_args.optim.value}, learning_rate, weight_decay, adam_*, "
-            f"optim_args) are rejected: {_first_line(e)}"
+            f"optim_args) are rejected: {first_line(e)}"
         ) from None
     try:
         get_scheduler(
@@ -392,7 +393,7 @@ def check_optimizer_and_schedule(training_args):
     except Exception as e:
         raise ConfigError(
             f"the learning-rate schedule (lr_scheduler_type={training_args.lr_scheduler_type.value}, warmup_steps, "
-            f"lr_scheduler_kwargs) is rejected: {_first_line(e)}"
+            f"lr_scheduler_kwargs) is rejected: {first_line(e)}"
         ) from None
 
 
@@ -432,5 +433,6 @@ def _closest(name, candidates):
     return f"; did you mean {match[0]!r}?" if match else ""
 
 
-def _first_line(error):
+def first_line(error):
+    """The first line of an exception's message (a library's error, reported as one line of ours)."""
     return (str(error).strip().splitlines() or [type(error).__name__])[0]

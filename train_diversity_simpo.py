@@ -21,16 +21,16 @@ from transformers import TrainerCallback
 
 from preference_data import DataError, is_conversation, load_preference_data
 from run_config import (
+    DEMO_HINT,
     ConfigError,
     check_optimizer_and_schedule,
     check_paths,
+    first_line,
     parse_args,
     resume_target,
     save_resolved_config,
 )
 from training_curves import plot_training_curves
-
-DEMO_HINT = " To try the tool offline: python train_diversity_simpo.py --config configs/demo.yaml"
 
 
 def preflight(argv):
@@ -138,9 +138,7 @@ def load_model_and_tokenizer(model_args, training_args):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import get_quantization_config
 
-    name = model_args.model_name_or_path
-    if not name:
-        raise ConfigError("model_name_or_path is not set: give a Hub model id or a local model folder")
+    name = model_args.model_name_or_path  # set: check_paths ran in preflight
     dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
     quantization_config = get_quantization_config(model_args)
     try:
@@ -159,18 +157,14 @@ def load_model_and_tokenizer(model_args, training_args):
         )
     except (OSError, ValueError) as e:
         if Path(name).exists():
-            raise ConfigError(f"could not load the model in {name}: {_first_line(e)}") from None
+            raise ConfigError(f"could not load the model in {name}: {first_line(e)}") from None
         raise ConfigError(
             f"could not load model {name!r}: it is not a local folder and the Hugging Face Hub could not provide it "
-            f"(offline, or a wrong id?{DEMO_HINT}): {_first_line(e)}"
+            f"(offline, or a wrong id?{DEMO_HINT}): {first_line(e)}"
         ) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
-
-
-def _first_line(error):
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 class StopOnSigterm(TrainerCallback):
