@@ -83,14 +83,14 @@ def _read(args):
     try:
         if path.is_file():
             builder = _builder(path)
-            _check_json_lines(path, builder)
+            _check_json(path, builder)
             return load_dataset(builder, data_files={args.dataset_train_split: str(path)})
         if path.is_dir():
             files = [p for p in sorted(path.rglob("*")) if p.is_file() and _builder(p, strict=False)]
             if not files:
                 raise DataError(f"dataset folder {path} holds no .jsonl/.json/.parquet/.csv file")
             for file in files:
-                _check_json_lines(file, _builder(file))
+                _check_json(file, _builder(file))
             return load_dataset(str(path), name=args.dataset_config)
         if _builder(path, strict=False) or name.startswith((".", "/", "~")) or name.count("/") > 1:
             raise DataError(f"dataset file {name} not found; check dataset_name")
@@ -113,8 +113,9 @@ def _builder(path, strict=True):
     return builder
 
 
-def _check_json_lines(path, builder):
-    """A JSON(-lines) file that does not parse is named with its line, before `datasets` says it obscurely."""
+def _check_json(path, builder):
+    """A JSON file that `datasets` would misread is refused, naming the file and the line: one that does not parse, or
+    one JSON document that is not a list of rows (datasets reads a pretty-printed object as a single row)."""
     if builder != "json":
         return
     opener = gzip.open if path.suffix == ".gz" else open
@@ -123,21 +124,36 @@ def _check_json_lines(path, builder):
             text = f.read()
     except (OSError, UnicodeDecodeError, EOFError) as e:
         raise DataError(f"dataset file {path} cannot be read as UTF-8 text: {first_line(e)}") from None
-    if not text.strip():
+    lines = [(number, line) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if not lines:
         raise DataError(f"dataset file {path} is empty")
-    if text.lstrip().startswith("["):
+    try:  # JSON lines start with a whole value on the first line; anything else is one document over several lines
+        one_per_line = not isinstance(json.loads(lines[0][1]), list)
+    except json.JSONDecodeError:
+        one_per_line = False
+    if not one_per_line:
         try:
-            rows = json.loads(text)
+            document = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(
                 f"dataset file {path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}"
             ) from None
-        if not all(isinstance(r, dict) for r in rows):
-            raise DataError(f"dataset file {path} must hold a list of objects (one per pair)")
+        if isinstance(document, dict):
+            raise DataError(
+                f"dataset file {path} is one JSON object (keys {sorted(document)[:6]}), which would be read as a "
+                "single row; write one object per pair: a list of objects, or one object per line (.jsonl)"
+            )
+        if document == []:
+            raise DataError(f"dataset file {path} is an empty list: it has no rows")
+        items = document if isinstance(document, list) else [document]
+        odd = [item for item in items if not isinstance(item, dict)]
+        if odd:
+            where = " in its list" if isinstance(document, list) else ""
+            raise DataError(
+                f"dataset file {path} must hold a list of objects, one per pair; it has {_kind(odd[0])}{where}"
+            )
         return
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
+    for number, line in lines:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
@@ -343,6 +359,8 @@ def _text(value, where, allow_empty=False):
 
 
 def _kind(value):
+    if value is None:
+        return "null"
     if isinstance(value, bool):
         return f"a boolean ({value})"
     if isinstance(value, (int, float)):

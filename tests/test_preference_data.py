@@ -17,7 +17,7 @@ import torch
 from conftest import DEMO_DATA, ROOT
 from test_cli import assert_clean_error, run_cli, write_yaml
 
-from preference_data import DataError, normalise
+from preference_data import DataError, load_preference_data, normalise
 
 SYSTEM = "あなたは誠実で優秀な日本人のアシスタントです。"  # ELYZA's model card's default system prompt
 
@@ -364,6 +364,58 @@ def test_a_json_line_that_does_not_parse_is_named_with_file_and_line(tmp_path):
         "--config", write_yaml(tmp_path / "c.yaml", dataset_name=str(data), output_dir=str(tmp_path / "o"))
     )
     assert_clean_error(result, "pairs.jsonl, line 4: not valid JSON")
+    assert not (tmp_path / "o").exists()
+
+
+def load_file(path):
+    args = settings(dataset_name=str(path), dataset_config=None, dataset_train_split="train")
+    return load_preference_data(SimpleNamespace(**vars(args), dataset_test_split="test", dataset_test_fraction=0), 0)
+
+
+def test_a_pretty_printed_json_file_of_rows_loads_like_json_lines(tmp_path):
+    rows = rows_of("standard", 5)
+    data = tmp_path / "pairs.json"
+    data.write_text(json.dumps(rows, ensure_ascii=False, indent=2), encoding="utf-8")
+    train, _ = load_file(data)
+    assert train["chosen"] == [r["chosen"] for r in rows]
+
+
+@pytest.mark.parametrize(
+    "document, message",
+    [
+        # what pandas' to_json() and hand-written exports give: datasets would read the whole file as one row
+        ({"prompt": ["q1", "q2"], "chosen": ["a1", "a2"], "rejected": ["b1", "b2"]}, "is one JSON object"),
+        ({"version": 1, "data": [{"prompt": "q", "chosen": "a", "rejected": "b"}]}, "is one JSON object"),
+        ([{"prompt": "q", "chosen": "a", "rejected": "b"}, None], "it has null in its list"),
+        ([["q", "a", "b"]], "it has a list in its list"),
+        ([], "is an empty list"),
+    ],
+    ids=["columns-object", "object-with-data-field", "null-row", "rows-as-arrays", "empty-list"],
+)
+def test_a_json_document_that_is_not_a_list_of_rows_is_refused_naming_the_file(tmp_path, document, message):
+    data = tmp_path / "pairs.json"
+    data.write_text(json.dumps(document, indent=2), encoding="utf-8")
+    with pytest.raises(DataError, match=message) as refusal:
+        load_file(data)
+    assert str(data) in str(refusal.value)
+
+
+def test_a_broken_pretty_printed_json_file_is_named_with_its_line(tmp_path):
+    text = json.dumps(rows_of("standard", 3), ensure_ascii=False, indent=2).splitlines()
+    del text[5]  # a line of the second row's object
+    data = tmp_path / "pairs.json"
+    data.write_text("\n".join(text), encoding="utf-8")
+    with pytest.raises(DataError, match=r"pairs.json: invalid JSON at line \d+, column \d+"):
+        load_file(data)
+
+
+def test_a_folder_of_non_data_json_is_refused_in_one_line_and_nothing_is_written(tmp_path):
+    """`dataset_name: configs` (the config folder, not the data): its DeepSpeed JSON is no dataset."""
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "ds_config.json").write_text(json.dumps({"bf16": {"enabled": "auto"}}, indent=2), "utf-8")
+    config = write_yaml(tmp_path / "c.yaml", dataset_name=str(tmp_path / "configs"), output_dir=str(tmp_path / "o"))
+    result = run_cli("--config", config)
+    assert_clean_error(result, "ds_config.json is one JSON object (keys ['bf16'])")
     assert not (tmp_path / "o").exists()
 
 
