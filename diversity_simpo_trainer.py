@@ -3,8 +3,22 @@
     loss           = simpo_loss + diversity_weight * diversity_loss
     diversity_loss = -alpha * entropy + (1 - alpha) * kl
 
-`simpo_loss` is TRL's own (`loss_type="simpo"`); `entropy` and `kl` are defined in `_EntropyAndKL`. With
-`fused_lm_head` the same quantities come from `fused_preference_head.py`, without the `[2B, L, V]` logits.
+`simpo_loss` is TRL's own (`loss_type="simpo"`). Both parts of the term are means over pairs, like SimPO's
+length-normalised reward (B pairs; chosen row b pairs with rejected row b + B):
+
+    entropy = 1/B sum_b  1/|R_b| sum_{t in R_b} H(softmax(z_b,t))              R_b: chosen row b's response positions
+    kl      = 1/B sum_b  1/|S_b| sum_{t in S_b} KL(P_b+B,t || P_b,t)           S_b: positions in R_b that are response
+                                                                                positions of row b + B too (0 if none)
+
+Why per pair, not per token of the micro-batch: one optimizer step must depend only on the pairs in it, not on how
+they are split into micro-batches or ranks. The Trainer averages micro-batch losses and DDP averages ranks, so any
+loss that is a mean over the pairs of its micro-batch (SimPO's is) gives the mean over all pairs of the step, for any
+split into equal-sized micro-batches. A mean over the micro-batch's tokens would weigh the tokens of a micro-batch of
+short replies more than those of one of long replies. Per pair needs no token count from other micro-batches or
+ranks, and each reply weighs the same whatever its length, as in SimPO's reward.
+
+`_EntropyAndKL` computes both from TRL's logits; with `fused_lm_head` the same quantities come from
+`fused_preference_head.py`, without the `[2B, L, V]` logits.
 """
 
 import os
@@ -83,16 +97,16 @@ class _EntropyAndKL(torch.autograd.Function):
     """Entropy of the chosen responses and KL(rejected || chosen), without keeping `[N, L, V]` float32 copies.
 
     Inputs (N = 2B rows: B chosen rows, then their B rejected rows, as TRL concatenates them):
-        logits         [N, L, V]  model dtype; row b pairs with row b + B
-        chosen_index   [P]        flat indices into logits.view(N*L, V) of the chosen rows' response positions
-        rejected_index [P]        the same positions in the paired rejected rows
-        kl_weight      [P]        1 / K where the rejected row is a response position there too (K such positions
-                                  in the batch), else 0
-        chunk_rows     int        positions processed at once
+        logits           [N, L, V]  model dtype; row b pairs with row b + B
+        chosen_index     [P]        flat indices into logits.view(N*L, V) of the chosen rows' response positions
+        rejected_index   [P]        the same positions in the paired rejected rows
+        entropy_weight   [P]        1 / (B |R_b|) for a position of chosen row b (module docstring)
+        kl_weight        [P]        1 / (B |S_b|) where the rejected row is a response position there too, else 0
+        chunk_rows       int        positions processed at once
     Outputs:
         logits (the same tensor, passed through), entropy [], kl []
 
-        entropy = 1/P * sum_p H(softmax(z_cho[p])),        H(q) = -sum_v q_v log q_v
+        entropy = sum_p entropy_weight[p] * H(softmax(z_cho[p])),        H(q) = -sum_v q_v log q_v
         kl      = sum_p kl_weight[p] * KL(softmax(z_rej[p]) || softmax(z_cho[p])),
                   KL(r || c) = sum_v r_v (log r_v - log c_v)
 
@@ -102,28 +116,27 @@ class _EntropyAndKL(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, chosen_index, rejected_index, kl_weight, chunk_rows):
+    def forward(ctx, logits, chosen_index, rejected_index, entropy_weight, kl_weight, chunk_rows):
         flat = logits.detach().view(-1, logits.shape[-1])
-        entropy_sum = torch.zeros((), dtype=torch.float32, device=logits.device)
+        entropy = torch.zeros((), dtype=torch.float32, device=logits.device)
         kl = torch.zeros((), dtype=torch.float32, device=logits.device)
         for rows in _chunks(chosen_index.numel(), chunk_rows):
             log_c, log_r = _log_softmax_pair(flat, chosen_index[rows], rejected_index[rows])
-            entropy_sum -= (log_c.exp() * log_c).sum()
+            entropy -= ((log_c.exp() * log_c).sum(-1) * entropy_weight[rows]).sum()
             kl += ((log_r.exp() * (log_r - log_c)).sum(-1) * kl_weight[rows]).sum()
-        ctx.save_for_backward(logits, chosen_index, rejected_index, kl_weight)
+        ctx.save_for_backward(logits, chosen_index, rejected_index, entropy_weight, kl_weight)
         ctx.chunk_rows = chunk_rows
         ctx.set_materialize_grads(False)
-        entropy = entropy_sum / max(chosen_index.numel(), 1)
         return logits, entropy, kl
 
     @staticmethod
     def backward(ctx, grad_logits, grad_entropy, grad_kl):
-        logits, chosen_index, rejected_index, kl_weight = ctx.saved_tensors
+        logits, chosen_index, rejected_index, entropy_weight, kl_weight = ctx.saved_tensors
         if grad_logits is None:
             grad_logits = torch.zeros_like(logits)
         elif not grad_logits.is_contiguous():
             grad_logits = grad_logits.contiguous()
-        g_ent = (grad_entropy if grad_entropy is not None else 0.0) / max(chosen_index.numel(), 1)
+        g_ent = grad_entropy if grad_entropy is not None else 0.0
         g_kl = grad_kl if grad_kl is not None else 0.0
         flat = logits.detach().view(-1, logits.shape[-1])
         grad_flat = grad_logits.view(-1, logits.shape[-1])
@@ -133,13 +146,14 @@ class _EntropyAndKL(torch.autograd.Function):
             p_c, p_r = log_c.exp(), log_r.exp()
             log_ratio = log_r - log_c
             w = (g_kl * kl_weight[rows]).unsqueeze(-1)
+            e = (g_ent * entropy_weight[rows]).unsqueeze(-1)
             # dH/dz = -p (log p + H);  dKL/dz_cho = p_cho - p_rej;  dKL/dz_rej = p_rej (log p_rej - log p_cho - KL)
             entropy = -(p_c * log_c).sum(-1, keepdim=True)
-            grad_c = -g_ent * p_c * (log_c + entropy) + w * (p_c - p_r)
+            grad_c = -e * p_c * (log_c + entropy) + w * (p_c - p_r)
             grad_r = w * p_r * (log_ratio - (p_r * log_ratio).sum(-1, keepdim=True))
             grad_flat.index_add_(0, cho, grad_c.to(grad_flat.dtype))
             grad_flat.index_add_(0, rej, grad_r.to(grad_flat.dtype))
-        return grad_logits, None, None, None, None
+        return grad_logits, None, None, None, None, None
 
 
 def _chunks(n, size):
@@ -168,12 +182,27 @@ def entropy_and_kl(logits, labels, chunk_elements=2**21):
     response_mask[:, :-1] = labels[:, 1:length] != -100
     pairs = num_rows // 2
     chosen_mask, rejected_mask = response_mask[:pairs], response_mask[pairs:]
+    shared_mask = chosen_mask & rejected_mask
     chosen_index = chosen_mask.flatten().nonzero().squeeze(-1)
     rejected_index = chosen_index + pairs * length
-    both = rejected_mask.flatten()[chosen_index].float()
-    kl_weight = both / both.sum().clamp(min=1.0)
+    # per position, 1 / (B * its pair's count): the sums over positions are then the means over pairs
+    entropy_weight = (1.0 / (pairs * chosen_mask.sum(-1).clamp(min=1))).unsqueeze(-1).expand(-1, length)
+    kl_weight = shared_mask / (pairs * shared_mask.sum(-1, keepdim=True).clamp(min=1))
     chunk_rows = max(1, chunk_elements // vocab)
-    return _EntropyAndKL.apply(logits, chosen_index, rejected_index, kl_weight, chunk_rows)
+    return _EntropyAndKL.apply(
+        logits,
+        chosen_index,
+        rejected_index,
+        entropy_weight.flatten()[chosen_index].float(),
+        kl_weight.flatten()[chosen_index].float(),
+        chunk_rows,
+    )
+
+
+def mean_over_pairs(values, mask):
+    """The mean over pairs of each pair's mean over its masked positions (0 for a pair with none): values, mask [B, L]
+    with values 0 outside the mask, as the fused head returns them."""
+    return (values.sum(-1) / mask.sum(-1).clamp(min=1)).mean()
 
 
 class DiversitySimPOTrainer(CPOTrainer):
@@ -231,8 +260,7 @@ class DiversitySimPOTrainer(CPOTrainer):
             else -out.log_probs[:pairs].sum() / chosen.sum()
         )
         if self.args.diversity_weight > 0:
-            entropy = out.entropy[:pairs].sum() / chosen.sum().clamp(min=1)
-            self._diversity_stats = (entropy, out.kl.sum() / out.pair_mask.sum().clamp(min=1))
+            self._diversity_stats = (mean_over_pairs(out.entropy[:pairs], chosen), mean_over_pairs(out.kl, out.pair_mask))
         return logps[:pairs], logps[pairs:], out.mean_logits[:pairs], out.mean_logits[pairs:], nll_loss
 
     def get_batch_logps(self, logits, labels, average_log_prob=False, is_encoder_decoder=False):

@@ -8,7 +8,12 @@ from conftest import DEVICE
 
 
 def diversity_reference(logits, labels):
-    """(entropy, kl) for TRL's concatenated batch: logits [2B, L, V], labels [2B, L'] with -100 outside responses."""
+    """(entropy, kl) for TRL's concatenated batch: logits [2B, L, V], labels [2B, L'] with -100 outside responses.
+
+    Means over pairs: each chosen reply's mean entropy over its response positions, each pair's mean KL(rejected ||
+    chosen) over the positions that are response positions in both rows (0 for a pair with none), then the mean of
+    each over the B pairs.
+    """
     z = logits.double()
     rows, length, _ = z.shape
     pairs = rows // 2
@@ -17,8 +22,10 @@ def diversity_reference(logits, labels):
     def is_response(row, t):  # logits at t predict the label at t + 1
         return t + 1 < length and labels[row, t + 1].item() != -100
 
-    entropies, kls = [], []
+    zero = z.sum() * 0  # keeps the graph so that gradients are defined (and zero)
+    pair_entropies, pair_kls = [], []
     for b in range(pairs):
+        entropies, kls = [], []
         for t in range(length):
             if not is_response(b, t):
                 continue
@@ -27,10 +34,9 @@ def diversity_reference(logits, labels):
             if is_response(pairs + b, t):
                 log_q = torch.log_softmax(z[pairs + b, t], dim=-1)
                 kls.append((log_q.exp() * (log_q - log_p)).sum())
-    zero = z.sum() * 0  # keeps the graph so that gradients are defined (and zero)
-    entropy = torch.stack(entropies).mean() if entropies else zero
-    kl = torch.stack(kls).mean() if kls else zero
-    return entropy, kl
+        pair_entropies.append(torch.stack(entropies).mean() if entropies else zero)
+        pair_kls.append(torch.stack(kls).mean() if kls else zero)
+    return torch.stack(pair_entropies).mean(), torch.stack(pair_kls).mean()
 
 
 def random_batch(pairs=3, length=9, vocab=13, seed=0):
