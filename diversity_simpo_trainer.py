@@ -260,7 +260,10 @@ class DiversitySimPOTrainer(CPOTrainer):
             else -out.log_probs[:pairs].sum() / chosen.sum()
         )
         if self.args.diversity_weight > 0:
-            self._diversity_stats = (mean_over_pairs(out.entropy[:pairs], chosen), mean_over_pairs(out.kl, out.pair_mask))
+            self._diversity_stats = (
+                mean_over_pairs(out.entropy[:pairs], chosen),
+                mean_over_pairs(out.kl, out.pair_mask),
+            )
         return logps[:pairs], logps[pairs:], out.mean_logits[:pairs], out.mean_logits[pairs:], nll_loss
 
     def get_batch_logps(self, logits, labels, average_log_prob=False, is_encoder_decoder=False):

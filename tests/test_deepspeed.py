@@ -247,3 +247,33 @@ def test_two_nodes_on_one_machine_write_once_gather_metrics_and_train_like_one_p
     ours, theirs = weights(first), weights(single_process_reference)
     for name in theirs:
         torch.testing.assert_close(ours[name], theirs[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed-zero2"])
+def test_two_ranks_of_2_pairs_give_the_update_of_one_process_of_4_pairs(tmp_path, launcher):
+    """One step is a function of its pairs: 2 ranks x 2 pairs = 1 process x 4 pairs, with the diversity term on and
+    plain SGD (no clipping, no Adam normalisation to hide a different gradient). Plain DDP, and DeepSpeed ZeRO-2."""
+    sgd = ["--config", "configs/demo.yaml", "--max_steps", "2", "--eval_strategy", "no", "--save_strategy", "no"]
+    sgd += ["--optim", "sgd", "--learning_rate", "0.5", "--lr_scheduler_type", "constant", "--warmup_steps", "0"]
+    sgd += ["--max_grad_norm", "0", "--diversity_weight", "0.3", "--diversity_alpha", "0.35", "--report_to", "none"]
+    sgd += ["--diversity_eval_prompts", "0"]
+    run_plain(
+        sys.executable,
+        "train_diversity_simpo.py",
+        *sgd,
+        "--per_device_train_batch_size",
+        "4",
+        "--output_dir",
+        tmp_path / "one",
+    )
+    two = [*sgd, "--per_device_train_batch_size", "2", "--output_dir", tmp_path / "two"]
+    if launcher == "torchrun":
+        run_plain(Path(sys.executable).parent / "torchrun", "--nproc_per_node", "2", "train_diversity_simpo.py", *two)
+    else:
+        run(*two, "--deepspeed", "configs/ds_config.json")
+    start = load_file(ROOT / "demo" / "tiny-llama-ja" / "model.safetensors")
+    one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
+    update_one = torch.cat([(one[k] - start[k]).flatten() for k in start])
+    update_two = torch.cat([(two[k] - start[k]).flatten() for k in start])
+    assert update_one.norm() > 0
+    assert ((update_two - update_one).norm() / update_one.norm()).item() < 1e-4
