@@ -15,11 +15,14 @@ import itertools
 import json
 import math
 import os
+import sys
 import types
 import typing
 from dataclasses import dataclass, field, fields
 from enum import Enum
 from pathlib import Path
+
+from checkpoints import checkpoint_problem, newest_complete_checkpoint
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "config_diversity_simpo.yaml"
 MODEL_FILES = ("config.json", "adapter_config.json")
@@ -340,18 +343,28 @@ def check_paths(script_args, training_args, model_args):
         return
     target = resume_target(training_args.resume_from_checkpoint)
     if target is True:
-        from transformers.trainer_utils import get_last_checkpoint
-
-        if not output_dir.is_dir() or get_last_checkpoint(str(output_dir)) is None:
+        found, passed_over = newest_complete_checkpoint(output_dir)
+        incomplete = "; ".join(f"{p.name} is incomplete ({problem})" for p, problem in passed_over)
+        if found is None:
             raise ConfigError(
-                f"--resume_from_checkpoint latest: output_dir {output_dir} holds no checkpoint to resume from; "
-                "drop the flag to start a new run"
+                f"--resume_from_checkpoint latest: output_dir {output_dir} holds no complete checkpoint to resume "
+                f"from{': ' + incomplete if incomplete else ''}; drop the flag to start a new run"
             )
-    elif target is not None and not (Path(target) / "trainer_state.json").is_file():
-        raise ConfigError(
-            f"resume_from_checkpoint {target} is not a checkpoint folder (no trainer_state.json); "
-            "give output_dir/checkpoint-N, or latest"
-        )
+        if passed_over and int(os.environ.get("RANK", "0")) == 0:
+            print(f"resume: {incomplete}: passed over (not deleted); resuming from {found}", file=sys.stderr)
+        training_args.resume_from_checkpoint = str(found)  # what the Trainer resumes from: resolved once, here
+    elif target is not None:
+        if not (Path(target) / "trainer_state.json").is_file() and not list(Path(target).glob("*.safetensors")):
+            raise ConfigError(
+                f"resume_from_checkpoint {target} is not a checkpoint folder (no trainer_state.json); "
+                "give output_dir/checkpoint-N, or latest"
+            )
+        problem = checkpoint_problem(target)
+        if problem:
+            raise ConfigError(
+                f"resume_from_checkpoint {target} is incomplete ({problem}): its write was cut short; give an "
+                "older checkpoint-N, or latest (the newest complete one)"
+            )
     if script_args.overwrite_output_dir or target:
         return
     if any((output_dir / f).exists() for f in MODEL_FILES):

@@ -9,9 +9,12 @@ import sys
 import time
 
 import pytest
+import torch
 from conftest import ROOT
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from test_cli import DEMO_CONFIG, run_cli
+
+from checkpoints import checkpoint_problem
 
 
 def log_history(checkpoint):
@@ -68,39 +71,86 @@ def test_nan_loss_or_gradient_stops_naming_the_step_and_keeps_the_last_checkpoin
     assert not (tmp_path / "model.safetensors").exists()
 
 
-def test_sigkill_mid_run_then_resume_reaches_the_same_final_step_and_loss(tmp_path):
-    common = [
-        "--config",
-        DEMO_CONFIG,
-        "--max_steps",
-        30,
-        "--save_steps",
-        5,
-        "--save_total_limit",
-        10,
-        "--eval_strategy",
-        "no",
-        "--logging_steps",
-        1,
-    ]
-    reference = run_cli(*common, "--output_dir", tmp_path / "reference")
-    assert reference.returncode == 0, reference.stderr[-3000:]
+COMMON = ["--config", DEMO_CONFIG, "--max_steps", 30, "--save_steps", 10, "--save_total_limit", 10]
+COMMON += ["--eval_strategy", "no", "--logging_steps", 1, "--report_to", "none", "--diversity_eval_prompts", 0]
 
-    interrupted = tmp_path / "interrupted"
-    process = start_cli(*common, "--output_dir", interrupted, stderr_file=tmp_path / "stderr.log")
-    wait_for(interrupted / "checkpoint-10" / "trainer_state.json", process)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert not (interrupted / "model.safetensors").exists()
-    killed_at = max(int(p.name.split("-")[1]) for p in interrupted.glob("checkpoint-*"))
-    assert killed_at < 30
 
-    resumed = run_cli(*common, "--output_dir", interrupted, "--resume_from_checkpoint", "latest")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    final, expected = log_history(interrupted / "checkpoint-30"), log_history(tmp_path / "reference" / "checkpoint-30")
+def trained_steps(stdout):
+    """How many steps this process itself trained: the Trainer prints one `{'loss': ...}` line per logged step."""
+    return len(re.findall(r"^\{'loss'", stdout, flags=re.MULTILINE))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    output = tmp_path_factory.mktemp("uninterrupted")
+    result = run_cli(*COMMON, "--output_dir", output)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert trained_steps(result.stdout) == 30
+    return output
+
+
+def assert_resumed_run_ends_where_the_uninterrupted_one_ends(output, uninterrupted):
+    final, expected = log_history(output / "checkpoint-30"), log_history(uninterrupted / "checkpoint-30")
     losses = [(e["step"], e["loss"]) for e in final if "loss" in e]
     assert [step for step, _ in losses] == list(range(1, 31))  # continues from the checkpoint, no gap, no repeat
     assert [loss for _, loss in losses] == pytest.approx([e["loss"] for e in expected if "loss" in e], rel=1e-4)
+    ours, theirs = load_file(output / "model.safetensors"), load_file(uninterrupted / "model.safetensors")
+    for name in theirs:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_sigkill_between_checkpoints_then_resume_trains_only_the_rest_and_ends_like_an_uninterrupted_run(
+    tmp_path, uninterrupted
+):
+    output = tmp_path / "interrupted"
+    process = start_cli(*COMMON, "--output_dir", output, stderr_file=tmp_path / "stderr.log")
+    wait_for(output / "checkpoint-10" / "trainer_state.json", process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (output / "model.safetensors").exists()
+    killed_at = max(int(p.name.split("-")[1]) for p in output.glob("checkpoint-*") if checkpoint_problem(p) is None)
+    assert killed_at in (10, 20)
+
+    resumed = run_cli(*COMMON, "--output_dir", output, "--resume_from_checkpoint", "latest")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert trained_steps(resumed.stdout) == 30 - killed_at  # resumed: a restart would train all 30 again
+    assert_resumed_run_ends_where_the_uninterrupted_one_ends(output, uninterrupted)
+
+
+def test_sigkill_during_a_checkpoint_write_resumes_from_the_newest_complete_checkpoint(tmp_path, uninterrupted):
+    """The weights of checkpoint-20 are written slowly (tests/slow_checkpoint_write.py) and the process is killed in
+    the middle of that write, beside an intact checkpoint-10."""
+    output = tmp_path / "interrupted"
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "tests" / "slow_checkpoint_write.py"), *map(str, COMMON), "--output_dir", output],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / "stderr.log", "w"),
+        env={**os.environ, "SLOW_CHECKPOINT": "checkpoint-20"},
+    )
+    half_written = output / "checkpoint-20" / "model.safetensors"
+    wait_for(half_written, process)
+    while half_written.stat().st_size == 0:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    whole = (uninterrupted / "checkpoint-20" / "model.safetensors").stat().st_size
+    assert 0 < half_written.stat().st_size < whole and not (output / "checkpoint-20" / "trainer_state.json").exists()
+    assert checkpoint_problem(output / "checkpoint-10") is None
+
+    named = run_cli(*COMMON, "--output_dir", output, "--resume_from_checkpoint", output / "checkpoint-20")
+    assert named.returncode == 2 and "Traceback" not in named.stderr, named.stderr[-3000:]
+    assert named.stderr.strip().splitlines()[-1].startswith(f"error: resume_from_checkpoint {output / 'checkpoint-20'}")
+    assert "incomplete" in named.stderr
+
+    resumed = run_cli(*COMMON, "--output_dir", output, "--resume_from_checkpoint", "latest")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    notice = [line for line in resumed.stderr.splitlines() if line.startswith("resume:")]
+    assert len(notice) == 1 and "checkpoint-20 is incomplete" in notice[0], resumed.stderr[-3000:]
+    assert notice[0].endswith(f"resuming from {output / 'checkpoint-10'}")
+    assert trained_steps(resumed.stdout) == 20
+    assert checkpoint_problem(output / "checkpoint-20") is None  # written again, whole, by the resumed run
+    assert_resumed_run_ends_where_the_uninterrupted_one_ends(output, uninterrupted)
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_143_then_resume_finishes(tmp_path):
@@ -130,10 +180,18 @@ def test_sigterm_saves_a_checkpoint_and_exits_143_then_resume_finishes(tmp_path)
     assert len(checkpoints) == 1 and stopped_at < 400 and f"at step {stopped_at};" in stdout
     assert not (tmp_path / "model.safetensors").exists()
 
+    # A mark in the checkpoint's weights: a resumed run carries it into the final model, a restart would not.
+    checkpoint_weights = checkpoints[0] / "model.safetensors"
+    marked = load_file(checkpoint_weights)
+    marked["model.norm.weight"] += 1.0
+    save_file(marked, checkpoint_weights, metadata={"format": "pt"})
+
     # Resume for a few more steps only (a shorter run keeps the test quick; the schedule is not what is tested).
     resumed = run_cli(*common, "--resume_from_checkpoint", "latest", "--max_steps", stopped_at + 3)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert (tmp_path / "model.safetensors").exists()
+    assert trained_steps(resumed.stdout) == 3
+    final = load_file(tmp_path / "model.safetensors")["model.norm.weight"]
+    torch.testing.assert_close(final, marked["model.norm.weight"], rtol=0, atol=0.01)  # 3 Adam steps of lr 2e-4
     state = json.loads((tmp_path / "trainer_state.json").read_text())
     assert [e["step"] for e in state["log_history"] if "loss" in e][-3:] == [
         stopped_at + 1,
