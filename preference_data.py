@@ -83,15 +83,14 @@ def _read(args):
     try:
         if path.is_file():
             builder = _builder(path)
-            _check_json(path, builder)
-            return load_dataset(builder, data_files={args.dataset_train_split: str(path)})
+            encoding = _check_text(path, builder)
+            return load_dataset(builder, data_files={args.dataset_train_split: str(path)}, **encoding)
         if path.is_dir():
             files = [p for p in sorted(path.rglob("*")) if p.is_file() and _builder(p, strict=False)]
             if not files:
                 raise DataError(f"dataset folder {path} holds no .jsonl/.json/.parquet/.csv file")
-            for file in files:
-                _check_json(file, _builder(file))
-            return load_dataset(str(path), name=args.dataset_config)
+            encodings = [_check_text(file, _builder(file)) for file in files]
+            return load_dataset(str(path), name=args.dataset_config, **max(encodings, key=len))
         if _builder(path, strict=False) or name.startswith((".", "/", "~")) or name.count("/") > 1:
             raise DataError(f"dataset file {name} not found; check dataset_name")
         return load_dataset(name, name=args.dataset_config)
@@ -113,17 +112,50 @@ def _builder(path, strict=True):
     return builder
 
 
-def _check_json(path, builder):
-    """A JSON file that `datasets` would misread is refused, naming the file and the line: one that does not parse, or
-    one JSON document that is not a list of rows (datasets reads a pretty-printed object as a single row)."""
-    if builder != "json":
-        return
+def _check_text(path, builder):
+    """A text file (JSON, CSV) must be UTF-8: a byte-order mark is skipped (the keyword arguments returned tell
+    `datasets` so), and a file in another encoding is refused naming the encoding it looks like (Shift_JIS, as Excel
+    saves CSV on Japanese Windows, is the usual one) and how to convert it. JSON files are then checked for layout."""
+    if builder not in ("json", "csv"):
+        return {}
     opener = gzip.open if path.suffix == ".gz" else open
     try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError, EOFError) as e:
-        raise DataError(f"dataset file {path} cannot be read as UTF-8 text: {first_line(e)}") from None
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as e:
+        raise DataError(f"dataset file {path} cannot be read: {first_line(e)}") from None
+    bom = data.startswith(b"\xef\xbb\xbf")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(_not_utf8(path, data, e)) from None
+    if builder == "json":
+        _check_json(path, text)
+    return {"encoding": "utf-8-sig"} if bom else {}
+
+
+def _not_utf8(path, data, error):
+    from charset_normalizer import from_bytes
+
+    best = from_bytes(data[:1_000_000]).best()
+    guess = best.encoding if best is not None else None
+    # charset_normalizer names the exact variant; people and iconv know the family
+    families = {"cp932": ("Shift_JIS (cp932)", "CP932"), "euc_jp": ("EUC-JP", "EUC-JP"), "utf_16": ("UTF-16", "UTF-16")}
+    families |= {"shift_jis": families["cp932"], "shift_jis_2004": families["cp932"]}
+    families |= {"shift_jisx0213": families["cp932"], "euc_jis_2004": families["euc_jp"]}
+    families["euc_jisx0213"] = families["euc_jp"]
+    name, source = families.get(guess, (guess, (guess or "ENCODING").upper().replace("_", "-")))
+    looks = f"; it looks like {name}" if guess else ""
+    excel = ' (in Excel: Save As "CSV UTF-8")' if path.suffix.lower() == ".csv" else ""
+    return (
+        f"dataset file {path} is not UTF-8 text (byte {error.start} cannot be decoded){looks}: convert it to UTF-8, "
+        f"e.g. iconv -f {source} -t UTF-8 {path} > {path.stem}.utf8{path.suffix}{excel}"
+    )
+
+
+def _check_json(path, text):
+    """A JSON file that `datasets` would misread is refused, naming the file and the line: one that does not parse, or
+    one JSON document that is not a list of rows (datasets reads a pretty-printed object as a single row)."""
     lines = [(number, line) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
     if not lines:
         raise DataError(f"dataset file {path} is empty")

@@ -15,7 +15,9 @@ import itertools
 import json
 import math
 import os
+import re
 import sys
+import tempfile
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -121,6 +123,9 @@ LIMITS = {
     "max_completion_length": (lambda v: v is None or v >= 1, "an integer >= 1"),
     "warmup_steps": (_non_negative, "a number >= 0 (below 1: a fraction of all steps)"),
     "weight_decay": (_non_negative, "a number >= 0"),
+    "adam_beta1": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "adam_beta2": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "adam_epsilon": (_non_negative, "a number >= 0 (e.g. 1e-8)"),
     "max_grad_norm": (_non_negative, "a number >= 0"),
     "logging_steps": (_positive, "a number > 0"),
     "eval_steps": (lambda v: v is None or v >= 0, "a number >= 0 (0: every logging_steps)"),
@@ -153,7 +158,11 @@ def make_parser():
         def error(self, message):  # argparse would print the whole usage (hundreds of options) and exit
             raise ConfigError(f"{message} (see --help)")
 
-    return Parser((ScriptArguments, DiversitySimPOConfig, ModelConfig))
+    parser = Parser((ScriptArguments, DiversitySimPOConfig, ModelConfig))
+    # `--learning_rate -1e-6` is a value: argparse (before Python 3.13) takes -1e-6 for an option, since its pattern
+    # for negative numbers has no exponent; the range check then says what is wrong with it
+    parser._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+    return parser
 
 
 def parse_args(argv):
@@ -200,6 +209,10 @@ def parse_args(argv):
     check_values(config, (ScriptArguments, *parser.dataclass_types[1:]), str(config_path))
     if deepspeed:  # only once everything else checked out: this sets process-wide environment variables
         single_process_deepspeed_env()
+    given = {a.split("=", 1)[0][2:] for a in argv if a.startswith("--") and a != "--config"}
+    without_config = argv[: position - 1] + argv[position + 1 :]
+    flags = vars(parser.parse_known_args(without_config)[0])  # argparse's conversion only, no dataclass yet
+    check_values({k: v for k, v in flags.items() if k in given}, parser.dataclass_types, None, types=False)
     try:
         parsed = parser.parse_args_and_config(argv)
     except (ValueError, TypeError, ArithmeticError) as e:  # a dataclass's own check (ours, transformers', TRL's)
@@ -330,15 +343,11 @@ def check_paths(script_args, training_args, model_args):
         raise ConfigError(f"model folder {name} has no config.json: not a saved model (save_pretrained writes one)")
     if not model_path.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
         raise ConfigError(f"model folder {name} not found; check model_name_or_path")
+    if (model_path / "adapter_config.json").is_file() and not (model_path / "config.json").is_file():
+        check_adapter_folder(model_path)
 
     output_dir = Path(training_args.output_dir)
-    for path in (output_dir, *output_dir.parents):
-        if path.exists():
-            if not path.is_dir():
-                raise ConfigError(f"output_dir {output_dir}: {path} is a file; choose another output_dir")
-            if not os.access(path, os.W_OK):
-                raise ConfigError(f"output_dir {output_dir}: {path} is not writable; choose another output_dir")
-            break
+    check_writable(output_dir)
     if script_args.eval_only:
         return
     target = resume_target(training_args.resume_from_checkpoint)
@@ -376,6 +385,83 @@ def check_paths(script_args, training_args, model_args):
         raise ConfigError(
             f"output_dir {output_dir} holds checkpoints of an unfinished run; continue it with "
             "--resume_from_checkpoint latest, or pass --overwrite_output_dir true to start again"
+        )
+
+
+def check_writable(output_dir):
+    """output_dir can be created and written: tried for real (permission bits say nothing to root, nor about a
+    read-only or full file system), with a probe folder that is removed again; nothing else is left behind."""
+    existing = next(p for p in (output_dir, *output_dir.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"output_dir {output_dir}: {existing} is a file; choose another output_dir")
+    try:
+        with tempfile.TemporaryDirectory(prefix=".write-check-", dir=existing) as probe:
+            (Path(probe) / "probe").write_bytes(b"0" * 4096)
+    except OSError as e:
+        raise ConfigError(
+            f"output_dir {output_dir} cannot be written ({existing}: {e.strerror or first_line(e)}); choose another "
+            "output_dir"
+        ) from None
+
+
+def check_deepspeed_against_settings(training_args, train_rows):
+    """The checks transformers and DeepSpeed make only when the engine starts, made now: transformers' own
+    comparison of the DeepSpeed JSON's fixed values with the YAML's (batch sizes, accumulation, clipping, optimizer,
+    precision, schedule length), then DeepSpeed's own config checks on the filled-in config."""
+    import copy
+    import math
+    import types
+
+    if not training_args.deepspeed or training_args.hf_deepspeed_config is None:
+        return
+    config = copy.deepcopy(training_args.hf_deepspeed_config)
+    name = training_args.deepspeed if isinstance(training_args.deepspeed, str) else "the DeepSpeed config"
+    if training_args.max_steps > 0:
+        steps = training_args.max_steps
+    else:
+        batch = training_args.per_device_train_batch_size * training_args.world_size
+        steps = math.ceil(train_rows / batch / training_args.gradient_accumulation_steps)
+        steps = math.ceil(steps * training_args.num_train_epochs)
+    stand_in = types.SimpleNamespace(config=types.SimpleNamespace(hidden_size=1))  # fills only `auto` bucket sizes
+    try:
+        config.trainer_config_finalize(training_args, stand_in, steps)
+    except ValueError:
+        mismatches = "; ".join(m.lstrip("- ").replace(" vs hf ", " but the settings say ") for m in config.mismatches)
+        raise ConfigError(
+            f'DeepSpeed config {name} contradicts the settings: {mismatches}; set these to "auto" in the JSON (the '
+            "YAML and the command line then decide them), or change the settings to match"
+        ) from None
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    try:
+        DeepSpeedConfig(config.config)
+    except Exception as e:  # DeepSpeed raises AssertionError, ValueError and pydantic's errors, all with a message
+        if hasattr(e, "errors") and hasattr(e, "title"):  # pydantic: say which key of which section, and why
+            reason = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
+            raise ConfigError(f"DeepSpeed rejects {name}: in its {e.title} section, {reason}") from None
+        raise ConfigError(f"DeepSpeed rejects {name}: {first_line(e)}") from None
+
+
+def check_adapter_folder(folder):
+    """A PEFT adapter folder as the model (a LoRA run's output): its adapter_config.json must name a base model that
+    can exist. The CLI then loads that base with the adapter and trains the adapter further."""
+    config_file = folder / "adapter_config.json"
+    try:
+        base = json.loads(config_file.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        raise ConfigError(
+            f"model folder {folder} holds an adapter whose {config_file.name} is not a JSON object"
+        ) from None
+    if not base or not isinstance(base, str):
+        raise ConfigError(
+            f"model folder {folder} holds an adapter but {config_file.name} names no base model: set "
+            "base_model_name_or_path in it, or give the merged model as model_name_or_path"
+        )
+    base_path = Path(base).expanduser()
+    if not base_path.exists() and (base.startswith((".", "/", "~")) or base.count("/") > 1):
+        raise ConfigError(
+            f"model folder {folder} holds an adapter of {base}, which is not found: fix base_model_name_or_path in "
+            f"{config_file}, or give the merged model as model_name_or_path"
         )
 
 

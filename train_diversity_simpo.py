@@ -23,6 +23,7 @@ from preference_data import DataError, is_conversation, load_preference_data
 from run_config import (
     DEMO_HINT,
     ConfigError,
+    check_deepspeed_against_settings,
     check_optimizer_and_schedule,
     check_paths,
     first_line,
@@ -39,6 +40,7 @@ def preflight(argv):
     check_paths(script_args, training_args, model_args)
     check_optimizer_and_schedule(training_args)
     train_dataset, eval_dataset = load_preference_data(script_args, training_args.seed)
+    check_deepspeed_against_settings(training_args, len(train_dataset))
     if script_args.eval_only and eval_dataset is None:
         raise ConfigError(
             f"--eval_only needs an eval split: the dataset has no {script_args.dataset_test_split!r} "
@@ -86,6 +88,16 @@ def train(script_args, training_args, model_args, train_dataset, eval_dataset):
     if script_args.eval_only:
         train_dataset = eval_dataset  # TRL requires a train set; nothing is trained
     use_wandb_offline_without_login(training_args)
+    peft_config = get_peft_config(model_args)
+    if adapter_base(model_args.model_name_or_path):
+        peft_config = None  # the loaded adapter is the one trained; a second one would stack on it
+        if training_args.process_index == 0:
+            print(
+                f"model_name_or_path {model_args.model_name_or_path} is an adapter of "
+                f"{adapter_base(model_args.model_name_or_path)}: training that adapter further with its own settings"
+                + (" (the lora_* settings are not used)" if model_args.use_peft else ""),
+                file=sys.stderr,
+            )
 
     sigterm = StopOnSigterm()
     try:
@@ -95,7 +107,7 @@ def train(script_args, training_args, model_args, train_dataset, eval_dataset):
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
             processing_class=tokenizer,
-            peft_config=get_peft_config(model_args),
+            peft_config=peft_config,
             callbacks=[sigterm],
         )
     except ValueError as e:  # TRL's and ours: bad settings or data found while tokenizing
@@ -139,6 +151,7 @@ def load_model_and_tokenizer(model_args, training_args):
     from trl import get_quantization_config
 
     name = model_args.model_name_or_path  # set: check_paths ran in preflight
+    base = adapter_base(name)  # a LoRA run's output folder: its base model, with that adapter trained further
     dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
     quantization_config = get_quantization_config(model_args)
     try:
@@ -146,8 +159,8 @@ def load_model_and_tokenizer(model_args, training_args):
             name, revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code
         )
         model = AutoModelForCausalLM.from_pretrained(
-            name,
-            revision=model_args.model_revision,
+            base or name,
+            revision=None if base else model_args.model_revision,
             trust_remote_code=training_args.trust_remote_code,
             attn_implementation=model_args.attn_implementation,
             dtype=dtype,
@@ -155,7 +168,18 @@ def load_model_and_tokenizer(model_args, training_args):
             # k-bit weights are placed on this process's device at load time
             device_map={"": PartialState().local_process_index} if quantization_config is not None else None,
         )
+        if base:
+            from peft import PeftModel
+
+            zero3 = training_args.deepspeed_plugin is not None and training_args.deepspeed_plugin.zero_stage == 3
+            # as TRL does for a new adapter: under ZeRO-3 keep the adapter in the base model's dtype
+            model = PeftModel.from_pretrained(model, name, is_trainable=True, autocast_adapter_dtype=not zero3)
     except (OSError, ValueError) as e:
+        if base:
+            raise ConfigError(
+                f"could not load the base model {base} of the adapter in {name} (base_model_name_or_path in its "
+                f"adapter_config.json): {first_line(e)}"
+            ) from None
         if Path(name).exists():
             raise ConfigError(f"could not load the model in {name}: {first_line(e)}") from None
         raise ConfigError(
@@ -165,6 +189,14 @@ def load_model_and_tokenizer(model_args, training_args):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def adapter_base(name):
+    """The base model of a PEFT adapter folder (a LoRA run's output), or None for a model folder or a Hub id."""
+    config = Path(name).expanduser() / "adapter_config.json"
+    if not config.is_file() or (Path(name).expanduser() / "config.json").is_file():
+        return None
+    return json.loads(config.read_text(encoding="utf-8"))["base_model_name_or_path"]  # checked in preflight
 
 
 class StopOnSigterm(TrainerCallback):

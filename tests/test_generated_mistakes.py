@@ -131,8 +131,8 @@ def value_out_of_range(case, rng):
         case.config.update(eval_strategy="steps")
     if key == "dataset_test_fraction":
         case.config.update(dataset_name=str(ROOT / "demo" / "data" / "train.jsonl"))
-    case.set(key, rng.choice(OUT_OF_RANGE[key]))
-    return key
+    case.set(key, rng.choice(OUT_OF_RANGE[key]))  # negative values as flags too: `--learning_rate -1e-06`
+    return key, (key, "out of range")
 
 
 def value_wrong_type(case, rng):
@@ -145,14 +145,14 @@ def value_wrong_type(case, rng):
         case.config[key] = value
     else:
         case.flags += [f"--{key}", text]
-    return key
+    return key, (key,)
 
 
 def non_finite(case, rng):
     key = rng.choice([k for k, kind in NUMERIC.items() if kind is float])
     value = rng.choice([float("nan"), float("inf"), float("-inf")])
     case.set(key, value, text=str(value))
-    return key
+    return key, (key, "finite")
 
 
 def unknown_key(case, rng):
@@ -165,10 +165,11 @@ def unknown_key(case, rng):
         case.config[mutated] = case.config.get(key, 1)
     else:
         case.flags += [f"--{mutated}", "1"]
-    return "yaml key" if mutated in case.config else "flag"
+    return ("yaml key" if mutated in case.config else "flag"), (mutated,)
 
 
 def bad_path(case, rng):
+    """A bad path, or a file that is there but wrong; blamed: the path, or the setting that names it."""
     w = case.workspace
     (w / "a_folder").mkdir()
     (w / "a_file.txt").write_text("not a model", encoding="utf-8")
@@ -176,10 +177,13 @@ def bad_path(case, rng):
         [
             "config-missing", "config-folder", "config-invalid-yaml", "config-not-mapping", "dataset-missing",
             "dataset-empty-folder", "dataset-wrong-suffix", "model-missing", "model-file", "model-folder-no-config",
-            "deepspeed-missing", "deepspeed-invalid", "deepspeed-not-object", "output-dir-is-file",
-            "output-dir-under-file", "resume-nothing", "resume-not-a-checkpoint",
+            "model-adapter-without-base", "model-adapter-of-missing-base", "deepspeed-missing", "deepspeed-invalid",
+            "deepspeed-not-object", "deepspeed-contradicts-settings", "deepspeed-rejects-key", "output-dir-is-file",
+            "output-dir-under-file", "output-dir-unwritable", "resume-nothing", "resume-not-a-checkpoint",
+            "resume-incomplete-checkpoint",
         ]
     )  # fmt: skip
+    blame = None
     if choice == "config-missing":
         case.config, case.config_path = None, w / "missing.yaml"
     elif choice == "config-folder":
@@ -191,36 +195,77 @@ def bad_path(case, rng):
         case.config = None
         case.config_path.write_text(rng.choice(["- beta\n- 2\n", "just text\n", "42\n"]), encoding="utf-8")
     elif choice == "dataset-missing":
-        case.set("dataset_name", str(w / rng.choice(["nope.jsonl", "data/train.parquet", "x.csv"])))
+        blame = w / rng.choice(["nope.jsonl", "data/train.parquet", "x.csv"])
+        case.set("dataset_name", str(blame))
     elif choice == "dataset-empty-folder":
-        case.set("dataset_name", str(w / "a_folder"))
+        case.set("dataset_name", str(blame := w / "a_folder"))
     elif choice == "dataset-wrong-suffix":
-        case.set("dataset_name", str(w / "a_file.txt"))
+        case.set("dataset_name", str(blame := w / "a_file.txt"))
     elif choice == "model-missing":
-        case.set("model_name_or_path", str(w / "no-model"))
+        case.set("model_name_or_path", str(blame := w / "no-model"))
     elif choice == "model-file":
-        case.set("model_name_or_path", str(w / "a_file.txt"))
+        case.set("model_name_or_path", str(blame := w / "a_file.txt"))
     elif choice == "model-folder-no-config":
+        case.set("model_name_or_path", str(blame := w / "a_folder"))
+    elif choice.startswith("model-adapter"):  # a LoRA run's output folder whose base model cannot be found
+        adapter = {"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"]}
+        if choice == "model-adapter-of-missing-base":
+            adapter["base_model_name_or_path"] = str(w / "gone" / "base-model")
+        (w / "a_folder" / "adapter_config.json").write_text(json.dumps(adapter), encoding="utf-8")
         case.set("model_name_or_path", str(w / "a_folder"))
+        blame = "base_model_name_or_path"
     elif choice.startswith("deepspeed"):
         ds = w / "ds.json"
+        config = json.loads((ROOT / "configs" / "ds_config.json").read_text(encoding="utf-8"))
         if choice == "deepspeed-invalid":
             ds.write_text(rng.choice(['{"zero_optimization": ', "{'stage': 2}", "{,}"]), encoding="utf-8")
         elif choice == "deepspeed-not-object":
             ds.write_text(rng.choice(["[1, 2]", "3", '"zero"']), encoding="utf-8")
+        elif choice == "deepspeed-contradicts-settings":  # a fixed value in the JSON that the YAML contradicts
+            blame, value = rng.choice(
+                [
+                    ("train_micro_batch_size_per_gpu", 3),
+                    ("gradient_accumulation_steps", 5),
+                    ("train_batch_size", 7),
+                    ("gradient_clipping", 0.25),
+                ]
+            )
+            config[blame] = value
+        elif choice == "deepspeed-rejects-key":  # what only DeepSpeed's own config check knows
+            blame = rng.choice(["overlap_com", "stage3_prefetch_bucket", "offload_optimiser"])
+            config["zero_optimization"][blame] = 1
+        if choice in ("deepspeed-contradicts-settings", "deepspeed-rejects-key"):
+            ds.write_text(json.dumps(config), encoding="utf-8")
         case.set("deepspeed", str(ds))
+        blame = blame or ds
     elif choice == "output-dir-is-file":
         case.set("output_dir", str(w / "a_file.txt"))
     elif choice == "output-dir-under-file":
         case.set("output_dir", str(w / "a_file.txt" / "run"))
+    elif choice == "output-dir-unwritable":  # where nothing can be created, whatever the permission bits say
+        case.set("output_dir", "/proc/sys/diversity-simpo-run")
     elif choice == "resume-nothing":
         case.set("resume_from_checkpoint", rng.choice(["latest", "true"]))
+        blame = "resume_from_checkpoint latest"
     elif choice == "resume-not-a-checkpoint":
         case.set("resume_from_checkpoint", str(w / rng.choice(["a_folder", "checkpoint-7"])))
-    return choice
+    elif choice == "resume-incomplete-checkpoint":  # a kill during its write: the weights cut short
+        checkpoint = w / "out" / "checkpoint-7"
+        checkpoint.mkdir(parents=True)
+        (checkpoint / "trainer_state.json").write_text('{"global_step": 7}', encoding="utf-8")
+        whole = (DEMO_MODEL / "model.safetensors").read_bytes()
+        (checkpoint / "model.safetensors").write_bytes(whole[: rng.randrange(10, len(whole) - 1)])
+        case.set("resume_from_checkpoint", rng.choice([str(checkpoint), "latest"]))
+        blame = "incomplete"
+    if blame is None:
+        blame = {"config": case.config_path, "output": "output_dir", "resume": "resume_from_checkpoint"}[
+            choice.split("-")[0]
+        ]
+    return choice, (str(blame),)
 
 
 def bad_data_file(case, rng):
+    """A data file that cannot be read as it is: blamed by its path (and, for an encoding, the encoding it has)."""
     rows = demo_rows()
     choice = rng.choice(
         [
@@ -232,8 +277,19 @@ def bad_data_file(case, rng):
             "not-gzip",
             "not-utf8",
             "array-of-non-objects",
+            "shift-jis",
+            "euc-jp",
         ]
     )
+    blame = ()
+    if choice in ("shift-jis", "euc-jp"):  # Excel on Japanese Windows saves CSV in Shift_JIS (cp932)
+        path = case.workspace / f"pairs{rng.choice(['.csv', '.jsonl'])}"
+        write(path, [{k: r[k][-1]["content"] for k in ("prompt", "chosen", "rejected")} for r in rows])
+        encoding = {"shift-jis": "cp932", "euc-jp": "euc_jp"}[choice]
+        path.write_bytes(path.read_text(encoding="utf-8").encode(encoding))
+        case.config["dataset_name"] = str(path)
+        case.config["wrap_text_as_chat"] = True
+        return choice, (str(path), "not UTF-8", {"shift-jis": "Shift_JIS", "euc-jp": "EUC-JP"}[choice])
     path = case.data(rows, ".jsonl.gz" if choice == "not-gzip" else ".json" if choice.startswith("array") else ".jsonl")
     lines = path.read_text(encoding="utf-8").splitlines() if choice != "not-gzip" else []
     at = rng.randrange(len(rows))
@@ -245,6 +301,7 @@ def bad_data_file(case, rng):
         lines[at] = rng.choice(["[1, 2, 3]", "42", '"text"', "null"])
     if choice in ("cut-line", "garbled-line", "non-object-line"):
         path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        blame = (f"line {at + 1}",)
     elif choice == "empty":
         path.write_text("", encoding="utf-8")
     elif choice == "blank":
@@ -255,7 +312,7 @@ def bad_data_file(case, rng):
         path.write_bytes(b"\xff\xfe\x00garbage\x80\x81\n")
     elif choice == "array-of-non-objects":
         path.write_text(json.dumps([1, "two", [3]]), encoding="utf-8")
-    return choice
+    return choice, (str(path), *blame)
 
 
 def bad_rows(case, rng):
@@ -346,7 +403,7 @@ def bad_rows(case, rng):
         case.config["dataset_name"] = str(path)
     else:
         case.data(rows, suffix)
-    return choice
+    return choice, ("dataset_columns",) if choice.startswith("mapping") else (case.config["dataset_name"],)
 
 
 CATEGORIES = {
@@ -367,8 +424,8 @@ def generate(tmp_path, count, seed):
         workspace = tmp_path / f"case{number}"
         workspace.mkdir()
         case = Case(workspace, rng)
-        detail = CATEGORIES[category](case, rng)
-        yield number, category, detail, case.argv(), workspace
+        detail, blame = CATEGORIES[category](case, rng)
+        yield number, category, detail, blame, case.argv(), workspace
 
 
 def files_under(path):
@@ -377,7 +434,7 @@ def files_under(path):
 
 def test_generated_mistakes_are_refused_in_one_line_and_write_nothing(tmp_path, record_summary):
     seen, problems = Counter(), []
-    for number, category, detail, argv, workspace in generate(tmp_path, CASES, SEED):
+    for number, category, detail, blame, argv, workspace in generate(tmp_path, CASES, SEED):
         before = files_under(workspace)
         try:
             preflight(argv)
@@ -385,6 +442,9 @@ def test_generated_mistakes_are_refused_in_one_line_and_write_nothing(tmp_path, 
             message = str(e)
             if not message or "\n" in message:
                 problems.append(f"case {number} ({category}: {detail}): not one line: {message!r}")
+            missing = [name for name in blame if name not in message]
+            if missing:  # refused, but for something else than the mistake made (or without naming it)
+                problems.append(f"case {number} ({category}: {detail}): does not name {missing}: {message!r}")
         except Exception as e:
             problems.append(f"case {number} ({category}: {detail}): {type(e).__name__}: {e}")
         else:
@@ -405,12 +465,13 @@ def test_a_sample_of_generated_mistakes_through_the_real_cli_exits_2_with_one_er
     rng = random.Random(SEED + 1000 + number)
     category = sorted(CATEGORIES)[number % len(CATEGORIES)]
     case = Case(tmp_path, rng)
-    detail = CATEGORIES[category](case, rng)
+    detail, blame = CATEGORIES[category](case, rng)
     argv = case.argv()
     before = files_under(tmp_path)
     result = run_cli(*argv)
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert result.returncode == 2 and len(errors) == 1, f"{category}: {detail}\n{result.stderr[-3000:]}"
+    assert all(name in errors[0] for name in blame), (blame, errors[0])
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     assert files_under(tmp_path) == before, f"{category}: {detail}"
 
