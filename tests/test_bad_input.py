@@ -186,3 +186,69 @@ def test_llama3_tokenizer_sequences_start_with_exactly_one_bos(tmp_path):
         for key in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids"):
             assert row[key][0] == bos and row[key].count(bos) == 1, key
     assert tokenizer.decode(trainer.train_dataset[0]["chosen_input_ids"]).count("<|begin_of_text|>") == 1
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A read-only file system (where root's permission bits say "writable"); needs mount rights, as CI's root has."""
+    import subprocess
+
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)]).returncode != 0:
+        pytest.skip("cannot mount a read-only file system here")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_output_dir_on_a_read_only_file_system_is_refused_before_anything_is_written(tmp_path, read_only_folder):
+    result = run_cli("--config", DEMO_CONFIG, "--output_dir", read_only_folder / "run")
+    assert_clean_error(result, f"output_dir {read_only_folder / 'run'} cannot be written", "Read-only file system")
+
+
+@pytest.mark.parametrize(
+    "fixed, named",
+    [
+        (
+            {"train_micro_batch_size_per_gpu": 16},
+            "ds train_micro_batch_size_per_gpu=16 but the settings say per_device",
+        ),
+        ({"gradient_accumulation_steps": 4}, "ds gradient_accumulation_steps=4 but the settings say gradient_acc"),
+        ({"optimizer": {"type": "AdamW", "params": {"lr": 0.1}}}, "ds optimizer.params.lr=0.1 but the settings say"),
+        ({"zero_optimization": {"stage": 2, "overlap_comms": True}}, "overlap_comms: Extra inputs are not permitted"),
+    ],
+    ids=["micro-batch", "accumulation", "learning-rate", "unknown-zero-key"],
+)
+def test_a_deepspeed_json_that_contradicts_the_settings_is_refused_before_the_engine_starts(tmp_path, fixed, named):
+    """transformers and DeepSpeed check these only when the engine starts (after output_dir exists): now in preflight,
+    with their own checks, as one line."""
+    config = json.loads((ROOT / "configs" / "ds_config.json").read_text(encoding="utf-8")) | fixed
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps(config), encoding="utf-8")
+    result = run_cli("--config", DEMO_CONFIG, "--deepspeed", ds, "--output_dir", tmp_path / "out")
+    assert_clean_error(result, str(ds), named)
+    assert len([line for line in result.stderr.splitlines() if line.startswith("error:")]) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_lora_runs_output_folder_as_the_model_trains_that_adapter_further(tmp_path):
+    """How SFT-with-LoRA chains into preference training: the adapter folder is loaded on its base and that adapter
+    keeps training (a mark put into its weights is still there after two more steps), with no traceback."""
+    from safetensors.torch import save_file
+
+    short = ["--max_steps", "2", "--eval_strategy", "no", "--report_to", "none", "--diversity_eval_prompts", "0"]
+    first = run_cli("--config", DEMO_CONFIG, *short, "--use_peft", "true", "--output_dir", tmp_path / "sft")
+    assert first.returncode == 0, first.stderr[-3000:]
+    adapter_file = tmp_path / "sft" / "adapter_model.safetensors"
+    marked = {k: v + 0.05 if "lora_B" in k else v for k, v in load_file(adapter_file).items()}
+    save_file(marked, adapter_file)
+
+    second = run_cli("--config", DEMO_CONFIG, *short, "--model_name_or_path", tmp_path / "sft", "--output_dir",
+                     tmp_path / "simpo")  # fmt: skip
+    assert second.returncode == 0 and "Traceback" not in second.stderr, second.stderr[-3000:]
+    assert f"{tmp_path / 'sft'} is an adapter of demo/tiny-llama-ja: training that adapter further" in second.stderr
+    trained = load_file(tmp_path / "simpo" / "adapter_model.safetensors")
+    assert trained.keys() == marked.keys()
+    for name, value in marked.items():
+        torch.testing.assert_close(trained[name], value, rtol=0, atol=2e-3)  # 2 Adam steps of lr 2e-4 from the mark
+    assert any(not torch.equal(trained[name], marked[name]) for name in marked)  # and it did train

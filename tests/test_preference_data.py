@@ -432,3 +432,50 @@ def test_cli_module_imports_stay_light():
     code = "import sys, preference_data; print('torch' in sys.modules, 'trl' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert result.stdout.split() == ["False", "False"]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".jsonl.gz"])
+def test_a_utf8_file_with_a_byte_order_mark_loads_like_one_without(tmp_path, suffix):
+    """Notepad and Excel ("CSV UTF-8") start UTF-8 files with a byte-order mark; it is skipped, not refused."""
+    import pandas as pd
+
+    rows = rows_of("standard", 5)
+    if suffix == ".csv":
+        text = pd.DataFrame(rows).to_csv(index=False)
+    elif suffix == ".json":
+        text = json.dumps(rows, ensure_ascii=False)
+    else:
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    plain, marked = tmp_path / f"plain{suffix}", tmp_path / f"marked{suffix}"
+    for path, encoding in ((plain, "utf-8"), (marked, "utf-8-sig")):
+        data = text.encode(encoding)
+        path.write_bytes(gzip.compress(data) if suffix.endswith(".gz") else data)
+    assert marked.read_bytes()[:3] == b"\xef\xbb\xbf" or suffix.endswith(".gz")
+    train, _ = load_file(marked)
+    assert train.column_names == load_file(plain)[0].column_names  # "prompt", not "\ufeffprompt"
+    assert train["chosen"] == load_file(plain)[0]["chosen"] == [r["chosen"] for r in rows]
+
+
+@pytest.mark.parametrize(
+    "encoding, named, iconv",
+    [("cp932", "Shift_JIS (cp932)", "iconv -f CP932 -t UTF-8"), ("euc_jp", "EUC-JP", "iconv -f EUC-JP -t UTF-8")],
+)
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_a_japanese_file_not_in_utf8_is_refused_naming_its_encoding_and_the_fix(
+    tmp_path, encoding, named, iconv, suffix
+):
+    """Excel on Japanese Windows saves CSV in Shift_JIS: the one line says so and how to convert the file."""
+    import pandas as pd
+
+    rows = rows_of("standard", 5)
+    data = tmp_path / f"pairs{suffix}"
+    if suffix == ".csv":
+        text = pd.DataFrame(rows).to_csv(index=False)
+    else:
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    data.write_bytes(text.encode(encoding))
+    result = run_cli(
+        "--config", write_yaml(tmp_path / "c.yaml", dataset_name=str(data), output_dir=str(tmp_path / "o"))
+    )
+    assert_clean_error(result, f"dataset file {data} is not UTF-8 text", f"it looks like {named}", f"{iconv} {data}")
+    assert not (tmp_path / "o").exists()
