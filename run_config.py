@@ -433,8 +433,11 @@ def check_deepspeed_against_settings(training_args, train_rows):
         ) from None
     from deepspeed.runtime.config import DeepSpeedConfig
 
+    # DeepSpeed compares train_batch_size with micro batch x accumulation x its world size, which it reads from a
+    # process group that does not exist yet; transformers made that comparison above with the real world size
+    filled = {k: v for k, v in config.config.items() if k != "train_batch_size"}
     try:
-        DeepSpeedConfig(config.config)
+        DeepSpeedConfig(filled)
     except Exception as e:  # DeepSpeed raises AssertionError, ValueError and pydantic's errors, all with a message
         if hasattr(e, "errors") and hasattr(e, "title"):  # pydantic: say which key of which section, and why
             reason = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())

@@ -50,5 +50,26 @@ def before_training(tmp_path_factory):
 
 
 def test_the_demo_model_starts_undecided_on_held_out_prompts(before_training):
-    assert before_training["eval_rewards/accuracies"] <= 0.65
-    assert before_training["eval_rewards/margins"] < 0.7  # below simpo_gamma: the SimPO loss is far from saturated
+    """Measured: accuracy 0.625, margin 0.42. Undecided is near chance on both sides: neither reply preferred by
+    more than simpo_gamma (0.7), so the SimPO loss is far from saturated and there is something to learn."""
+    assert 0.35 <= before_training["eval_rewards/accuracies"] <= 0.65
+    assert -0.7 < before_training["eval_rewards/margins"] < 0.7
+
+
+def test_the_demo_configuration_learns_the_held_out_preference(tmp_path, before_training):
+    """The demo's own settings (40 steps, evaluations at 20 and 40) on held-out topics: from the undecided start to
+    at least 0.9 accuracy, with the margin past simpo_gamma. Measured: 0.96 and 3.6 at step 20, 1.0 and 4.8 at 40."""
+    from test_cli import DEMO_CONFIG, run_cli
+
+    result = run_cli("--config", DEMO_CONFIG, "--output_dir", tmp_path, "--report_to", "none",
+                     "--diversity_eval_prompts", "0")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    history = json.loads((tmp_path / "trainer_state.json").read_text(encoding="utf-8"))["log_history"]
+    evals = [e for e in history if "eval_rewards/accuracies" in e]
+    assert [e["step"] for e in evals] == [20, 40]
+    final = evals[-1]
+    assert 0.9 <= final["eval_rewards/accuracies"] <= 1.0
+    assert final["eval_rewards/accuracies"] >= before_training["eval_rewards/accuracies"] + 0.25
+    assert 0.7 < final["eval_rewards/margins"] < 20  # past simpo_gamma, and not a runaway scale
+    losses = [e["loss"] for e in history if "loss" in e]
+    assert losses[-1] < losses[0]
