@@ -67,6 +67,13 @@ class ScriptArguments:
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Allow writing over a finished model already in output_dir."}
     )
+    merge_adapter: bool = field(
+        default=False,
+        metadata={
+            "help": "With use_peft: also write the adapter merged into the base model (PEFT's merge, in the base "
+            "model's dtype) to output_dir/merged: a standalone model for vLLM, llama.cpp or from_pretrained."
+        },
+    )
     eval_only: bool = field(
         default=False,
         metadata={
@@ -220,6 +227,12 @@ def parse_args(argv):
     for instance in parsed[:3]:  # the merged values: types were checked above (YAML) or by argparse (flags)
         check_values(vars(instance), [type(instance)], None, types=False)
     _, training, model = parsed[:3]
+    script = parsed[0]
+    if script.merge_adapter and not model.use_peft and not _is_adapter_folder(model.model_name_or_path):
+        raise ConfigError(
+            "merge_adapter: true needs an adapter to merge: set use_peft: true (LoRA), or set merge_adapter: false "
+            "(a full fine-tune already saves a standalone model)"
+        )
     if training.max_steps <= 0 and training.num_train_epochs <= 0:
         raise ConfigError("num_train_epochs is 0 and max_steps is not set: nothing would be trained; set either")
     if training.fused_lm_head and model.use_peft:
@@ -343,7 +356,7 @@ def check_paths(script_args, training_args, model_args):
         raise ConfigError(f"model folder {name} has no config.json: not a saved model (save_pretrained writes one)")
     if not model_path.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
         raise ConfigError(f"model folder {name} not found; check model_name_or_path")
-    if (model_path / "adapter_config.json").is_file() and not (model_path / "config.json").is_file():
+    if _is_adapter_folder(name):
         check_adapter_folder(model_path)
 
     output_dir = Path(training_args.output_dir)
@@ -443,6 +456,11 @@ def check_deepspeed_against_settings(training_args, train_rows):
             reason = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
             raise ConfigError(f"DeepSpeed rejects {name}: in its {e.title} section, {reason}") from None
         raise ConfigError(f"DeepSpeed rejects {name}: {first_line(e)}") from None
+
+
+def _is_adapter_folder(name):
+    path = Path(name or "").expanduser()
+    return (path / "adapter_config.json").is_file() and not (path / "config.json").is_file()
 
 
 def check_adapter_folder(folder):

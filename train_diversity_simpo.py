@@ -138,8 +138,15 @@ def train(script_args, training_args, model_args, train_dataset, eval_dataset):
         output_dir = Path(training_args.output_dir)
         save_resolved_config(output_dir / "resolved_config.yaml", script_args, model_args, training_args)
         plot_training_curves(trainer.state.log_history, output_dir / "training_curves.png")
+        if script_args.merge_adapter:
+            merge_adapter(output_dir, trainer.processing_class, training_args.trust_remote_code)
     trainer.accelerator.print(
         f"Saved the model, tokenizer, resolved_config.yaml and training_curves.png to {training_args.output_dir}"
+        + (
+            f", and the adapter merged into its base model to {training_args.output_dir}/merged"
+            if script_args.merge_adapter
+            else ""
+        )
     )
     trainer.end()
 
@@ -189,6 +196,20 @@ def load_model_and_tokenizer(model_args, training_args):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def merge_adapter(output_dir, tokenizer, trust_remote_code):
+    """PEFT's own merge of the adapter just saved in output_dir into a fresh copy of its base model, in the base
+    model's dtype, saved with the tokenizer to output_dir/merged. It reads the saved (under ZeRO-3: already gathered)
+    adapter, so the training engine's sharding plays no part; it runs once, on the global rank 0, on the CPU."""
+    from peft import AutoPeftModelForCausalLM
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()  # training is over: a ZeRO-3 run must not partition this one-process copy
+    model = AutoPeftModelForCausalLM.from_pretrained(output_dir, dtype="auto", trust_remote_code=trust_remote_code)
+    merged = model.merge_and_unload()
+    merged.save_pretrained(output_dir / "merged")
+    tokenizer.save_pretrained(output_dir / "merged")
 
 
 def adapter_base(name):

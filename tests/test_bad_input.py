@@ -229,26 +229,3 @@ def test_a_deepspeed_json_that_contradicts_the_settings_is_refused_before_the_en
     assert_clean_error(result, str(ds), named)
     assert len([line for line in result.stderr.splitlines() if line.startswith("error:")]) == 1
     assert not (tmp_path / "out").exists()
-
-
-def test_a_lora_runs_output_folder_as_the_model_trains_that_adapter_further(tmp_path):
-    """How SFT-with-LoRA chains into preference training: the adapter folder is loaded on its base and that adapter
-    keeps training (a mark put into its weights is still there after two more steps), with no traceback."""
-    from safetensors.torch import save_file
-
-    short = ["--max_steps", "2", "--eval_strategy", "no", "--report_to", "none", "--diversity_eval_prompts", "0"]
-    first = run_cli("--config", DEMO_CONFIG, *short, "--use_peft", "true", "--output_dir", tmp_path / "sft")
-    assert first.returncode == 0, first.stderr[-3000:]
-    adapter_file = tmp_path / "sft" / "adapter_model.safetensors"
-    marked = {k: v + 0.05 if "lora_B" in k else v for k, v in load_file(adapter_file).items()}
-    save_file(marked, adapter_file)
-
-    second = run_cli("--config", DEMO_CONFIG, *short, "--model_name_or_path", tmp_path / "sft", "--output_dir",
-                     tmp_path / "simpo")  # fmt: skip
-    assert second.returncode == 0 and "Traceback" not in second.stderr, second.stderr[-3000:]
-    assert f"{tmp_path / 'sft'} is an adapter of demo/tiny-llama-ja: training that adapter further" in second.stderr
-    trained = load_file(tmp_path / "simpo" / "adapter_model.safetensors")
-    assert trained.keys() == marked.keys()
-    for name, value in marked.items():
-        torch.testing.assert_close(trained[name], value, rtol=0, atol=2e-3)  # 2 Adam steps of lr 2e-4 from the mark
-    assert any(not torch.equal(trained[name], marked[name]) for name in marked)  # and it did train

@@ -283,3 +283,13 @@ def test_two_ranks_of_2_pairs_give_the_update_of_one_process_of_4_pairs(tmp_path
     update_two = torch.cat([(two[k] - start[k]).flatten() for k in start])
     assert update_one.norm() > 0
     assert ((update_two - update_one).norm() / update_one.norm()).item() < 1e-4
+
+
+def test_zero3_lora_run_writes_the_merged_model_of_base_plus_its_gathered_adapter(tmp_path):
+    """Under ZeRO-3 the adapter is sharded while it trains: the saved (gathered) adapter is what gets merged."""
+    from test_lora import assert_merged_model_has_the_logits_of_base_plus_adapter
+
+    output = tmp_path / "out"
+    lora = ["--use_peft", "true", "--lora_r", "4", "--merge_adapter", "true", "--learning_rate", "2e-3"]
+    run(*COMMON, "--max_steps", "2", "--deepspeed", "configs/ds_config_zero3.json", *lora, "--output_dir", output)
+    assert_merged_model_has_the_logits_of_base_plus_adapter(output)

@@ -1,0 +1,69 @@
+"""LoRA runs: an adapter folder as the model keeps training that adapter; `merge_adapter` writes the adapter merged
+into its base as a standalone model (PEFT's own merge), with the logits of base plus adapter."""
+
+import torch
+from conftest import DEMO_MODEL
+from safetensors.torch import load_file
+from test_cli import DEMO_CONFIG, assert_clean_error, run_cli
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+SHORT = ["--max_steps", "2", "--eval_strategy", "no", "--report_to", "none", "--diversity_eval_prompts", "0"]
+
+
+def assert_merged_model_has_the_logits_of_base_plus_adapter(output):
+    """output/merged loads with plain transformers (no PEFT), in the base model's dtype, and computes what the base
+    model with the saved adapter computes; the adapter changed something."""
+    from peft import PeftModel
+
+    merged_dir = output / "merged"
+    assert (merged_dir / "config.json").is_file() and not (merged_dir / "adapter_config.json").exists()
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+    base = AutoModelForCausalLM.from_pretrained(DEMO_MODEL).eval()
+    assert merged.dtype == base.dtype and type(merged) is type(base)
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir)  # the tokenizer is saved beside it
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "富士山について教えてください。"}], return_tensors="pt", return_dict=True
+    )
+    with torch.no_grad():
+        plain = base(**ids).logits
+        adapted = PeftModel.from_pretrained(base, output).eval()(**ids).logits
+        ours = merged(**ids).logits
+    torch.testing.assert_close(ours, adapted, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(ours, plain, rtol=0, atol=1e-6)
+
+
+def test_merge_adapter_writes_a_standalone_model_with_the_logits_of_base_plus_adapter(tmp_path):
+    result = run_cli("--config", DEMO_CONFIG, *SHORT, "--use_peft", "true", "--lora_r", "4", "--merge_adapter", "true",
+                     "--learning_rate", "2e-3", "--output_dir", tmp_path / "out")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"merged into its base model to {tmp_path / 'out'}/merged" in result.stdout
+    assert_merged_model_has_the_logits_of_base_plus_adapter(tmp_path / "out")
+
+
+def test_merge_adapter_without_an_adapter_is_refused_in_one_line(tmp_path):
+    result = run_cli("--config", DEMO_CONFIG, *SHORT, "--merge_adapter", "true", "--output_dir", tmp_path / "out")
+    assert_clean_error(result, "merge_adapter: true needs an adapter to merge: set use_peft: true")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_lora_runs_output_folder_as_the_model_trains_that_adapter_further(tmp_path):
+    """How SFT-with-LoRA chains into preference training: the adapter folder is loaded on its base and that adapter
+    keeps training (a mark put into its weights is still there after two more steps), with no traceback."""
+    from safetensors.torch import save_file
+
+    short = SHORT
+    first = run_cli("--config", DEMO_CONFIG, *short, "--use_peft", "true", "--output_dir", tmp_path / "sft")
+    assert first.returncode == 0, first.stderr[-3000:]
+    adapter_file = tmp_path / "sft" / "adapter_model.safetensors"
+    marked = {k: v + 0.05 if "lora_B" in k else v for k, v in load_file(adapter_file).items()}
+    save_file(marked, adapter_file)
+
+    second = run_cli("--config", DEMO_CONFIG, *short, "--model_name_or_path", tmp_path / "sft", "--output_dir",
+                     tmp_path / "simpo")  # fmt: skip
+    assert second.returncode == 0 and "Traceback" not in second.stderr, second.stderr[-3000:]
+    assert f"{tmp_path / 'sft'} is an adapter of demo/tiny-llama-ja: training that adapter further" in second.stderr
+    trained = load_file(tmp_path / "simpo" / "adapter_model.safetensors")
+    assert trained.keys() == marked.keys()
+    for name, value in marked.items():
+        torch.testing.assert_close(trained[name], value, rtol=0, atol=2e-3)  # 2 Adam steps of lr 2e-4 from the mark
+    assert any(not torch.equal(trained[name], marked[name]) for name in marked)  # and it did train
