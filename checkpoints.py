@@ -6,8 +6,8 @@ Trainer's plain checkpoints and for DeepSpeed's:
 
   1. `trainer_state.json` parses and names step N. The Trainer writes it last, after the weights, the optimizer and
      scheduler (or DeepSpeed's engine checkpoint) and the RNG states.
-  2. The weights are there: `model.safetensors`, a sharded index and every shard it names, an adapter, or
-     `pytorch_model.bin`.
+  2. The weights are there: `model.safetensors`, a sharded index and every shard it names, an adapter,
+     `pytorch_model.bin`, or FSDP's sharded folder.
   3. Every file the writers produce is whole: a safetensors file is exactly as long as its header says; a torch.save
      file (`.pt`, `.pth`, `.bin`) is a zip archive whose central directory, written last, is readable.
   4. With DeepSpeed: the `latest` file (which the engine writes once every rank has saved) names a folder that holds
@@ -24,7 +24,13 @@ import zipfile
 from pathlib import Path
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors", "pytorch_model.bin")
+WEIGHTS = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "adapter_model.safetensors",
+    "pytorch_model.bin",
+    "pytorch_model_fsdp_0",  # accelerate's FSDP, sharded state dict (a folder)
+)
 
 
 def checkpoint_problem(folder):
@@ -40,7 +46,7 @@ def checkpoint_problem(folder):
     match = CHECKPOINT.match(folder.name)
     if match and step != int(match.group(1)):
         return f"trainer_state.json names step {step}"
-    if not any((folder / name).is_file() for name in WEIGHTS):
+    if not any((folder / name).exists() for name in WEIGHTS):
         return "no model weights"
     index = folder / "model.safetensors.index.json"
     if index.is_file():

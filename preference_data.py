@@ -41,8 +41,9 @@ class DataError(ValueError):
     """A mistake in the user's data or data settings: reported in one line, without a traceback."""
 
 
-def load_preference_data(args, seed):
-    """(train, eval or None), normalised and checked, from `args` (the CLI's ScriptArguments)."""
+def load_preference_data(args, seed, counts=None):
+    """(train, eval or None), normalised and checked, from `args` (the CLI's ScriptArguments). `counts`, a dict if
+    given, receives each split's rows read, kept and skipped (for the run record)."""
     dataset = _read(args)
     if args.dataset_train_split not in dataset:
         raise DataError(
@@ -59,9 +60,10 @@ def load_preference_data(args, seed):
         train, evaluation = split["train"], split["test"]
     else:
         evaluation = None
-    train = normalise(train, args, f"{args.dataset_name} [{args.dataset_train_split}]")
+    counts = {} if counts is None else counts
+    train = normalise(train, args, f"{args.dataset_name} [{args.dataset_train_split}]", counts.setdefault("train", {}))
     if evaluation is not None:
-        evaluation = normalise(evaluation, args, f"{args.dataset_name} [eval]")
+        evaluation = normalise(evaluation, args, f"{args.dataset_name} [eval]", counts.setdefault("eval", {}))
     return train, evaluation
 
 
@@ -197,7 +199,7 @@ def _check_json(path, text):
 # --- normalising ---------------------------------------------------------------------------------------------------
 
 
-def normalise(dataset, args, source):
+def normalise(dataset, args, source, counts=None):
     """The rows of `dataset` as {prompt, chosen, rejected, row_id} (module docstring); mistakes raise DataError naming
     `source` and the row; identical pairs, and pairs whose conversations differ before the final reply, are dropped
     with a count."""
@@ -230,6 +232,8 @@ def normalise(dataset, args, source):
             if "reference" in row:
                 pair["reference"] = _text(row["reference"], f"{source}: row {index}: 'reference'")
             rows.append({**pair, "row_id": index})
+    if counts is not None:
+        counts.update(read=len(dataset), kept=len(rows), skipped_identical=identical, skipped_diverging=diverging)
     skipped = ((identical, "chosen and rejected are identical"), (diverging, "conversations differ before the reply"))
     for count, why in skipped:
         if count:

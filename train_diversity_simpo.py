@@ -19,6 +19,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+import run_record
 from preference_data import DataError, is_conversation, load_preference_data
 from run_config import (
     DEMO_HINT,
@@ -34,12 +35,13 @@ from run_config import (
 from training_curves import plot_training_curves
 
 
-def preflight(argv):
-    """Everything the user controls, read and checked, and nothing written: the settings and the normalised data."""
+def preflight(argv, counts=None):
+    """Everything the user controls, read and checked, and nothing written: the settings and the normalised data
+    (`counts`, a dict if given, receives each split's rows read, kept and skipped)."""
     script_args, training_args, model_args = parse_args(argv)
     check_paths(script_args, training_args, model_args)
     check_optimizer_and_schedule(training_args)
-    train_dataset, eval_dataset = load_preference_data(script_args, training_args.seed)
+    train_dataset, eval_dataset = load_preference_data(script_args, training_args.seed, counts)
     check_deepspeed_against_settings(training_args, len(train_dataset))
     if script_args.eval_only and eval_dataset is None:
         raise ConfigError(
@@ -55,20 +57,19 @@ def preflight(argv):
 
 
 def main(argv=None):
-    script_args, training_args, model_args, train_dataset, eval_dataset = preflight(
-        sys.argv[1:] if argv is None else argv
-    )
+    argv, counts = sys.argv[1:] if argv is None else argv, {}
+    script_args, training_args, model_args, train_dataset, eval_dataset = preflight(argv, counts)
     output_dir = Path(training_args.output_dir)
     created = not output_dir.exists()
     try:
-        return train(script_args, training_args, model_args, train_dataset, eval_dataset)
+        return train(script_args, training_args, model_args, train_dataset, eval_dataset, (argv, counts))
     except (ConfigError, DataError):
         if created and output_dir.is_dir() and not any(p.is_file() for p in output_dir.rglob("*")):
             shutil.rmtree(output_dir)  # a mistake found late (while loading the model, say) leaves no empty folder
         raise
 
 
-def train(script_args, training_args, model_args, train_dataset, eval_dataset):
+def train(script_args, training_args, model_args, train_dataset, eval_dataset, argv_and_counts=((), {})):
     from trl import get_peft_config
 
     from diversity_eval import DiversityEvalCallback
@@ -125,8 +126,21 @@ def train(script_args, training_args, model_args, train_dataset, eval_dataset):
         return evaluate_only(trainer, diversity_eval, Path(training_args.output_dir))
     if diversity_eval["prompts"]:
         trainer.add_callback(DiversityEvalCallback(trainer, **diversity_eval))
-    trainer.train(resume_from_checkpoint=resume_target(training_args.resume_from_checkpoint))
+    record = trainer.is_world_process_zero()  # output_dir/run_record.json: one writer
+    if record:  # the settings and the record before the first step: a run killed outright still has both
+        save_resolved_config(Path(training_args.output_dir) / "resolved_config.yaml", script_args, model_args,
+                             training_args)  # fmt: skip
+        run_record.start(training_args.output_dir, argv_and_counts[0], training_args, script_args.dataset_name,
+                         argv_and_counts[1])  # fmt: skip
+    try:
+        trainer.train(resume_from_checkpoint=resume_target(training_args.resume_from_checkpoint))
+    except BaseException as e:  # recorded, then raised as before (a NaN loss: one line; our bugs: a traceback)
+        if record:
+            run_record.end(training_args.output_dir, "failed", trainer.state.global_step, f"{type(e).__name__}: {e}")
+        raise
     if sigterm.received:
+        if record:
+            run_record.end(training_args.output_dir, "stopped", trainer.state.global_step, "SIGTERM; checkpoint saved")
         trainer.accelerator.print(
             f"Stopped by SIGTERM at step {trainer.state.global_step}; a checkpoint is in {training_args.output_dir}. "
             "Continue with --resume_from_checkpoint latest"
@@ -140,6 +154,7 @@ def train(script_args, training_args, model_args, train_dataset, eval_dataset):
         plot_training_curves(trainer.state.log_history, output_dir / "training_curves.png")
         if script_args.merge_adapter:
             merge_adapter(output_dir, trainer.processing_class, training_args.trust_remote_code)
+        run_record.end(output_dir, "finished", trainer.state.global_step)
     trainer.accelerator.print(
         f"Saved the model, tokenizer, resolved_config.yaml and training_curves.png to {training_args.output_dir}"
         + (

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -167,6 +168,26 @@ def test_demo_trains_evaluates_logs_diversity_and_saves_a_model_that_generates(t
     assert resolved["diversity_weight"] == 0.05 and resolved["max_steps"] == 6
     assert not any("token" in key for key in resolved)
     assert list((tmp_path / "wandb").glob("offline-run-*")), "wandb should have logged offline"
+
+    import hashlib
+
+    import torch
+
+    record = json.loads((output / "run_record.json").read_text(encoding="utf-8"))
+    assert record["status"] == "finished" and record["global_step"] == 6 and record["seed"] == 42
+    assert record["command"] == {"argv": ["train_diversity_simpo.py", *record["command"]["argv"][1:]],
+                                 "launcher": "python", "world_size": 1}  # fmt: skip
+    assert "--max_steps" in record["command"]["argv"] and record["settings"] == "resolved_config.yaml"
+    assert record["environment"]["packages"]["torch"] == torch.__version__
+    assert record["environment"]["python"] == ".".join(map(str, sys.version_info[:3]))
+    assert record["environment"]["accelerator"]["type"] == "cpu" and record["environment"]["accelerator"]["count"] >= 1
+    assert record["project"]["version"] and len(record["project"]["git_commit"] or "x" * 40) == 40
+    files = {Path(f["path"]).name: f["sha256"] for f in record["data"]["files"]}
+    assert files == {n: hashlib.sha256((DEMO_DATA / n).read_bytes()).hexdigest() for n in ("test.jsonl", "train.jsonl")}
+    assert record["data"]["rows"]["train"] == {"read": 216, "kept": 216, "skipped_identical": 0,
+                                               "skipped_diverging": 0}  # fmt: skip
+    assert record["data"]["rows"]["eval"]["kept"] == 54
+    assert record["started"] <= record["ended"]
 
     sys.path.insert(0, str(ROOT / "demo"))
     from generate import generate

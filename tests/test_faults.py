@@ -69,6 +69,9 @@ def test_nan_loss_or_gradient_stops_naming_the_step_and_keeps_the_last_checkpoin
     weights = load_file(tmp_path / f"checkpoint-{max(saved)}" / "model.safetensors")
     assert all(w.isfinite().all() for w in weights.values())
     assert not (tmp_path / "model.safetensors").exists()
+    record = json.loads((tmp_path / "run_record.json").read_text(encoding="utf-8"))
+    assert record["status"] == "failed" and record["global_step"] == failed_step - 1
+    assert "NonFiniteLossError" in record["reason"] and f"at step {failed_step}" in record["reason"]
 
 
 COMMON = ["--config", DEMO_CONFIG, "--max_steps", 30, "--save_steps", 10, "--save_total_limit", 10]
@@ -178,6 +181,8 @@ def test_sigterm_saves_a_checkpoint_and_exits_143_then_resume_finishes(tmp_path)
     checkpoints = list(tmp_path.glob("checkpoint-*"))
     stopped_at = int(checkpoints[0].name.split("-")[1])
     assert len(checkpoints) == 1 and stopped_at < 400 and f"at step {stopped_at};" in stdout
+    record = json.loads((tmp_path / "run_record.json").read_text(encoding="utf-8"))
+    assert (record["status"], record["global_step"]) == ("stopped", stopped_at) and "SIGTERM" in record["reason"]
     assert not (tmp_path / "model.safetensors").exists()
 
     # A mark in the checkpoint's weights: a resumed run carries it into the final model, a restart would not.
