@@ -20,6 +20,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 import run_record
+from health_warnings import SimPOHealthWarnings
 from preference_data import DataError, is_conversation, load_preference_data
 from run_config import (
     DEMO_HINT,
@@ -126,6 +127,7 @@ def train(script_args, training_args, model_args, train_dataset, eval_dataset, a
         return evaluate_only(trainer, diversity_eval, Path(training_args.output_dir))
     if diversity_eval["prompts"]:
         trainer.add_callback(DiversityEvalCallback(trainer, **diversity_eval))
+    trainer.add_callback(SimPOHealthWarnings(training_args.beta))
     record = trainer.is_world_process_zero()  # output_dir/run_record.json: one writer
     if record:  # the settings and the record before the first step: a run killed outright still has both
         save_resolved_config(Path(training_args.output_dir) / "resolved_config.yaml", script_args, model_args,
