@@ -235,6 +235,10 @@ class DiversitySimPOTrainer(CPOTrainer):
         elif self.eval_dataset is not None:
             self.eval_dataset = _drop_empty_completions(self.eval_dataset, "eval", self.args.max_length)
 
+    def create_model_card(self, *args, **kwargs):
+        """Nothing: TRL's generic card names no data, settings or results; the CLI writes this tool's at the end of
+        the run (model_card.py)."""
+
     def concatenated_forward(self, model, batch):
         """TRL's, or with `fused_lm_head` the same outputs from the fused head: per-pair log-probabilities, each
         row's mean logit per position in place of the logits (TRL only reads their mean), and the NLL term."""

@@ -234,6 +234,7 @@ def normalise(dataset, args, source, counts=None):
             rows.append({**pair, "row_id": index})
     if counts is not None:
         counts.update(read=len(dataset), kept=len(rows), skipped_identical=identical, skipped_diverging=diverging)
+        counts["layout"] = _layout(dataset[0], columns)
     skipped = ((identical, "chosen and rejected are identical"), (diverging, "conversations differ before the reply"))
     for count, why in skipped:
         if count:
@@ -262,6 +263,17 @@ def _rename(dataset, mapping, source):
     renames = {column: key for key, column in mapping.items() if column != key}
     dataset = dataset.remove_columns([c for c in renames.values() if c in dataset.column_names and c not in renames])
     return dataset.rename_columns(renames)
+
+
+def _layout(row, columns):
+    """The layout's name (module docstring), as the first row shows it: for the run record and the model card."""
+    if "conversations" in columns:
+        return "sharegpt"
+    if isinstance(row["chosen"], (list, dict)):
+        return "conversational" + (" (explicit prompt)" if "prompt" in columns else " (implicit prompt)")
+    if "prompt" not in columns:
+        return "hh"
+    return "standard (conversation prompt)" if isinstance(row["prompt"], list) else "standard"
 
 
 def _pair(row, args, where):

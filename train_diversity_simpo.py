@@ -157,8 +157,10 @@ def train(script_args, training_args, model_args, train_dataset, eval_dataset, a
         if script_args.merge_adapter:
             merge_adapter(output_dir, trainer.processing_class, training_args.trust_remote_code)
         run_record.end(output_dir, "finished", trainer.state.global_step)
+        write_model_cards(output_dir, script_args, model_args, training_args, trainer.state.log_history)
     trainer.accelerator.print(
-        f"Saved the model, tokenizer, resolved_config.yaml and training_curves.png to {training_args.output_dir}"
+        f"Saved the model, tokenizer, model card, resolved_config.yaml, run_record.json and training_curves.png to "
+        f"{training_args.output_dir}"
         + (
             f", and the adapter merged into its base model to {training_args.output_dir}/merged"
             if script_args.merge_adapter
@@ -213,6 +215,24 @@ def load_model_and_tokenizer(model_args, training_args):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def write_model_cards(output_dir, script_args, model_args, training_args, log_history):
+    """README.md beside the model (and beside the merged model, with the curves): this tool's card, not TRL's."""
+    from model_card import write_model_card
+
+    card = {
+        "model_name_or_path": model_args.model_name_or_path,
+        "dataset_name": script_args.dataset_name,
+        "args": training_args,
+        "log_history": log_history,
+        "record": json.loads((output_dir / run_record.RECORD).read_text(encoding="utf-8")),
+    }
+    write_model_card(output_dir, adapter=(output_dir / "adapter_config.json").is_file(), **card)
+    if script_args.merge_adapter:
+        if (output_dir / "training_curves.png").is_file():
+            shutil.copy(output_dir / "training_curves.png", output_dir / "merged" / "training_curves.png")
+        write_model_card(output_dir / "merged", adapter=False, merged=True, **card)
 
 
 def merge_adapter(output_dir, tokenizer, trust_remote_code):

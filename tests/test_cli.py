@@ -152,6 +152,33 @@ def test_demo_trains_evaluates_logs_diversity_and_saves_a_model_that_generates(t
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"training_curves.png to {output}" in result.stdout + result.stderr
+
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(output / "README.md")  # this tool's card, with Hub metadata the Hub accepts
+    card.validate = None
+    metadata = card.data.to_dict()
+    assert metadata.get("base_model") is None  # a local model folder whose card and config name no Hub id
+    assert metadata["library_name"] == "transformers" and metadata["pipeline_tag"] == "text-generation"
+    assert {"simpo", "diversity-simpo", "trl"} <= set(metadata["tags"]) and "datasets" not in metadata
+    text = card.text
+    assert "None" not in text.replace("`None`", "") and "CPO" not in text.replace("CPOTrainer", "")
+    assert "the local model `demo/tiny-llama-ja`" in text and "`demo/data`: 216 training pairs used of 216" in text
+    assert "layout: conversational (explicit prompt)" in text and "54 held-out pairs" in text
+    assert "beta =\n2.5" in text.replace(" \n", "\n") or "beta = 2.5" in text
+    for setting in (
+        "simpo_gamma = 0.7",
+        "diversity_weight = 0.05",
+        "diversity_alpha = 0.1",
+        "arxiv.org/abs/2405.14734",
+    ):
+        assert setting in text.replace("\n", " "), setting
+    assert "![training curves](training_curves.png)" in text and "apply_chat_template" in text
+    assert f'AutoModelForCausalLM.from_pretrained("{output}")' in text and "日本の四季" in text
+    history = json.loads((output / "trainer_state.json").read_text())["log_history"]
+    final_eval = [e for e in history if "eval_rewards/accuracies" in e][-1]
+    assert "| preference accuracy | " in text and f"{final_eval['eval_rewards/accuracies']:.4g} |" in text
+    assert "| distinct_2 |" in text and "torch 2.13.0" in text and "x cpu" in text
     png = (output / "training_curves.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000  # a real picture, not an empty file
     from PIL import Image
@@ -184,8 +211,9 @@ def test_demo_trains_evaluates_logs_diversity_and_saves_a_model_that_generates(t
     assert record["project"]["version"] and len(record["project"]["git_commit"] or "x" * 40) == 40
     files = {Path(f["path"]).name: f["sha256"] for f in record["data"]["files"]}
     assert files == {n: hashlib.sha256((DEMO_DATA / n).read_bytes()).hexdigest() for n in ("test.jsonl", "train.jsonl")}
+    layout = "conversational (explicit prompt)"
     assert record["data"]["rows"]["train"] == {"read": 216, "kept": 216, "skipped_identical": 0,
-                                               "skipped_diverging": 0}  # fmt: skip
+                                               "skipped_diverging": 0, "layout": layout}  # fmt: skip
     assert record["data"]["rows"]["eval"]["kept"] == 54
     assert record["started"] <= record["ended"]
 

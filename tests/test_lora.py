@@ -38,6 +38,12 @@ def test_merge_adapter_writes_a_standalone_model_with_the_logits_of_base_plus_ad
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"merged into its base model to {tmp_path / 'out'}/merged" in result.stdout
     assert_merged_model_has_the_logits_of_base_plus_adapter(tmp_path / "out")
+    from huggingface_hub import ModelCard
+
+    adapter_card, merged_card = (ModelCard.load(tmp_path / "out" / f / "README.md") for f in ("", "merged"))
+    assert adapter_card.data.library_name == "peft" and "AutoPeftModelForCausalLM" in adapter_card.text
+    assert merged_card.data.library_name == "transformers" and "The merged LoRA fine-tune of" in merged_card.text
+    assert (tmp_path / "out" / "merged" / "training_curves.png").is_file()  # the card's picture travels with it
 
 
 def test_merge_adapter_without_an_adapter_is_refused_in_one_line(tmp_path):
