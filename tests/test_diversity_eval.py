@@ -9,7 +9,7 @@ from conftest import DEMO_MODEL
 from test_cli import DEMO_CONFIG, run_cli
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from diversity_eval import bleu, distinct_n, normalise, sample_replies, self_bleu
+from diversity_eval import bleu, distinct_n, mean_per_reply, normalise, sample_replies, self_bleu
 
 
 def test_characters_are_normalised_and_whitespace_dropped():
@@ -34,6 +34,13 @@ def test_bleu_by_hand():
 def test_self_bleu_is_one_for_identical_replies_and_zero_for_disjoint_ones():
     assert self_bleu(["富士山は高い", "富士山は高い", "富士山は高い"]) == pytest.approx(1.0)
     assert self_bleu(["あいうえお", "かきくけこ", "さしすせそ"]) == 0.0
+
+
+def test_token_entropy_is_averaged_per_reply_then_over_replies():
+    """A 4-token reply at 1 nat and a 1-token reply at 3 nats: 2.0 (per reply), not 7/5 (per token)."""
+    in_reply = torch.tensor([[1, 1, 1, 1], [1, 0, 0, 0]])
+    entropy = torch.tensor([[1.0, 1.0, 1.0, 1.0], [3.0, 0.0, 0.0, 0.0]])
+    assert mean_per_reply(entropy, in_reply).item() == pytest.approx(2.0)
 
 
 def test_token_entropy_is_that_of_the_sampling_distribution_for_each_prompt_of_a_padded_batch():
