@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, TrainerCallback
 
+from diversity_simpo_trainer import mean_of_row_means
+
 
 def normalise(text):
     return "".join(unicodedata.normalize("NFKC", text).split())
@@ -126,15 +128,9 @@ def sample_replies(model, tokenizer, prompts, num_samples, temperature, max_new_
     results = []
     for i in range(len(prompts)):
         rows = slice(i * num_samples, (i + 1) * num_samples)  # generate repeats each prompt num_samples times
-        mean_entropy = mean_per_reply(token_entropy[rows], in_reply[rows])
+        mean_entropy = mean_of_row_means(token_entropy[rows], in_reply[rows])  # per reply, as the loss per pair
         results.append((replies[rows], mean_entropy.item()))
     return results
-
-
-def mean_per_reply(token_values, in_reply):
-    """Each reply's mean over its own tokens, then the mean over replies: token_values, in_reply [replies, T], values
-    0 outside the reply. A short reply counts as much as a long one, as each pair does in the training term."""
-    return (token_values.sum(-1) / in_reply.sum(-1).clamp(min=1)).mean()
 
 
 def sentence_embedder():

@@ -185,23 +185,19 @@ def entropy_and_kl(logits, labels, chunk_elements=2**21):
     shared_mask = chosen_mask & rejected_mask
     chosen_index = chosen_mask.flatten().nonzero().squeeze(-1)
     rejected_index = chosen_index + pairs * length
+    pair = chosen_index // length
     # per position, 1 / (B * its pair's count): the sums over positions are then the means over pairs
-    entropy_weight = (1.0 / (pairs * chosen_mask.sum(-1).clamp(min=1))).unsqueeze(-1).expand(-1, length)
-    kl_weight = shared_mask / (pairs * shared_mask.sum(-1, keepdim=True).clamp(min=1))
+    entropy_weight = (1.0 / (pairs * chosen_mask.sum(-1).clamp(min=1)))[pair]
+    kl_weight = shared_mask.flatten()[chosen_index] / (pairs * shared_mask.sum(-1).clamp(min=1))[pair]
     chunk_rows = max(1, chunk_elements // vocab)
     return _EntropyAndKL.apply(
-        logits,
-        chosen_index,
-        rejected_index,
-        entropy_weight.flatten()[chosen_index].float(),
-        kl_weight.flatten()[chosen_index].float(),
-        chunk_rows,
+        logits, chosen_index, rejected_index, entropy_weight.float(), kl_weight.float(), chunk_rows
     )
 
 
-def mean_over_pairs(values, mask):
-    """The mean over pairs of each pair's mean over its masked positions (0 for a pair with none): values, mask [B, L]
-    with values 0 outside the mask, as the fused head returns them."""
+def mean_of_row_means(values, mask):
+    """The mean over rows of each row's mean over its masked positions (0 for a row with none): values, mask [R, L],
+    values 0 outside the mask. Rows are pairs in the loss (the fused head's outputs) and replies in the eval."""
     return (values.sum(-1) / mask.sum(-1).clamp(min=1)).mean()
 
 
@@ -265,8 +261,8 @@ class DiversitySimPOTrainer(CPOTrainer):
         )
         if self.args.diversity_weight > 0:
             self._diversity_stats = (
-                mean_over_pairs(out.entropy[:pairs], chosen),
-                mean_over_pairs(out.kl, out.pair_mask),
+                mean_of_row_means(out.entropy[:pairs], chosen),
+                mean_of_row_means(out.kl, out.pair_mask),
             )
         return logps[:pairs], logps[pairs:], out.mean_logits[:pairs], out.mean_logits[pairs:], nll_loss
 

@@ -88,7 +88,7 @@ def _read(args):
             encoding = _check_text(path, builder)
             return load_dataset(builder, data_files={args.dataset_train_split: str(path)}, **encoding)
         if path.is_dir():
-            files = [p for p in sorted(path.rglob("*")) if p.is_file() and _builder(p, strict=False)]
+            files = data_files(path)
             if not files:
                 raise DataError(f"dataset folder {path} holds no .jsonl/.json/.parquet/.csv file")
             encodings = [_check_text(file, _builder(file)) for file in files]
@@ -102,6 +102,11 @@ def _read(args):
         hub = "the Hugging Face Hub could not provide it: offline?"
         hint = "" if path.exists() else f" (not a local path, and {hub}{DEMO_HINT})"
         raise DataError(f"could not load dataset {name!r}{hint}: {first_line(e)}") from None
+
+
+def data_files(folder):
+    """The data files `datasets` reads from a folder: .jsonl(.gz), .json, .parquet and .csv, at any depth."""
+    return [p for p in sorted(Path(folder).rglob("*")) if p.is_file() and _builder(p, strict=False)]
 
 
 def _builder(path, strict=True):

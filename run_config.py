@@ -226,9 +226,8 @@ def parse_args(argv):
         raise ConfigError(first_line(e)) from None
     for instance in parsed[:3]:  # the merged values: types were checked above (YAML) or by argparse (flags)
         check_values(vars(instance), [type(instance)], None, types=False)
-    _, training, model = parsed[:3]
-    script = parsed[0]
-    if script.merge_adapter and not model.use_peft and not _is_adapter_folder(model.model_name_or_path):
+    script, training, model = parsed[:3]
+    if script.merge_adapter and not model.use_peft and not is_adapter_folder(model.model_name_or_path):
         raise ConfigError(
             "merge_adapter: true needs an adapter to merge: set use_peft: true (LoRA), or set merge_adapter: false "
             "(a full fine-tune already saves a standalone model)"
@@ -356,7 +355,7 @@ def check_paths(script_args, training_args, model_args):
         raise ConfigError(f"model folder {name} has no config.json: not a saved model (save_pretrained writes one)")
     if not model_path.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
         raise ConfigError(f"model folder {name} not found; check model_name_or_path")
-    if _is_adapter_folder(name):
+    if is_adapter_folder(name):
         check_adapter_folder(model_path)
 
     output_dir = Path(training_args.output_dir)
@@ -458,7 +457,8 @@ def check_deepspeed_against_settings(training_args, train_rows):
         raise ConfigError(f"DeepSpeed rejects {name}: {first_line(e)}") from None
 
 
-def _is_adapter_folder(name):
+def is_adapter_folder(name):
+    """A PEFT adapter folder (a LoRA run's output: adapter_config.json and no config.json), not a whole model."""
     path = Path(name or "").expanduser()
     return (path / "adapter_config.json").is_file() and not (path / "config.json").is_file()
 

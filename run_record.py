@@ -114,12 +114,10 @@ def _accelerator():
 
 def _fingerprints(dataset_name):
     """SHA-256 and size of each local data file; a Hub dataset is named by its id (and revision, in the settings)."""
-    from preference_data import _builder
+    from preference_data import data_files
 
     path = Path(str(dataset_name)).expanduser()
-    files = [path] if path.is_file() else []
-    if path.is_dir():  # the data files that datasets reads from the folder
-        files = sorted(p for p in path.rglob("*") if p.is_file() and _builder(p, strict=False))
+    files = [path] if path.is_file() else data_files(path) if path.is_dir() else []
     fingerprints = []
     for file in files:
         digest = hashlib.sha256()

@@ -29,6 +29,7 @@ from run_config import (
     check_optimizer_and_schedule,
     check_paths,
     first_line,
+    is_adapter_folder,
     parse_args,
     resume_target,
     save_resolved_config,
@@ -63,14 +64,14 @@ def main(argv=None):
     output_dir = Path(training_args.output_dir)
     created = not output_dir.exists()
     try:
-        return train(script_args, training_args, model_args, train_dataset, eval_dataset, (argv, counts))
+        return train(script_args, training_args, model_args, train_dataset, eval_dataset, argv, counts)
     except (ConfigError, DataError):
         if created and output_dir.is_dir() and not any(p.is_file() for p in output_dir.rglob("*")):
             shutil.rmtree(output_dir)  # a mistake found late (while loading the model, say) leaves no empty folder
         raise
 
 
-def train(script_args, training_args, model_args, train_dataset, eval_dataset, argv_and_counts=((), {})):
+def train(script_args, training_args, model_args, train_dataset, eval_dataset, argv=(), counts=None):
     from trl import get_peft_config
 
     from diversity_eval import DiversityEvalCallback
@@ -91,12 +92,13 @@ def train(script_args, training_args, model_args, train_dataset, eval_dataset, a
         train_dataset = eval_dataset  # TRL requires a train set; nothing is trained
     use_wandb_offline_without_login(training_args)
     peft_config = get_peft_config(model_args)
-    if adapter_base(model_args.model_name_or_path):
+    base = adapter_base(model_args.model_name_or_path)
+    if base:
         peft_config = None  # the loaded adapter is the one trained; a second one would stack on it
         if training_args.process_index == 0:
             print(
-                f"model_name_or_path {model_args.model_name_or_path} is an adapter of "
-                f"{adapter_base(model_args.model_name_or_path)}: training that adapter further with its own settings"
+                f"model_name_or_path {model_args.model_name_or_path} is an adapter of {base}: training that adapter "
+                "further with its own settings"
                 + (" (the lora_* settings are not used)" if model_args.use_peft else ""),
                 file=sys.stderr,
             )
@@ -132,8 +134,7 @@ def train(script_args, training_args, model_args, train_dataset, eval_dataset, a
     if record:  # the settings and the record before the first step: a run killed outright still has both
         save_resolved_config(Path(training_args.output_dir) / "resolved_config.yaml", script_args, model_args,
                              training_args)  # fmt: skip
-        run_record.start(training_args.output_dir, argv_and_counts[0], training_args, script_args.dataset_name,
-                         argv_and_counts[1])  # fmt: skip
+        run_record.start(training_args.output_dir, argv, training_args, script_args.dataset_name, counts or {})
     try:
         trainer.train(resume_from_checkpoint=resume_target(training_args.resume_from_checkpoint))
     except BaseException as e:  # recorded, then raised as before (a NaN loss: one line; our bugs: a traceback)
@@ -152,7 +153,6 @@ def train(script_args, training_args, model_args, train_dataset, eval_dataset, a
     trainer.save_state()  # trainer_state.json: the whole log history, next to the model
     if trainer.is_world_process_zero():  # the global rank 0: one writer, also across nodes
         output_dir = Path(training_args.output_dir)
-        save_resolved_config(output_dir / "resolved_config.yaml", script_args, model_args, training_args)
         plot_training_curves(trainer.state.log_history, output_dir / "training_curves.png")
         if script_args.merge_adapter:
             merge_adapter(output_dir, trainer.processing_class, training_args.trust_remote_code)
@@ -251,9 +251,9 @@ def merge_adapter(output_dir, tokenizer, trust_remote_code):
 
 def adapter_base(name):
     """The base model of a PEFT adapter folder (a LoRA run's output), or None for a model folder or a Hub id."""
-    config = Path(name).expanduser() / "adapter_config.json"
-    if not config.is_file() or (Path(name).expanduser() / "config.json").is_file():
+    if not is_adapter_folder(name):
         return None
+    config = Path(name).expanduser() / "adapter_config.json"
     return json.loads(config.read_text(encoding="utf-8"))["base_model_name_or_path"]  # checked in preflight
 
 

@@ -9,7 +9,8 @@ from conftest import DEMO_MODEL
 from test_cli import DEMO_CONFIG, run_cli
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from diversity_eval import bleu, distinct_n, mean_per_reply, normalise, sample_replies, self_bleu
+from diversity_eval import bleu, distinct_n, normalise, sample_replies, self_bleu
+from diversity_simpo_trainer import mean_of_row_means
 
 
 def test_characters_are_normalised_and_whitespace_dropped():
@@ -40,7 +41,7 @@ def test_token_entropy_is_averaged_per_reply_then_over_replies():
     """A 4-token reply at 1 nat and a 1-token reply at 3 nats: 2.0 (per reply), not 7/5 (per token)."""
     in_reply = torch.tensor([[1, 1, 1, 1], [1, 0, 0, 0]])
     entropy = torch.tensor([[1.0, 1.0, 1.0, 1.0], [3.0, 0.0, 0.0, 0.0]])
-    assert mean_per_reply(entropy, in_reply).item() == pytest.approx(2.0)
+    assert mean_of_row_means(entropy, in_reply).item() == pytest.approx(2.0)
 
 
 def test_token_entropy_is_that_of_the_sampling_distribution_for_each_prompt_of_a_padded_batch():

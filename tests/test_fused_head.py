@@ -17,7 +17,7 @@ from test_trainer import make_trainer as trainer_on_demo_data
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import fused_preference_head
-from diversity_simpo_trainer import mean_over_pairs
+from diversity_simpo_trainer import mean_of_row_means
 from fused_preference_head import fused_head_refusal, preference_head
 
 
@@ -51,7 +51,7 @@ def test_head_matches_the_float64_reference_in_value_and_gradient(small_vocab_ti
     leaves = [t.clone().requires_grad_() for t in (hidden, weight) + ((b,) if bias else ())]
     out = preference_head(leaves[0], leaves[1], leaves[2] if bias else None, labels, pairs, tile_elements)
     chosen = out.label_mask[:pairs]
-    entropy, kl = mean_over_pairs(out.entropy[:pairs], chosen), mean_over_pairs(out.kl, out.pair_mask)
+    entropy, kl = mean_of_row_means(out.entropy[:pairs], chosen), mean_of_row_means(out.kl, out.pair_mask)
     loss, grads = loss_and_grads(out.log_probs, entropy, kl, leaves)
 
     ref_leaves = [t.double().requires_grad_() for t in (hidden, weight) + ((b,) if bias else ())]
