@@ -221,6 +221,12 @@ def normalise(dataset, args, source, counts=None):
             "rejected (map other names with dataset_columns)"
         )
     if not {"chosen", "rejected"} <= columns:
+        glued = [sep for sep in ("\t", ";", "|") if len(columns) == 1 and sep in next(iter(columns))]
+        if glued:  # one column whose name holds the others: a CSV written with another separator
+            raise DataError(
+                f"{source} has one column {sorted(columns)}: the file is separated by {glued[0]!r}, not commas; "
+                "save it as comma-separated CSV (or as .jsonl)"
+            )
         raise DataError(
             f"{source} has columns {sorted(columns)}, which are not preference pairs. Accepted layouts: {LAYOUTS}. "
             "Map other names with dataset_columns (e.g. {prompt: input})."

@@ -479,3 +479,15 @@ def test_a_japanese_file_not_in_utf8_is_refused_naming_its_encoding_and_the_fix(
     )
     assert_clean_error(result, f"dataset file {data} is not UTF-8 text", f"it looks like {named}", f"{iconv} {data}")
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("separator", ["\t", ";"])
+def test_a_csv_written_with_another_separator_is_named_as_such(tmp_path, separator):
+    """Excel in many locales writes ';', and a TSV is easily saved as .csv: one glued column, said in one line."""
+    import pandas as pd
+
+    data = tmp_path / "pairs.csv"
+    pd.DataFrame(rows_of("standard", 5)).to_csv(data, index=False, sep=separator)
+    with pytest.raises(DataError) as refusal:
+        load_file(data)
+    assert f"separated by {separator!r}, not commas" in str(refusal.value)
