@@ -22,6 +22,7 @@ ranks, and each reply weighs the same whatever its length, as in SimPO's reward.
 """
 
 import os
+import types
 import warnings
 from dataclasses import dataclass, field
 
@@ -33,6 +34,7 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # CPOTrainer lives in tr
 from trl.experimental.cpo import CPOConfig, CPOTrainer
 
 from fused_preference_head import add_fused_preference_head, fused_head_refusal
+from preference_layout import FLEX_BLOCK, layout_refusal, pack_pairs, response_positions
 
 
 @dataclass
@@ -72,6 +74,21 @@ class DiversitySimPOConfig(CPOConfig):
         metadata={
             "help": "Compute SimPO's log-probabilities and the diversity term from the hidden states in tiles, "
             "never materialising the [2B, L, V] logits (same numbers, far less memory)."
+        },
+    )
+
+    prefix_sharing: bool = field(
+        default=False,
+        metadata={
+            "help": "One sequence per pair: the shared prompt once, then the chosen and the rejected reply, each "
+            "seeing only the prompt and itself (same numbers as two rows; needs sdpa, eager or flex_attention)."
+        },
+    )
+    padding_free: bool = field(
+        default=False,
+        metadata={
+            "help": "Pack the micro-batch's sequences end to end in one row, with no padding and attention blocked "
+            "across sequences (same numbers; needs sdpa, eager or flex_attention)."
         },
     )
 
@@ -195,10 +212,15 @@ def entropy_and_kl(logits, labels, chunk_elements=2**21):
     )
 
 
+def _row_means(values, mask):
+    """Each row's mean of `values` [R, L] over its masked positions (0 for a row with none)."""
+    return (values * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+
+
 def mean_of_row_means(values, mask):
     """The mean over rows of each row's mean over its masked positions (0 for a row with none): values, mask [R, L],
     values 0 outside the mask. Rows are pairs in the loss (the fused head's outputs) and replies in the eval."""
-    return (values.sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+    return _row_means(values, mask).mean()
 
 
 class DiversitySimPOTrainer(CPOTrainer):
@@ -222,6 +244,10 @@ class DiversitySimPOTrainer(CPOTrainer):
                 raise ValueError(refusal)
             base = self.model.get_base_model() if is_peft_model(self.model) else self.model
             add_fused_preference_head(base, self.args.diversity_chunk_elements)
+        refusal = layout_refusal(self.model, self.args.prefix_sharing, self.args.padding_free)
+        if refusal:
+            raise ValueError(refusal)
+        self._attention = self.model.config.get_text_config()._attn_implementation
         # A completion that truncation to max_length leaves empty makes SimPO's length-normalised log-probability 0/0.
         self.train_dataset = _drop_empty_completions(self.train_dataset, "train", self.args.max_length)
         if isinstance(self.eval_dataset, dict):
@@ -236,16 +262,51 @@ class DiversitySimPOTrainer(CPOTrainer):
         the run (model_card.py)."""
 
     def concatenated_forward(self, model, batch):
-        """TRL's, or with `fused_lm_head` the same outputs from the fused head: per-pair log-probabilities, each
-        row's mean logit per position in place of the logits (TRL only reads their mean), and the NLL term."""
-        if not self.args.fused_lm_head:
-            return super().concatenated_forward(model, batch)
+        """TRL's outputs: per-reply log-probabilities, the logits' summary and the NLL term, from TRL's layout or the
+        prefix-shared / padding-free one (`preference_layout.py`), through TRL's code or, with `fused_lm_head`, the
+        fused head. In place of the logits, each reply's mean logit over its response positions (the `logits/*`
+        metrics, which TRL averages over every position, padding included: a number of the layout, not the pairs)."""
         inputs = self.concatenated_inputs(batch, padding_value=self.pad_token_id, device=self.accelerator.device)
-        pairs = batch["chosen_labels"].shape[0]
+        labels = inputs["concatenated_labels"]
+        pairs = labels.shape[0] // 2
+        layout = None
+        if self.args.prefix_sharing or self.args.padding_free:
+            layout = pack_pairs(
+                inputs["concatenated_input_ids"],
+                inputs["concatenated_attention_mask"],
+                labels,
+                self.args.prefix_sharing,
+                self.args.padding_free,
+                self.pad_token_id,
+                FLEX_BLOCK if self._attention == "flex_attention" else 1,
+            )
+        if self.args.fused_lm_head:
+            return self._fused_forward(model, inputs, layout, pairs)
+        if layout is not None:  # TRL's code, given the packed forward's logits in its own layout
+            packed_model = model
+
+            def model(*args, **kwargs):
+                kept = packed_model(**layout.model_inputs(self._attention), logits_to_keep=layout.keep)
+                return types.SimpleNamespace(logits=layout.logits_in_trl_layout(kept.logits))
+
+        chosen_logps, rejected_logps, chosen_logits, rejected_logits, *rest = super().concatenated_forward(model, batch)
+        response = response_positions(labels, chosen_logits.shape[1])
+        mean_logits = torch.cat([chosen_logits, rejected_logits]).detach().float().mean(-1)
+        reply_logits = _row_means(mean_logits, response)
+        return chosen_logps, rejected_logps, reply_logits[:pairs], reply_logits[pairs:], *rest
+
+    def _fused_forward(self, model, inputs, layout, pairs):
+        labels = inputs["concatenated_labels"]
+        if layout is None:
+            model_inputs = {
+                "input_ids": inputs["concatenated_input_ids"],
+                "attention_mask": inputs["concatenated_attention_mask"],
+            }
+        else:
+            model_inputs = {**layout.model_inputs(self._attention), "hidden_index": layout.source}
         out = model(
-            inputs["concatenated_input_ids"],
-            attention_mask=inputs["concatenated_attention_mask"],
-            labels=inputs["concatenated_labels"],
+            **model_inputs,
+            labels=labels,
             kl_pairs=pairs if self.args.diversity_weight > 0 else 0,
             fused_preference_head=True,
         )
@@ -264,7 +325,8 @@ class DiversitySimPOTrainer(CPOTrainer):
                 mean_of_row_means(out.entropy[:pairs], chosen),
                 mean_of_row_means(out.kl, out.pair_mask),
             )
-        return logps[:pairs], logps[pairs:], out.mean_logits[:pairs], out.mean_logits[pairs:], nll_loss
+        reply_logits = _row_means(out.mean_logits, mask)
+        return logps[:pairs], logps[pairs:], reply_logits[:pairs], reply_logits[pairs:], nll_loss
 
     def get_batch_logps(self, logits, labels, average_log_prob=False, is_encoder_decoder=False):
         if self.args.diversity_weight > 0:

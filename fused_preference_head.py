@@ -82,15 +82,17 @@ def fused_head_refusal(model):
 
 
 def add_fused_preference_head(model, tile_elements):
-    """Patch `model.forward`: with `fused_preference_head=True` it returns a `FusedPreferenceOutput` (see above);
-    without, it is the original forward, so generation and saving are unchanged. Under PEFT, patch the base model."""
+    """Patch `model.forward`: with `fused_preference_head=True` it returns a `FusedPreferenceOutput` (see above),
+    for TRL's layout or, given `hidden_index` (`PackedPairs.source`), a packed one; without, it is the original forward, so generation and saving are unchanged. Under PEFT, patch the base model."""
     original_forward = model.forward
 
-    def forward(self, *args, fused_preference_head=False, labels=None, kl_pairs=0, **kwargs):
+    def forward(self, *args, fused_preference_head=False, labels=None, kl_pairs=0, hidden_index=None, **kwargs):
         if not fused_preference_head:
             return original_forward(*args, **({} if labels is None else {"labels": labels}), **kwargs)
         kwargs["use_cache"] = False
-        hidden = self.base_model(*args, **kwargs).last_hidden_state  # [2B, L, H]; looked up per call: PEFT replaces it
+        hidden = self.base_model(*args, **kwargs).last_hidden_state  # looked up per call: PEFT replaces it
+        if hidden_index is not None:  # a packed layout: its hidden states [R, T, H] back in TRL's [2B, L, H]
+            hidden = hidden.reshape(-1, hidden.shape[-1])[hidden_index]
         head = self.get_output_embeddings()
         return preference_head(hidden, head.weight, head.bias, labels, kl_pairs, tile_elements)
 

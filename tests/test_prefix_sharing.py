@@ -1,0 +1,129 @@
+"""Prefix sharing and padding-free packing (`prefix_sharing`, `padding_free`): a different layout of the same pairs,
+so the same numbers. The loss, every logged metric and every parameter's gradient equal TRL's two-row layout's, with
+the fused head on and off, the NLL term on and off, the diversity term on and off, on pairs built to be awkward:
+prompts and replies of very unequal lengths, a rejected prompt whose last token differs (TRL tokenises prompt + reply
+per side), replies that begin with the same tokens, and a chosen reply that is a prefix of the rejected one.
+"""
+
+import pytest
+import torch
+from conftest import DEVICE
+from test_fused_head import loss_metrics_grads, random_llama
+from test_fused_head import make_trainer as trainer_on_random_llama
+from test_split_invariance import relative_difference, weight_update
+from trl.experimental.cpo import CPOTrainer
+
+from preference_layout import pack_pairs
+
+LAYOUTS = {
+    "prefix_sharing": dict(prefix_sharing=True),
+    "padding_free": dict(padding_free=True),
+    "both": dict(prefix_sharing=True, padding_free=True),
+}
+SETTINGS = {
+    "simpo": dict(diversity_weight=0.0, cpo_alpha=0.0),
+    "diversity-and-nll": dict(diversity_weight=0.3, diversity_alpha=0.1, cpo_alpha=0.5),
+    "entropy-only": dict(diversity_weight=0.3, diversity_alpha=1.0, cpo_alpha=0.0),
+}
+
+
+def awkward_pairs(pad_token_id, vocab=2048, seed=0):
+    """TRL's collated batch (right-padded chosen_* and rejected_* tensors, labels -100 on the prompt) of 4 pairs:
+    (prompt, chosen, rejected) lengths (40, 3, 25), (4, 30, 2) with the rejected prompt's last token different,
+    (12, 9, 7) with replies that share their first 3 tokens, and (6, 4, 10) with the chosen reply a prefix of the
+    rejected reply."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def tokens(n):
+        return torch.randint(5, vocab, (n,), generator=generator).tolist()
+
+    rows = {"chosen": [], "rejected": []}
+    for prompt_length, chosen_length, rejected_length, kind in ((40, 3, 25, ""), (4, 30, 2, "boundary"),
+                                                                 (12, 9, 7, "same start"), (6, 4, 10, "prefix")):
+        prompt, chosen, rejected = tokens(prompt_length), tokens(chosen_length), tokens(rejected_length)
+        rejected_prompt = prompt[:-1] + [(prompt[-1] + 1) % vocab] if kind == "boundary" else prompt
+        if kind == "same start":
+            rejected[:3] = chosen[:3]
+        if kind == "prefix":
+            rejected[: len(chosen)] = chosen
+        rows["chosen"].append((prompt, chosen))
+        rows["rejected"].append((rejected_prompt, rejected))
+    batch = {}
+    for side, pairs in rows.items():
+        width = max(len(p) + len(r) for p, r in pairs)
+        ids, mask, labels = [], [], []
+        for prompt, reply in pairs:
+            pad = width - len(prompt) - len(reply)
+            ids.append(prompt + reply + [pad_token_id] * pad)
+            mask.append([1] * (len(prompt) + len(reply)) + [0] * pad)
+            labels.append([-100] * len(prompt) + reply + [-100] * pad)
+        for name, value in (("input_ids", ids), ("attention_mask", mask), ("labels", labels)):
+            batch[f"{side}_{name}"] = torch.tensor(value, device=DEVICE)
+    return batch
+
+
+def loss_metrics_grads_on(trainer, batch):
+    loss, metrics = trainer.get_batch_loss_metrics(trainer.model, batch)
+    loss.backward()
+    grads = {n: p.grad.float().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    return loss.item(), metrics, grads
+
+
+def assert_same(result, reference, rel=1e-5):
+    (loss, metrics, grads), (ref_loss, ref_metrics, ref_grads) = result, reference
+    assert loss == pytest.approx(ref_loss, rel=rel)
+    assert metrics.keys() == ref_metrics.keys()
+    for key, value in ref_metrics.items():
+        assert metrics[key] == pytest.approx(value, rel=rel, abs=1e-7), key
+    assert grads.keys() == ref_grads.keys() and grads
+    for name, ref in ref_grads.items():
+        torch.testing.assert_close(grads[name], ref, rtol=rel, atol=rel * ref.abs().max().item(), msg=name)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+@pytest.mark.parametrize("settings", SETTINGS.values(), ids=SETTINGS.keys())
+@pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
+def test_loss_metrics_and_gradients_equal_trls_layout(tmp_path, layout, settings, fused):
+    def run(**fields):
+        trainer = trainer_on_random_llama(tmp_path, random_llama(), fused, **settings, **fields)
+        return loss_metrics_grads_on(trainer, awkward_pairs(trainer.pad_token_id))
+
+    reference = run()
+    expected = {"rewards/margins", "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected", "nll_loss"}
+    assert expected <= reference[1].keys()
+    assert_same(run(**layout), reference)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
+def test_the_demo_datas_tokenised_pairs_give_trls_numbers_too(tmp_path, layout):
+    """Real tokenised pairs through TRL's own collator, on the eager attention (an additive float mask)."""
+
+    def run(**fields):
+        model = random_llama()
+        model.config._attn_implementation = "eager"
+        return loss_metrics_grads(trainer_on_random_llama(tmp_path, model, False, diversity_weight=0.3, **fields))
+
+    assert_same(run(**layout), run())
+
+
+def test_each_prompt_is_computed_once_and_no_padding_is_left():
+    inputs = CPOTrainer.concatenated_inputs(awkward_pairs(pad_token_id=0), padding_value=0)
+    ids, mask, labels = (inputs[f"concatenated_{k}"] for k in ("input_ids", "attention_mask", "labels"))
+    real = int(mask.sum())
+    assert ids.numel() > real  # TRL's layout pads
+    shared = 40 + 3 + (12 + 3) + (6 + 4)  # the common token prefixes of the four pairs (awkward_pairs)
+    packed = pack_pairs(ids, mask, labels, prefix_sharing=True, padding_free=True, pad_token_id=0)
+    assert packed.input_ids.shape == (1, real - shared)
+    padding_free = pack_pairs(ids, mask, labels, prefix_sharing=False, padding_free=True, pad_token_id=0)
+    assert padding_free.input_ids.shape == (1, real)
+    shared_rows = pack_pairs(ids, mask, labels, prefix_sharing=True, padding_free=False, pad_token_id=0)
+    assert shared_rows.input_ids.shape == (4, max(43 + 65 - 40, 34 + 6 - 3, 21 + 19 - 15, 10 + 16 - 10))
+    assert int(packed.keep.sum()) < int(packed.response.sum())  # positions read by both replies are projected once
+
+
+@pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
+def test_the_update_stays_split_invariant_and_equal_to_trls_layout(tmp_path, layout):
+    reference = weight_update(tmp_path / "trl", 4, 1, diversity_weight=0.3)
+    for batch, accumulation in ((4, 1), (1, 4)):
+        update = weight_update(tmp_path, batch, accumulation, diversity_weight=0.3, **layout)
+        assert relative_difference(update, reference) < 1e-5, f"{batch} x {accumulation}"
