@@ -99,9 +99,7 @@ class PackedPairs:
 
         def mask_mod(b, h, q, k):
             return (
-                (document[b, q] == document[b, k])
-                & (k <= q)
-                & ((branch[b, k] == 0) | (branch[b, k] == branch[b, q]))
+                (document[b, q] == document[b, k]) & (k <= q) & ((branch[b, k] == 0) | (branch[b, k] == branch[b, q]))
             )
 
         rows, length = document.shape

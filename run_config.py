@@ -234,6 +234,23 @@ def parse_args(argv):
         )
     if training.max_steps <= 0 and training.num_train_epochs <= 0:
         raise ConfigError("num_train_epochs is 0 and max_steps is not set: nothing would be trained; set either")
+    import torch
+
+    from preference_layout import MASKED_ATTENTION
+
+    layouts = [name for name in ("prefix_sharing", "padding_free") if getattr(training, name)]
+    if layouts and model.attn_implementation not in (None, *MASKED_ATTENTION):
+        raise ConfigError(
+            f"{layouts[0]} needs an attention implementation that honours a custom mask, and attn_implementation is "
+            f"{model.attn_implementation!r}: set attn_implementation: sdpa (or flex_attention on a GPU), or "
+            f"{layouts[0]}: false"
+        )
+    training_on_cpu = training.use_cpu or not torch.cuda.is_available()
+    if model.attn_implementation == "flex_attention" and training_on_cpu and not script.eval_only:
+        raise ConfigError(
+            "attn_implementation: flex_attention cannot train on the CPU (PyTorch has no FlexAttention backward "
+            "there): set attn_implementation: sdpa"
+        )
     if training.fused_lm_head and model.use_peft:
         targets = model.lora_target_modules
         adapted = [targets] if isinstance(targets, str) else list(targets or [])

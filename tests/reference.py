@@ -64,3 +64,15 @@ def label_logprob_reference(logits, labels):
             if label != -100:
                 out[row, t] = torch.log_softmax(z[row, t], dim=-1)[label]
     return out
+
+
+def reply_logit_reference(logits, labels):
+    """(logits/chosen, logits/rejected) in float64: each reply's mean, over its response positions, of the mean logit
+    over the vocabulary, then the mean over the B chosen and the B rejected replies."""
+    z = logits.double()
+    rows, length, _ = z.shape
+    replies = []
+    for row in range(rows):
+        means = [z[row, t].mean() for t in range(length - 1) if t + 1 < labels.shape[1] and labels[row, t + 1] != -100]
+        replies.append(torch.stack(means).mean())
+    return torch.stack(replies[: rows // 2]).mean().item(), torch.stack(replies[rows // 2 :]).mean().item()

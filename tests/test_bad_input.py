@@ -81,6 +81,14 @@ def config_with(tmp_path, **fields):
             lambda p: ["--config", config_with(p, max_length=8), "--eval_strategy", "no"],
             ["every train pair has an empty chosen or rejected completion", "max_length=8"],
         ),
+        (
+            lambda p: ["--config", config_with(p, prefix_sharing=True, attn_implementation="flash_attention_2")],
+            ["prefix_sharing needs an attention implementation", "'flash_attention_2'", "sdpa"],
+        ),
+        (
+            lambda p: ["--config", config_with(p, padding_free=True, attn_implementation="flex_attention")],
+            ["flex_attention cannot train on the CPU", "sdpa"],
+        ),
     ],
     ids=[
         "missing-config",
@@ -96,6 +104,8 @@ def config_with(tmp_path, **fields):
         "missing-deepspeed-config",
         "invalid-deepspeed-json",
         "all-truncated",
+        "layout-without-mask-support",
+        "flex-attention-on-cpu",
     ],
 )
 def test_bad_input_exits_2_with_a_clear_message(tmp_path, make_args, phrases):

@@ -255,10 +255,23 @@ def test_two_nodes_on_one_machine_write_once_gather_metrics_and_train_like_one_p
         torch.testing.assert_close(ours[name], theirs[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed-zero2"])
-def test_two_ranks_of_2_pairs_give_the_update_of_one_process_of_4_pairs(tmp_path, launcher):
-    """One step is a function of its pairs: 2 ranks x 2 pairs = 1 process x 4 pairs, with the diversity term on and
-    plain SGD (no clipping, no Adam normalisation to hide a different gradient). Plain DDP, and DeepSpeed ZeRO-2."""
+SHARED = ["--prefix_sharing", "true", "--padding_free", "true"]
+
+
+@pytest.mark.parametrize(
+    "launcher, layout",
+    [
+        ("torchrun", []),
+        ("configs/ds_config.json", []),
+        ("configs/ds_config.json", SHARED),
+        ("configs/ds_config_zero3.json", [*SHARED, "--fused_lm_head", "true"]),
+    ],
+    ids=["torchrun", "zero2", "zero2-prefix-shared-padding-free", "zero3-prefix-shared-padding-free-fused"],
+)
+def test_two_ranks_of_2_pairs_give_the_update_of_one_process_of_4_pairs(tmp_path, launcher, layout):
+    """One step is a function of its pairs: 2 ranks x 2 pairs = 1 process x 4 pairs in TRL's layout, with the
+    diversity term on and plain SGD (no clipping, no Adam normalisation to hide a different gradient). Plain DDP, and
+    DeepSpeed ZeRO-2 and ZeRO-3, the last two also with each prompt computed once and no padding."""
     sgd = ["--config", "configs/demo.yaml", "--max_steps", "2", "--eval_strategy", "no", "--save_strategy", "no"]
     sgd += ["--optim", "sgd", "--learning_rate", "0.5", "--lr_scheduler_type", "constant", "--warmup_steps", "0"]
     sgd += ["--max_grad_norm", "0", "--diversity_weight", "0.3", "--diversity_alpha", "0.35", "--report_to", "none"]
@@ -272,11 +285,11 @@ def test_two_ranks_of_2_pairs_give_the_update_of_one_process_of_4_pairs(tmp_path
         "--output_dir",
         tmp_path / "one",
     )
-    two = [*sgd, "--per_device_train_batch_size", "2", "--output_dir", tmp_path / "two"]
+    two = [*sgd, *layout, "--per_device_train_batch_size", "2", "--output_dir", tmp_path / "two"]
     if launcher == "torchrun":
         run_plain(Path(sys.executable).parent / "torchrun", "--nproc_per_node", "2", "train_diversity_simpo.py", *two)
     else:
-        run(*two, "--deepspeed", "configs/ds_config.json")
+        run(*two, "--deepspeed", launcher)
     start = load_file(ROOT / "demo" / "tiny-llama-ja" / "model.safetensors")
     one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
     update_one = torch.cat([(one[k] - start[k]).flatten() for k in start])

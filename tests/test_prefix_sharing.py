@@ -38,8 +38,12 @@ def awkward_pairs(pad_token_id, vocab=2048, seed=0):
         return torch.randint(5, vocab, (n,), generator=generator).tolist()
 
     rows = {"chosen": [], "rejected": []}
-    for prompt_length, chosen_length, rejected_length, kind in ((40, 3, 25, ""), (4, 30, 2, "boundary"),
-                                                                 (12, 9, 7, "same start"), (6, 4, 10, "prefix")):
+    for prompt_length, chosen_length, rejected_length, kind in (
+        (40, 3, 25, ""),
+        (4, 30, 2, "boundary"),
+        (12, 9, 7, "same start"),
+        (6, 4, 10, "prefix"),
+    ):
         prompt, chosen, rejected = tokens(prompt_length), tokens(chosen_length), tokens(rejected_length)
         rejected_prompt = prompt[:-1] + [(prompt[-1] + 1) % vocab] if kind == "boundary" else prompt
         if kind == "same start":

@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import DEMO_DATA, DEMO_MODEL, ON_CPU
 from datasets import load_dataset
-from reference import diversity_reference
+from reference import diversity_reference, reply_logit_reference
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl.experimental.cpo import CPOConfig, CPOTrainer
 
@@ -83,6 +83,9 @@ def test_out_of_range_fields_raise_naming_field_value_and_range(tmp_path, field,
 
 
 def test_weight_zero_gives_exactly_the_parents_loss_and_metrics_and_skips_the_term(tmp_path, monkeypatch):
+    """Every metric is TRL's but `logits/*`: TRL averages the logits over every position of its padded rows, prompt
+    and padding included, so its figure changes with the batch's layout; ours is each reply's mean logit over its
+    response positions, then the mean over replies (test_logits_metrics_are_per_reply_over_response_positions)."""
     ours = make_trainer(tmp_path, diversity_weight=0.0)
     parent = make_trainer(tmp_path, trainer_class=CPOTrainer, config_class=CPOConfig)
     parent.model.load_state_dict(ours.model.state_dict())
@@ -93,8 +96,27 @@ def test_weight_zero_gives_exactly_the_parents_loss_and_metrics_and_skips_the_te
         loss, metrics = ours.get_batch_loss_metrics(ours.model, batch)
         parent_loss, parent_metrics = parent.get_batch_loss_metrics(parent.model, batch)
     assert torch.equal(loss, parent_loss)
-    assert metrics == parent_metrics
+    assert metrics.keys() == parent_metrics.keys()
+    assert {k: v for k, v in metrics.items() if not k.startswith("logits/")} == {
+        k: v for k, v in parent_metrics.items() if not k.startswith("logits/")
+    }
     assert calls == []
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+def test_logits_metrics_are_per_reply_over_response_positions(tmp_path, fused):
+    trainer = make_trainer(tmp_path, fused_lm_head=fused)
+    batch = first_batch(trainer)
+    with torch.no_grad():
+        _, metrics = trainer.get_batch_loss_metrics(trainer.model, batch)
+        inputs = trainer.concatenated_inputs(batch, padding_value=trainer.pad_token_id)
+        ids, mask = inputs["concatenated_input_ids"], inputs["concatenated_attention_mask"]
+        assert (mask == 0).any()  # padded rows: TRL's figure would differ
+        chosen, rejected = reply_logit_reference(
+            trainer.model(ids, attention_mask=mask).logits, inputs["concatenated_labels"]
+        )
+    assert metrics["logits/chosen"] == pytest.approx(chosen, rel=1e-5)
+    assert metrics["logits/rejected"] == pytest.approx(rejected, rel=1e-5)
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
