@@ -82,8 +82,9 @@ def fused_head_refusal(model):
 
 
 def add_fused_preference_head(model, tile_elements):
-    """Patch `model.forward`: with `fused_preference_head=True` it returns a `FusedPreferenceOutput` (see above),
-    for TRL's layout or, given `hidden_index` (`PackedPairs.source`), a packed one; without, it is the original forward, so generation and saving are unchanged. Under PEFT, patch the base model."""
+    """Patch `model.forward`: with `fused_preference_head=True` it returns a `FusedPreferenceOutput` (see above), for
+    TRL's layout or, given `hidden_index` (`PackedPairs.source`), a packed one; without, it is the original forward,
+    so generation and saving are unchanged. Under PEFT, patch the base model."""
     original_forward = model.forward
 
     def forward(self, *args, fused_preference_head=False, labels=None, kl_pairs=0, hidden_index=None, **kwargs):

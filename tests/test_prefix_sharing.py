@@ -5,6 +5,8 @@ prompts and replies of very unequal lengths, a rejected prompt whose last token 
 per side), replies that begin with the same tokens, and a chosen reply that is a prefix of the rejected one.
 """
 
+import json
+
 import pytest
 import torch
 from conftest import DEVICE
@@ -13,7 +15,7 @@ from test_fused_head import make_trainer as trainer_on_random_llama
 from test_split_invariance import relative_difference, weight_update
 from trl.experimental.cpo import CPOTrainer
 
-from preference_layout import pack_pairs
+from preference_layout import layout_refusal, pack_pairs
 
 LAYOUTS = {
     "prefix_sharing": dict(prefix_sharing=True),
@@ -45,7 +47,7 @@ def awkward_pairs(pad_token_id, vocab=2048, seed=0):
         (6, 4, 10, "prefix"),
     ):
         prompt, chosen, rejected = tokens(prompt_length), tokens(chosen_length), tokens(rejected_length)
-        rejected_prompt = prompt[:-1] + [(prompt[-1] + 1) % vocab] if kind == "boundary" else prompt
+        rejected_prompt = [*prompt[:-1], (prompt[-1] + 1) % vocab] if kind == "boundary" else prompt
         if kind == "same start":
             rejected[:3] = chosen[:3]
         if kind == "prefix":
@@ -131,3 +133,64 @@ def test_the_update_stays_split_invariant_and_equal_to_trls_layout(tmp_path, lay
     for batch, accumulation in ((4, 1), (1, 4)):
         update = weight_update(tmp_path, batch, accumulation, diversity_weight=0.3, **layout)
         assert relative_difference(update, reference) < 1e-5, f"{batch} x {accumulation}"
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+def test_lora_with_activation_checkpointing_gives_trls_numbers(tmp_path, fused):
+    from peft import LoraConfig
+
+    def run(**fields):
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        torch.manual_seed(1)  # the same random adapter each time
+        trainer = trainer_on_random_llama(
+            tmp_path, random_llama(), fused, peft_config=config, activation_checkpointing=True, **fields
+        )
+        trainer.model.train()
+        return loss_metrics_grads_on(trainer, awkward_pairs(trainer.pad_token_id))
+
+    result, reference = run(prefix_sharing=True, padding_free=True), run()
+    assert all("lora" in name for name in reference[2])
+    assert_same(result, reference)
+
+
+def test_models_that_cannot_honour_the_mask_are_refused_in_one_line(tmp_path):
+    model = random_llama()
+    model.config._attn_implementation = "flash_attention_2"  # set by hand: flash-attn does not install on this CPU box
+    assert layout_refusal(model, prefix_sharing=False, padding_free=False) is None
+    refusal = layout_refusal(model, prefix_sharing=True, padding_free=False)
+    assert "prefix_sharing" in refusal and "'flash_attention_2'" in refusal and "\n" not in refusal
+    with pytest.raises(ValueError, match="padding_free needs an attention implementation"):
+        trainer_on_random_llama(tmp_path, model, False, padding_free=True)
+
+
+def test_a_cli_run_trains_evaluates_and_resumes_to_the_numbers_of_trls_layout(tmp_path):
+    """The demo's data and model through the CLI: 4 steps, evaluations (and the sampled-reply diversity eval) at 2
+    and 4, stopped at the checkpoint of step 2 and resumed, against one uninterrupted run in TRL's layout."""
+    from test_cli import DEMO_CONFIG, run_cli
+
+    common = ["--config", DEMO_CONFIG, "--report_to", "none", "--lr_scheduler_type", "constant", "--warmup_steps", 0]
+    common += ["--eval_steps", 2, "--save_steps", 2, "--logging_steps", 1, "--diversity_eval_prompts", 2]
+    common += ["--diversity_eval_samples", 2, "--diversity_eval_max_new_tokens", 8]
+    reference = run_cli(*common, "--max_steps", 4, "--output_dir", tmp_path / "trl")
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    shared = [*common, "--prefix_sharing", "true", "--padding_free", "true", "--output_dir", tmp_path / "shared"]
+    first = run_cli(*shared, "--max_steps", 2)
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = run_cli(*shared, "--max_steps", 4, "--resume_from_checkpoint", "latest")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    def history(folder):
+        log = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))["log_history"]
+        return {(entry["step"], key): value for entry in log for key, value in entry.items() if _compared(key)}
+
+    ours, theirs = history(tmp_path / "shared"), history(tmp_path / "trl")
+    assert {step for step, key in theirs if key == "eval_rewards/accuracies"} == {2, 4}
+    assert any(key.startswith("diversity_eval/") for _, key in theirs)
+    assert ours.keys() == theirs.keys()
+    for key, value in theirs.items():
+        assert ours[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+
+
+def _compared(key):
+    """Every logged figure but the clock's and `train_loss` (the mean over the steps this process ran)."""
+    return key != "train_loss" and not any(timing in key for timing in ("runtime", "per_second", "flos"))
