@@ -74,8 +74,22 @@ def random_llama(vocab, length, hidden, layers, device, dtype):
         return LlamaForCausalLM(config).to(dtype=getattr(torch, dtype))
 
 
-def build(variant, vocab, length, pairs, hidden, layers, device, dtype, checkpointing=False, chunk=None, model=None):
-    """(trainer, optimizer, batch); `model` shares one model between variants (on a GPU, four would not fit)."""
+def build(
+    variant,
+    vocab,
+    length,
+    pairs,
+    hidden,
+    layers,
+    device,
+    dtype,
+    checkpointing=False,
+    chunk=None,
+    model=None,
+    lengths=None,
+):
+    """(trainer, optimizer, batch); `model` shares one model between variants (on a GPU, four would not fit).
+    `lengths` [(prompt, chosen, rejected)] per pair: a batch of those lengths (the layout variants)."""
     from datasets import Dataset
     from transformers import AutoTokenizer
 
@@ -92,14 +106,17 @@ def build(variant, vocab, length, pairs, hidden, layers, device, dtype, checkpoi
         use_cpu=device == "cpu",
         max_length=length,
         diversity_weight=0.0 if variant == "trl" else 0.05,
-        fused_lm_head=variant == "fused",
+        fused_lm_head=variant == "fused" or variant.endswith("+fused"),
+        prefix_sharing=variant.startswith(("prefix_sharing", "both")),
+        padding_free=variant.startswith(("padding_free", "both")),
         **({"diversity_chunk_elements": chunk} if chunk else {}),
     )
     trainer_class = {"trl": CPOTrainer, "naive": NaiveDiversityTrainer}.get(variant, DiversitySimPOTrainer)
     placeholder = Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c"}])
     trainer = trainer_class(model=model, args=args, train_dataset=placeholder, processing_class=tokenizer)
     trainer.model.train()
-    return trainer, torch.optim.AdamW(model.parameters(), lr=1e-5), make_batch(vocab, length, pairs, device)
+    batch = make_pairs(vocab, lengths, device) if lengths else make_batch(vocab, length, pairs, device)
+    return trainer, torch.optim.AdamW(model.parameters(), lr=1e-5), batch
 
 
 def make_batch(vocab, length, pairs, device):
@@ -115,6 +132,28 @@ def make_batch(vocab, length, pairs, device):
         mask[:, end:] = 0
         batch |= {f"{side}_input_ids": ids, f"{side}_attention_mask": mask, f"{side}_labels": labels}
     return {k: v.to(device) for k, v in batch.items()}
+
+
+def make_pairs(vocab, lengths, device):
+    """TRL's collated batch for pairs of the given (prompt, chosen, rejected) lengths: random token ids, each side
+    right-padded to its longest row, labels -100 on the prompt (the same prompt tokens on both sides)."""
+    generator = torch.Generator().manual_seed(1)
+    rows = []
+    for prompt, chosen, rejected in lengths:
+        ids = torch.randint(0, vocab, (prompt + max(chosen, rejected),), generator=generator).tolist()
+        rows.append((ids[:prompt], ids[prompt : prompt + chosen], ids[prompt : prompt + rejected][::-1]))
+    batch = {}
+    for side, reply in (("chosen", 1), ("rejected", 2)):
+        width = max(len(row[0]) + len(row[reply]) for row in rows)
+        ids, mask, labels = [], [], []
+        for row in rows:
+            pad = width - len(row[0]) - len(row[reply])
+            ids.append(row[0] + row[reply] + [0] * pad)
+            mask.append([1] * (width - pad) + [0] * pad)
+            labels.append([-100] * len(row[0]) + row[reply] + [-100] * pad)
+        for name, value in (("input_ids", ids), ("attention_mask", mask), ("labels", labels)):
+            batch[f"{side}_{name}"] = torch.tensor(value, device=device)
+    return batch
 
 
 def step(trainer, optimizer, batch):
@@ -260,6 +299,130 @@ def plot(rows, path):
     fig.savefig(path, dpi=100)
 
 
+LAYOUTS = ("trl", "ours", "prefix_sharing", "padding_free", "both", "both+fused")
+
+
+def layout_shapes(gpu):
+    """(name, shape): the issue's target shape, the prompt-to-reply ratio sweep, and a batch of realistic lengths."""
+    base = dict(vocab=4096, hidden=512, layers=4, device="cpu", dtype="float32", checkpointing=False, chunk=None)
+    if gpu:
+        base |= dict(vocab=128256, hidden=2048, layers=16, device="cuda", dtype="bfloat16", checkpointing=True)
+    prompt, reply = (1024, 512) if gpu else (600, 250)
+    shapes = [
+        (
+            f"target: prompts ~{prompt}, replies ~{reply}",
+            [(prompt, reply + 50, reply - 50), (prompt - 20, reply - 30, reply + 30)],
+        )
+    ]
+    total = 1536 if gpu else 850  # prompt + reply per row
+    for ratio in (0.4, 1, 2, 6):
+        r = round(total / (1 + ratio))
+        p_ = total - r
+        shapes.append(
+            (f"ratio {ratio}", [(p_, round(1.15 * r), round(0.85 * r)), (p_, round(0.9 * r), round(1.1 * r))])
+        )
+    # Real preference data's lengths are skewed: lognormal draws (sigma 0.7, so the longest of 4 is often twice the
+    # median), clamped to [8, 2 x median]; seeded, so the batch is the same on every run.
+    generator = torch.Generator().manual_seed(7)
+
+    def draw(median, n):
+        spread = torch.exp(0.7 * torch.randn(n, generator=generator))
+        return (median * spread).round().int().clamp(8, 2 * median).tolist()
+
+    prompts, chosen, rejected = draw(160, 4), draw(280 if gpu else 200, 4), draw(280 if gpu else 200, 4)
+    shapes.append(("4 pairs, lengths as in real data", list(zip(prompts, chosen, rejected, strict=True))))
+    return [
+        (name, base | {"lengths": lengths, "pairs": len(lengths), "length": max(p + max(c, r) for p, c, r in lengths)})
+        for name, lengths in shapes
+    ]
+
+
+def tokens_per_step(shape, variant):
+    """(tokens through the backbone, of which padding), as the variant lays the batch out."""
+    from preference_layout import pack_pairs
+
+    batch = make_pairs(shape["vocab"], shape["lengths"], "cpu")
+    inputs = CPOTrainer.concatenated_inputs(batch, padding_value=0)
+    ids, mask, labels = (inputs[f"concatenated_{k}"] for k in ("input_ids", "attention_mask", "labels"))
+    if variant in ("trl", "ours"):
+        return ids.numel(), ids.numel() - int(mask.sum())
+    packed = pack_pairs(
+        ids, mask, labels, variant.startswith(("prefix", "both")), variant.startswith(("padding", "both")), 0
+    )
+    return packed.tokens, int((packed.document < 0).sum())
+
+
+def measure_layouts(shape, repeats):
+    times = time_variants(shape, LAYOUTS, repeats)
+    gc.collect()
+    if shape["device"] == "cuda":
+        torch.cuda.empty_cache()
+    memory = {}
+    for variant in LAYOUTS:
+        child = subprocess.run(
+            [sys.executable, __file__, "--child-memory", variant, json.dumps(shape)], capture_output=True, text=True
+        )
+        if child.returncode:
+            sys.exit(f"memory run of {variant} failed:\n{child.stderr[-2000:]}")
+        memory[variant] = int(child.stdout.strip().splitlines()[-1])
+    return times, memory
+
+
+def layout_table(rows):
+    lines = [
+        "| batch | variant | tokens / step (padding) | step time (s) | time / TRL | time / ours | peak memory (GB) "
+        "| memory / TRL |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, shape, times, memory in rows:
+        for v in LAYOUTS:
+            tokens, padding = tokens_per_step(shape, v)
+            lines.append(
+                f"| {name} | {v} | {tokens:,} ({padding / tokens:.0%}) | {times[v]:.3f} "
+                f"| {times[v] / times['trl']:.2f}x | {times[v] / times['ours']:.2f}x | {memory[v] / GB:.2f} "
+                f"| {memory[v] / memory['trl']:.2f}x |"
+            )
+    return "\n".join(lines)
+
+
+def layouts_main(args):
+    gpu = args.device == "cuda"
+    rows = []
+    for name, shape in layout_shapes(gpu):
+        if args.quick and rows:
+            break
+        times, memory = measure_layouts(shape, args.repeats)
+        rows.append((name, shape, times, memory))
+        print("\n".join(layout_table([rows[-1]]).splitlines()[2:]), flush=True)
+    target = rows[0][2]
+    best = min(("prefix_sharing", "padding_free", "both", "both+fused"), key=target.get)
+    limit = 0.75 if gpu else 0.8
+
+    def verdict(ratio):
+        return "met" if ratio <= limit else "missed"
+
+    shape = rows[0][1]
+    report = [
+        f"## {'GPU' if gpu else 'CPU'}, layouts: {machine()}",
+        "",
+        f"Model: random Llama, hidden {shape['hidden']}, {shape['layers']} layers, vocabulary {shape['vocab']:,}, "
+        f"{shape['dtype']}{', activation checkpointing' if shape['checkpointing'] else ''}; every variant but `trl` "
+        "with the diversity term (weight 0.05); `ours` is TRL's two-row layout, `both` is prefix_sharing + "
+        f"padding_free. Median of {args.repeats} interleaved repeats after a warm-up; memory as in the main table, "
+        "one process per variant. Tokens: what the backbone processes per step, and the share of it that is padding.",
+        "",
+        layout_table(rows),
+        "",
+        f"- target shape, best layout ({best}) step time / TRL's: {target[best] / target['trl']:.2f}x (<= {limit}x: "
+        f"{verdict(target[best] / target['trl'])})",
+        f"- target shape, {best} / ours (TRL's layout): {target[best] / target['ours']:.2f}x (<= {limit}x: "
+        f"{verdict(target[best] / target['ours'])})",
+    ]
+    name = "gpu-layouts" if gpu else "cpu-layouts"
+    write_section(args.output / "RESULTS.md", name, "\n".join(report), "Step benchmark")
+    print("\n".join(report))
+
+
 def machine():
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
@@ -278,11 +441,14 @@ def main():
     parser.add_argument("--activation-checkpointing", action="store_true", help="as the real config trains")
     parser.add_argument("--chunk-elements", type=int, help="diversity_chunk_elements (default: the config's default)")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks")
+    parser.add_argument("--layouts", action="store_true", help="prefix-shared and padding-free layouts against TRL's")
     parser.add_argument("--child-memory", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_memory:
         print(peak_memory(args.child_memory[0], json.loads(args.child_memory[1])))
         return
+    if args.layouts:
+        return layouts_main(args)
 
     gpu = args.device == "cuda"
     base = dict(
