@@ -15,8 +15,11 @@ def test_gpu_check_runs_every_step_at_toy_sizes_on_the_cpu_and_writes_its_report
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900, check=False)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     text = report.read_text(encoding="utf-8")
-    for check in ("environment", "tests", "benchmark", "train (python)", "train (deepspeed ZeRO-2)"):
-        assert f"| {check} | pass |" in text, check
+    for check in ("environment", "tests", "benchmark", "layouts", "llama-3-8b", "train (python)"):
+        assert f"| {check} | pass |" in text or f"| {check} | missed |" in text, check
+    assert "| train (deepspeed ZeRO-2) | pass |" in text
+    assert "| both |" in text and "step time / TRL's" in text  # the layouts' table and targets
+    assert "| TRL's SimPO step |" in text and "tokens/s" in text  # the 8B-geometry stage's table
     assert "| fused |" in text and "fused step time / TRL's" in text  # the benchmark's table and targets
     runs = [line for line in text.splitlines() if line.startswith("| train (")]
     assert all("diversity/* finite" in run and "tokens/s" in run and "diversity eval" in run for run in runs)
