@@ -356,17 +356,21 @@ def layout_shapes(gpu, toy=False):
 
 
 def tokens_per_step(shape, variant):
-    """(tokens through the backbone, of which padding), as the variant lays the batch out."""
-    from preference_layout import FLEX_BLOCK, pack_pairs
+    """(tokens through the backbone, of which padding, rows through the LM head), as the variant lays the batch out.
+    The LM head: TRL's logits at every position; unfused layouts, each position a reply token is predicted from,
+    once (`logits_to_keep`); the fused head, every reply position of every row."""
+    from preference_layout import FLEX_BLOCK, pack_pairs, response_positions
 
     batch = make_pairs(shape["vocab"], shape["lengths"], "cpu")
     inputs = CPOTrainer.concatenated_inputs(batch, padding_value=0)
     ids, mask, labels = (inputs[f"concatenated_{k}"] for k in ("input_ids", "attention_mask", "labels"))
+    fused_rows = int(response_positions(labels, ids.shape[1]).sum())
     if variant in ("trl", "ours"):
-        return ids.numel(), ids.numel() - int(mask.sum())
+        return ids.numel(), ids.numel() - int(mask.sum()), ids.numel()
     sharing, padding_free = variant.startswith(("prefix", "both")), variant.startswith(("padding", "both"))
     packed = pack_pairs(ids, mask, labels, sharing, padding_free, 0, FLEX_BLOCK if variant.endswith("+flex") else 1)
-    return packed.tokens, int((packed.document < 0).sum())
+    head_rows = fused_rows if "fused" in variant else int(packed.keep.sum())
+    return packed.tokens, int((packed.document < 0).sum()), head_rows
 
 
 def layout_variants(shape, chosen=None):
@@ -393,15 +397,15 @@ def measure_layouts(shape, repeats, chosen=None):
 
 def layout_table(rows):
     lines = [
-        "| batch | variant | tokens / step (padding) | step time (s) | time / TRL | time / ours | peak memory (GB) "
-        "| memory / TRL |",
-        "|---|---|---|---|---|---|---|---|",
+        "| batch | variant | tokens / step (padding) | LM-head rows | step time (s) | time / TRL | time / ours "
+        "| peak memory (GB) | memory / TRL |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, shape, times, memory in rows:
         for v in times:
-            tokens, padding = tokens_per_step(shape, v)
+            tokens, padding, head_rows = tokens_per_step(shape, v)
             lines.append(
-                f"| {name} | {v} | {tokens:,} ({padding / tokens:.0%}) | {times[v]:.3f} "
+                f"| {name} | {v} | {tokens:,} ({padding / tokens:.0%}) | {head_rows:,} | {times[v]:.3f} "
                 f"| {times[v] / times['trl']:.2f}x | {times[v] / times['ours']:.2f}x | {memory[v] / GB:.2f} "
                 f"| {memory[v] / memory['trl']:.2f}x |"
             )
@@ -428,7 +432,8 @@ def layouts_main(args):
         f"{shape['dtype']}{', activation checkpointing' if shape['checkpointing'] else ''}; every variant but `trl` "
         "with the diversity term (weight 0.05); `ours` is TRL's two-row layout, `both` is prefix_sharing + "
         f"padding_free. Median of {args.repeats} interleaved repeats after a warm-up; memory as in the main table, "
-        "one process per variant. Tokens: what the backbone processes per step, and the share of it that is padding.",
+        "one process per variant. Tokens: what the backbone processes per step, and the share of it that is padding; "
+        "LM-head rows: the positions projected to the vocabulary (TRL: all of them).",
         "",
         layout_table(rows),
         "",
@@ -498,7 +503,7 @@ def llama3_8b_main(args):
             times.append(time.perf_counter() - start)
         seconds = statistics.median(times)
         peak = torch.cuda.max_memory_allocated() / GB if gpu else float("nan")
-        processed, padding = tokens_per_step(shape, "trl" if variant == "trl" else variant)
+        processed, padding, _ = tokens_per_step(shape, variant)
         real = sum(p + c + p + r for p, c, r in lengths)  # the pairs' tokens in TRL's layout, padding excluded
         flops = 4 * frozen_matmul * processed  # forward + backward to the activations (LoRA's own FLOPs: tiny)
         peak_flops = next(
