@@ -18,7 +18,8 @@ short replies more than those of one of long replies. Per pair needs no token co
 ranks, and each reply weighs the same whatever its length, as in SimPO's reward.
 
 `_EntropyAndKL` computes both from TRL's logits; with `fused_lm_head` the same quantities come from
-`fused_preference_head.py`, without the `[2B, L, V]` logits.
+`fused_preference_head.py`, without the `[2B, L, V]` logits. With `prefix_sharing` or `padding_free` the backbone runs
+on a packed layout of the same batch (`preference_layout.py`) and everything above reads the same numbers.
 """
 
 import os

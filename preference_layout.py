@@ -22,10 +22,14 @@ share those tokens too (exact: the same tokens at the same positions have the sa
 batch whose hidden state is the one TRL's layout has there. The LM head needs only the positions that predict a
 response token (`response[r, t]`: TRL's label at t + 1 is not -100); the first rejected token is predicted from the
 prefix's last position, which chosen and rejected share. With `logits_to_keep` the model projects exactly those,
-once each (`keep`), and `logits_in_trl_layout` puts them back where TRL's code reads them.
+once each (`keep`), and `logits_in_trl_layout` puts them back where TRL's code reads them; the fused head instead
+gathers the hidden states through `source` and projects the response positions itself. So TRL's loss, its metrics,
+the diversity term and the fused head all run unchanged on TRL's layout, and the packed layout is only how the
+backbone computes it.
 """
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -114,7 +118,7 @@ class PackedPairs:
             "use_cache": False,
         }
 
-    @property
+    @cached_property
     def keep(self):
         """[R, T] boolean: the packed positions whose logits the loss reads (each once; `logits_to_keep`)."""
         keep = torch.zeros(self.input_ids.numel(), dtype=torch.bool, device=self.input_ids.device)
@@ -129,10 +133,6 @@ class PackedPairs:
         logits = kept_logits.new_zeros(rows, length, kept_logits.shape[-1])
         logits[self.response] = kept_logits[rank[self.source[self.response]]]
         return logits
-
-    def hidden_in_trl_layout(self, hidden):
-        """[2B, L, H] hidden states in TRL's layout from the packed ones [R, T, H] (for the fused head)."""
-        return hidden.reshape(-1, hidden.shape[-1])[self.source]
 
 
 def pack_pairs(input_ids, attention_mask, labels, prefix_sharing, padding_free, pad_token_id, multiple_of=1):
