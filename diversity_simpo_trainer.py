@@ -292,9 +292,12 @@ class DiversitySimPOTrainer(CPOTrainer):
 
         chosen_logps, rejected_logps, chosen_logits, rejected_logits, *rest = super().concatenated_forward(model, batch)
         response = response_positions(labels, chosen_logits.shape[1])
-        mean_logits = torch.cat([chosen_logits, rejected_logits]).detach().float().mean(-1)
-        reply_logits = _row_means(mean_logits, response)
-        return chosen_logps, rejected_logps, reply_logits[:pairs], reply_logits[pairs:], *rest
+        # each half reduced on its own, accumulating in float32: no copy of the [2B, L, V] logits
+        chosen_reply, rejected_reply = (
+            _row_means(z.detach().sum(-1, dtype=torch.float32) / z.shape[-1], mask)
+            for z, mask in ((chosen_logits, response[:pairs]), (rejected_logits, response[pairs:]))
+        )
+        return chosen_logps, rejected_logps, chosen_reply, rejected_reply, *rest
 
     def _fused_forward(self, model, inputs, layout, pairs):
         labels = inputs["concatenated_labels"]
