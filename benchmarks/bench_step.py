@@ -216,8 +216,9 @@ def time_variants(shape, variants, repeats, warmup=1):
     return {v: statistics.median(t) for v, t in times.items()}
 
 
-def measure(shape, repeats):
-    variants = variants_that_fit(shape)
+def measure(shape, repeats, variants=None):
+    """(median step times, peak memory) of `variants` (default: those of the main table that fit) at `shape`."""
+    variants = variants or variants_that_fit(shape)
     times = time_variants(shape, variants, repeats)
     print("step times (s): " + ", ".join(f"{v} {t:.3f}" for v, t in times.items()), flush=True)
     gc.collect()  # the trainers hold reference cycles: free the shared model and optimizers before the children run
@@ -379,22 +380,6 @@ def layout_variants(shape, chosen=None):
     return tuple(v for v in variants if not chosen or v in ("trl", "ours", *chosen))
 
 
-def measure_layouts(shape, repeats, chosen=None):
-    times = time_variants(shape, layout_variants(shape, chosen), repeats)
-    gc.collect()
-    if shape["device"] == "cuda":
-        torch.cuda.empty_cache()
-    memory = {}
-    for variant in times:
-        child = subprocess.run(
-            [sys.executable, __file__, "--child-memory", variant, json.dumps(shape)], capture_output=True, text=True
-        )
-        if child.returncode:
-            sys.exit(f"memory run of {variant} failed:\n{child.stderr[-2000:]}")
-        memory[variant] = int(child.stdout.strip().splitlines()[-1])
-    return times, memory
-
-
 def layout_table(rows):
     lines = [
         "| batch | variant | tokens / step (padding) | LM-head rows | step time (s) | time / TRL | time / ours "
@@ -418,7 +403,7 @@ def layouts_main(args):
     for name, shape in layout_shapes(gpu, args.toy):
         if args.quick and rows:
             break
-        times, memory = measure_layouts(shape, args.repeats, args.variants)
+        times, memory = measure(shape, args.repeats, layout_variants(shape, args.variants))
         rows.append((name, shape, times, memory))
         print("\n".join(layout_table([rows[-1]]).splitlines()[2:]), flush=True)
     target = rows[0][2]

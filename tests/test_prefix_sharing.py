@@ -10,6 +10,7 @@ import json
 import pytest
 import torch
 from conftest import DEVICE
+from test_fused_head import assert_same as assert_equal_results
 from test_fused_head import loss_metrics_grads, random_llama
 from test_fused_head import make_trainer as trainer_on_random_llama
 from test_split_invariance import relative_difference, weight_update
@@ -75,15 +76,8 @@ def loss_metrics_grads_on(trainer, batch):
     return loss.item(), metrics, grads
 
 
-def assert_same(result, reference, rel=1e-5):
-    (loss, metrics, grads), (ref_loss, ref_metrics, ref_grads) = result, reference
-    assert loss == pytest.approx(ref_loss, rel=rel)
-    assert metrics.keys() == ref_metrics.keys()
-    for key, value in ref_metrics.items():
-        assert metrics[key] == pytest.approx(value, rel=rel, abs=1e-7), key
-    assert grads.keys() == ref_grads.keys() and grads
-    for name, ref in ref_grads.items():
-        torch.testing.assert_close(grads[name], ref, rtol=rel, atol=rel * ref.abs().max().item(), msg=name)
+def assert_same(result, reference):
+    assert_equal_results(result, reference, rel=1e-5, grad_rel=1e-5)
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
