@@ -16,7 +16,7 @@ from test_fused_head import make_trainer as trainer_on_random_llama
 from test_split_invariance import relative_difference, weight_update
 from trl.experimental.cpo import CPOTrainer
 
-from preference_layout import layout_refusal, pack_pairs
+from preference_layout import FLEX_BLOCK, layout_refusal, pack_pairs
 
 LAYOUTS = {
     "prefix_sharing": dict(prefix_sharing=True),
@@ -188,3 +188,20 @@ def test_a_cli_run_trains_evaluates_and_resumes_to_the_numbers_of_trls_layout(tm
 def _compared(key):
     """Every logged figure but the clock's and `train_loss` (the mean over the steps this process ran)."""
     return key != "train_loss" and not any(timing in key for timing in ("runtime", "per_second", "flos"))
+
+
+def test_flex_attentions_block_mask_gives_trls_logits():
+    """FlexAttention (the GPU kernel for these layouts) with the BlockMask, forward only: PyTorch has no FlexAttention
+    backward on the CPU, so training with it is checked by the GPU check; here its mask is checked (compiles ~30 s)."""
+    model = random_llama().eval()
+    batch = awkward_pairs(pad_token_id=0)
+    inputs = CPOTrainer.concatenated_inputs(batch, padding_value=0)
+    ids, mask, labels = (inputs[f"concatenated_{k}"] for k in ("input_ids", "attention_mask", "labels"))
+    packed = pack_pairs(ids, mask, labels, True, True, pad_token_id=0, multiple_of=FLEX_BLOCK)
+    assert packed.input_ids.shape[1] % FLEX_BLOCK == 0
+    with torch.no_grad():
+        reference = model(ids, attention_mask=mask).logits
+        model.config._attn_implementation = "flex_attention"
+        kept = model(**packed.model_inputs("flex_attention"), logits_to_keep=packed.keep).logits
+    logits = packed.logits_in_trl_layout(kept)
+    torch.testing.assert_close(logits[packed.response], reference[packed.response], rtol=1e-4, atol=1e-4)
