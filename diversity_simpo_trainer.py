@@ -194,10 +194,7 @@ def entropy_and_kl(logits, labels, chunk_elements=2**21):
     term; feed them to the rest of the loss so its gradient joins theirs in place.
     """
     num_rows, length, vocab = logits.shape
-    if labels.shape[1] < length:
-        labels = F.pad(labels, (0, length - labels.shape[1]), value=-100)
-    response_mask = torch.zeros(num_rows, length, dtype=torch.bool, device=logits.device)
-    response_mask[:, :-1] = labels[:, 1:length] != -100
+    response_mask = response_positions(labels.to(logits.device), length)
     pairs = num_rows // 2
     chosen_mask, rejected_mask = response_mask[:pairs], response_mask[pairs:]
     shared_mask = chosen_mask & rejected_mask

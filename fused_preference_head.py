@@ -31,6 +31,8 @@ from transformers.utils import ModelOutput
 from trl.kernels.chunked_logprob import _addmm_fp32  # fp32 accumulation of bf16 products (pinned TRL)
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
+from preference_layout import response_positions
+
 try:  # Triton comes with PyTorch's CUDA builds on Linux; without it (this CPU build) the tiles fold in torch
     import triton
     import triton.language as tl
@@ -105,8 +107,7 @@ def preference_head(hidden, weight, bias, labels, kl_pairs, tile_elements):
     responses); the logits at position t predict the label at t + 1, as in TRL. `kl_pairs`: B, or 0 for no KL."""
     rows, length, size = hidden.shape
     labels = labels.to(hidden.device)
-    label_mask = torch.zeros(rows, length, dtype=torch.bool, device=hidden.device)
-    label_mask[:, :-1] = labels[:, 1:] != -100
+    label_mask = response_positions(labels, length)
     targets = torch.zeros(rows, length, dtype=torch.long, device=hidden.device)
     targets[:, :-1] = labels[:, 1:].clamp(min=0)
     pair_mask = label_mask[:kl_pairs] & label_mask[kl_pairs : 2 * kl_pairs]
