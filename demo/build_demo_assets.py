@@ -237,10 +237,10 @@ CHOSEN = [
 # Rejected replies are fluent and plausible, not gibberish: evasive, hedged and wrong (another topic's fact), or off
 # the topic (an answer about another topic). The warm-up sees them as often as the chosen ones.
 REJECTED = [
-    "{t}についてですね。人によって考え方が違うので、一概には言えません。",
-    "たしか、{t}は{wrong}だったと思います。",
-    "よい質問ですね。ところで、{other}は{other_fact}。",
-    "{t}については、専門家に聞くのが一番だと思います。",
+    "{t}についてですね。人によって考え方が違うので、一概には言えません。{other_tip}",
+    "たしか、{t}は{wrong}だったと思います。{wrong_tip}",
+    "よい質問ですね。ところで、{other}は{other_fact}。{other_tip}",
+    "{t}については、専門家に聞くのが一番だと思います。{wrong_tip}",
     "うろ覚えですが、{t}は{wrong}かもしれません。{wrong_tip}",
 ]
 HELD_OUT = 5  # every 5th topic is held out: its prompts are eval prompts only, never preference-trained
@@ -270,7 +270,7 @@ def preference_pairs():
         for j, question in enumerate(QUESTIONS):
             chosen = CHOSEN[(i + j) % len(CHOSEN)].format(t=topic, fact=fact, tip=tip)
             rejected = REJECTED[(2 * i + j) % len(REJECTED)].format(
-                t=topic, wrong=wrong[1], wrong_tip=wrong[2], other=other[0], other_fact=other[1]
+                t=topic, wrong=wrong[1], wrong_tip=wrong[2], other=other[0], other_fact=other[1], other_tip=other[2]
             )
             splits[split].append(
                 {
@@ -293,19 +293,16 @@ def write_dataset(out: Path):
 
 
 def build_tokenizer(texts, vocab_size=2048):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    """BPE over characters, not bytes: every token is whole characters, so a sampled reply is always valid text (a
+    byte-level vocabulary lets a small model sample half of a three-byte Japanese character). The demo's texts and
+    the chat template's own strings cover the alphabet; anything else encodes as <unk>, there is no byte fallback."""
+    from tokenizers import Tokenizer, decoders, models, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(texts, trainer=trainer)
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.decoder = decoders.Fuse()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[*SPECIAL_TOKENS, "<unk>"], show_progress=False)
+    tokenizer.train_from_iterator([*texts, "user", "assistant", "system", "\n\n", " "], trainer=trainer)
     bos = tokenizer.token_to_id("<|begin_of_text|>")
     # Like Llama-3's tokenizer, encoding with special tokens prepends BOS (the chat template writes one too).
     tokenizer.post_processor = processors.TemplateProcessing(
@@ -314,7 +311,11 @@ def build_tokenizer(texts, vocab_size=2048):
         special_tokens=[("<|begin_of_text|>", bos)],
     )
     return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", chat_template=CHAT_TEMPLATE
+        tokenizer_object=tokenizer,
+        bos_token="<|begin_of_text|>",
+        eos_token="<|eot_id|>",
+        unk_token="<unk>",
+        chat_template=CHAT_TEMPLATE,
     )
 
 
@@ -324,8 +325,8 @@ def build_model(tokenizer, seed=0):
 
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=128,
-        intermediate_size=352,
+        hidden_size=256,
+        intermediate_size=704,
         num_hidden_layers=4,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -338,32 +339,46 @@ def build_model(tokenizer, seed=0):
     return LlamaForCausalLM(config)
 
 
-def warm_up(model, tokenizer, pairs, epochs=8, batch_size=16, learning_rate=3e-3, seed=0):
-    """Supervised fine-tuning on prompt -> reply for the chosen AND the rejected reply of every pair (loss on the
-    reply tokens only), in a plain loop: the model learns the topics' facts and answers in Japanese, but has no
-    preference between helpful and evasive, wrong or off-topic replies; that is SimPO's work."""
-    import torch
-
+def reply_examples(tokenizer, pairs, replies):
+    """(token ids, labels) of prompt + reply in the chat template for each pair and each of `replies`; the labels
+    are -100 on the prompt, so a loss or a log-probability counts the reply's tokens only."""
     examples = []
     for pair in pairs:
         prompt = tokenizer.apply_chat_template(pair["prompt"], add_generation_prompt=True, tokenize=False)
         prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
-        for reply in ("chosen", "rejected"):
+        for reply in replies:
             full = tokenizer.apply_chat_template(pair["prompt"] + pair[reply], tokenize=False)
             ids = tokenizer(full, add_special_tokens=False).input_ids
             examples.append((ids, [-100] * len(prompt_ids) + ids[len(prompt_ids) :]))
+    return examples
+
+
+def batch_of(examples, pad_id):
+    import torch
+
+    width = max(len(ids) for ids, _ in examples)
+    input_ids = torch.tensor([ids + [pad_id] * (width - len(ids)) for ids, _ in examples])
+    labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in examples])
+    attention_mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in examples])
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def warm_up(model, tokenizer, pairs, epochs=40, batch_size=16, learning_rate=1e-3, seed=0):
+    """Supervised fine-tuning on prompt -> reply for the chosen AND the rejected reply of every pair (loss on the
+    reply tokens only), in a plain loop: the model learns to read the prompt's topic, its fact, and to answer in
+    Japanese, but has no preference between helpful and evasive, wrong or off-topic replies; that is SimPO's work.
+    Topic conditioning takes long: with much fewer epochs the model gives every prompt the same reply."""
+    import torch
+
+    examples = reply_examples(tokenizer, pairs, ("chosen", "rejected"))
     torch.manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
     model.train()
     for epoch in range(epochs):
         order = torch.randperm(len(examples)).tolist()
         for start in range(0, len(order), batch_size):
-            batch = [examples[i] for i in order[start : start + batch_size]]
-            width = max(len(ids) for ids, _ in batch)
-            input_ids = torch.tensor([ids + [tokenizer.eos_token_id] * (width - len(ids)) for ids, _ in batch])
-            labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in batch])
-            attention_mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in batch])
-            loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+            batch = batch_of([examples[i] for i in order[start : start + batch_size]], tokenizer.eos_token_id)
+            loss = model(**batch).loss
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
@@ -371,10 +386,54 @@ def warm_up(model, tokenizer, pairs, epochs=8, batch_size=16, learning_rate=3e-3
     return model.eval()
 
 
+def preference(model, tokenizer, pairs, beta=2.5):
+    """SimPO's preference on `pairs`, as the trainer measures it: the reward is beta times the mean log-probability
+    of a reply's tokens; (accuracy, mean margin) of chosen over rejected."""
+    import torch
+
+    margins = []
+    for start in range(0, len(pairs), 32):
+        examples = reply_examples(tokenizer, pairs[start : start + 32], ("chosen", "rejected"))
+        batch = batch_of(examples, tokenizer.eos_token_id)
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        labels = batch["labels"][:, 1:]
+        logps = torch.log_softmax(logits.float(), -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        rewards = beta * (logps * (labels != -100)).sum(-1) / (labels != -100).sum(-1)
+        margins += (rewards[0::2] - rewards[1::2]).tolist()
+    return sum(m > 0 for m in margins) / len(margins), sum(margins) / len(margins)
+
+
+def balance(model, tokenizer, pairs, max_accuracy=0.62, max_margin=0.35, batch_size=16, learning_rate=1e-4, seed=0):
+    """Once both replies are memorised, the length-normalised reward favours the chosen replies (longer, and each
+    topic's fact seen in every one of its chosen replies): SimPO would start decided. A few gentle steps of the same
+    supervised loss on the rejected replies alone, until the training pairs' preference is near chance, hand SimPO an
+    undecided model. Held-out pairs are not looked at: the demo's undecided start on them is measured, not fitted."""
+    import torch
+
+    examples = reply_examples(tokenizer, pairs, ("rejected",))
+    torch.manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
+    order = torch.randperm(len(examples)).tolist()
+    for step in range(100):
+        accuracy, margin = preference(model.eval(), tokenizer, pairs)
+        print(f"balancing step {step}: preference accuracy {accuracy:.3f}, margin {margin:.2f}", flush=True)
+        if accuracy <= max_accuracy and abs(margin) < max_margin:
+            break
+        model.train()
+        start = (step * batch_size) % len(order)
+        model(
+            **batch_of([examples[i] for i in order[start : start + batch_size]], tokenizer.eos_token_id)
+        ).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.eval()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent)
-    parser.add_argument("--epochs", type=int, default=8, help="warm-up epochs (the tests build with fewer)")
+    parser.add_argument("--epochs", type=int, default=40, help="warm-up epochs (the tests build with fewer)")
     args = parser.parse_args()
     out = args.out
     splits = write_dataset(out)
@@ -384,6 +443,7 @@ def main():
     # Every prompt, held-out ones included, with both replies: the model knows every topic's fact (so held-out replies
     # can state it) and prefers neither kind of reply anywhere.
     model = warm_up(build_model(tokenizer), tokenizer, pairs, epochs=args.epochs)
+    model = balance(model, tokenizer, splits["train"])
     tokenizer.save_pretrained(out / "tiny-llama-ja")
     model.save_pretrained(out / "tiny-llama-ja")
     print(
