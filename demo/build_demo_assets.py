@@ -1,7 +1,8 @@
-"""Build the offline demo's assets: a Japanese preference dataset, a byte-level BPE tokenizer with a Llama-3 chat
-template, and a tiny Llama model given a short supervised warm-up on both replies of every pair, so that it answers
-in Japanese and knows each topic's fact but prefers neither helpful nor evasive, wrong or off-topic replies: SimPO has
-work to do. Held-out topics make the test split. Seeded and run on the CPU; the outputs are committed under demo/.
+"""Build the offline demo's assets: a Japanese preference dataset, a character-level BPE tokenizer with a Llama-3
+chat template, and a tiny Llama given a supervised warm-up on both replies of every pair, so that it answers each
+prompt in Japanese about its own topic, then balanced so that it prefers neither helpful nor evasive, wrong or
+off-topic replies: SimPO has work to do. Held-out topics make the test split. Seeded and run on the CPU (about 3
+minutes on 2 cores); the outputs are committed under demo/.
 
     python demo/build_demo_assets.py [--out demo]
 """

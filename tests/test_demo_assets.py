@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import DEMO_DATA, ROOT
+from conftest import DEMO_DATA, DEMO_MODEL, ROOT
 
 
 def build(out, epochs=1):
@@ -39,6 +39,24 @@ def test_eval_topics_are_held_out_and_every_pair_has_a_plausible_rejected_reply_
         assert len(rejected) >= 15  # fluent sentences, not "わかりません。"
 
 
+def test_every_token_of_the_demo_tokenizer_is_whole_characters_so_no_sample_can_break_one():
+    """A byte-level vocabulary lets a small model sample half of a three-byte Japanese character (the reply then shows
+    U+FFFD). Here each token decodes alone to complete text, and the demo's whole alphabet is in the vocabulary, so
+    no text of the demo falls back to <unk>."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(DEMO_MODEL)
+    special = set(tokenizer.all_special_ids)
+    for token_id in range(len(tokenizer)):
+        text = tokenizer.decode([token_id])
+        assert "\ufffd" not in text and (text or token_id in special), (token_id, text)
+    rows = [json.loads(line) for split in ("train", "test") for line in (DEMO_DATA / f"{split}.jsonl").open("rb")]
+    texts = [m["content"] for row in rows for key in ("prompt", "chosen", "rejected") for m in row[key]]
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        assert tokenizer.unk_token_id not in ids and tokenizer.decode(ids) == text
+
+
 @pytest.fixture(scope="module")
 def before_training(tmp_path_factory):
     from test_cli import DEMO_CONFIG, run_cli
@@ -50,7 +68,7 @@ def before_training(tmp_path_factory):
 
 
 def test_the_demo_model_starts_undecided_on_held_out_prompts(before_training):
-    """Measured: accuracy 0.625, margin 0.42. Undecided is near chance on both sides: neither reply preferred by
+    """Measured: accuracy 0.607, margin 0.19. Undecided is near chance on both sides: neither reply preferred by
     more than simpo_gamma (0.7), so the SimPO loss is far from saturated and there is something to learn."""
     assert 0.35 <= before_training["eval_rewards/accuracies"] <= 0.65
     assert -0.7 < before_training["eval_rewards/margins"] < 0.7
@@ -58,8 +76,9 @@ def test_the_demo_model_starts_undecided_on_held_out_prompts(before_training):
 
 def test_the_demo_configuration_learns_the_held_out_preference(tmp_path, before_training):
     """The demo's own settings (40 steps, evaluations at 20 and 40) on held-out topics: from the undecided start to
-    at least 0.9 accuracy, with the margin past simpo_gamma, and no SimPO health warning on the way. Measured: 0.96
-    and 3.6 at step 20, 1.0 and 4.8 at 40."""
+    at least 0.9 accuracy, with the margin past simpo_gamma, and no SimPO health warning on the way. Measured: 0.875
+    and 0.54 at step 20, 0.929 and 0.78 at 40. Then the trained model answers a prompt in readable Japanese about
+    its topic (what `make demo` prints)."""
     from test_cli import DEMO_CONFIG, run_cli
 
     result = run_cli("--config", DEMO_CONFIG, "--output_dir", tmp_path, "--report_to", "none")
@@ -74,3 +93,11 @@ def test_the_demo_configuration_learns_the_held_out_preference(tmp_path, before_
     assert 0.7 < final["eval_rewards/margins"] < 20  # past simpo_gamma, and not a runaway scale
     losses = [e["loss"] for e in history if "loss" in e]
     assert losses[-1] < losses[0]
+    # What `make demo` prints: a reply that reads, about the prompt's topic
+    sys.path.insert(0, str(ROOT / "demo"))
+    from generate import generate
+
+    prompts = {"富士山": "富士山について教えてください。", "温泉": "温泉について知っておくべきことは何ですか？"}
+    for topic, prompt in prompts.items():
+        reply = generate(tmp_path, prompt)
+        assert topic in reply and "\ufffd" not in reply and reply.count("。") >= 1, reply
