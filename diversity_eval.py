@@ -141,7 +141,17 @@ def sentence_embedder():
     from transformers import AutoModel, AutoTokenizer
 
     path = Path(spec.submodule_search_locations[0]) / "model"
-    return AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+    # Whole on every rank: each rank embeds its own replies. Under ZeRO-3 transformers would partition any model loaded
+    # while the ZeRO-3 config is registered (zero.Init), so it is unregistered for this load (transformers keeps it
+    # only as a module-level weak reference, restored after).
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    registered = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        return AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = registered
 
 
 def mean_pairwise_cosine_distance(samples, embedder):

@@ -20,6 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
 from report_section import write_section
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,6 +37,7 @@ SETTINGS = [  # (label, diversity_weight, diversity_alpha)
     ("weight 1.0, entropy only (alpha 1)", 1.0, 1.0),  # at a weight where the term moves things, which part does it?
     ("weight 1.0, KL only (alpha 0)", 1.0, 0.0),
 ]
+TEMPERATURE = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text(encoding="utf-8"))["diversity_eval_temperature"]
 EVAL = ["--diversity_eval_prompts", "54", "--diversity_eval_samples", "8", "--report_to", "none"]
 METRICS = [
     ("eval_rewards/accuracies", "preference accuracy"),
@@ -125,8 +127,9 @@ def main():
         [
             f"Each setting: configs/demo.yaml (40 steps, learning rate 2e-4, batch 8) from demo/tiny-llama-ja, seeds "
             f"{', '.join(map(str, SEEDS))}; scored at the last step on the 54 held-out pairs (9 topics never "
-            "preference-trained) and 8 sampled replies (temperature 1.0) per prompt. Mean ± standard deviation over "
-            "seeds. Fact rate: share of sampled replies that contain the prompt's reference fact.",
+            f"preference-trained) and 8 sampled replies (temperature {TEMPERATURE}, the demo's) per prompt. Mean ± "
+            "standard deviation over seeds. Fact rate: share of sampled replies that contain the prompt's reference "
+            "fact.",
             "",
             table(results),
             "",
