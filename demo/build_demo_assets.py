@@ -408,8 +408,9 @@ def preference(model, tokenizer, pairs, beta=2.5):
 def balance(model, tokenizer, pairs, max_accuracy=0.62, max_margin=0.35, batch_size=16, learning_rate=1e-4, seed=0):
     """Once both replies are memorised, the length-normalised reward favours the chosen replies (longer, and each
     topic's fact seen in every one of its chosen replies): SimPO would start decided. A few gentle steps of the same
-    supervised loss on the rejected replies alone, until the training pairs' preference is near chance, hand SimPO an
-    undecided model. Held-out pairs are not looked at: the demo's undecided start on them is measured, not fitted."""
+    supervised loss on the rejected replies alone, until the training pairs' preference for the chosen reply is near
+    chance, hand SimPO an undecided model (one that does not prefer the chosen replies is left as it is). Held-out
+    pairs are not looked at: the demo's undecided start on them is measured, not fitted."""
     import torch
 
     examples = reply_examples(tokenizer, pairs, ("rejected",))
@@ -419,7 +420,7 @@ def balance(model, tokenizer, pairs, max_accuracy=0.62, max_margin=0.35, batch_s
     for step in range(100):
         accuracy, margin = preference(model.eval(), tokenizer, pairs)
         print(f"balancing step {step}: preference accuracy {accuracy:.3f}, margin {margin:.2f}", flush=True)
-        if accuracy <= max_accuracy and abs(margin) < max_margin:
+        if accuracy <= max_accuracy and margin < max_margin:  # only ever nudged away from chosen
             break
         model.train()
         start = (step * batch_size) % len(order)
