@@ -200,6 +200,12 @@ def parse_args(argv):
 
     parser = make_parser()
     names = {action.dest for action in parser._actions} - {"help"}
+    deepspeed_only = {"zero_optimization", "train_micro_batch_size_per_gpu"} & set(config)
+    if deepspeed_only:  # JSON is YAML: a DeepSpeed config given as the settings file parses, and every key is unknown
+        raise ConfigError(
+            f"{config_path} is a DeepSpeed config (it has {sorted(deepspeed_only)[0]!r}), not a settings file; pass it"
+            f" as --deepspeed {config_path}, and the settings as --config (e.g. configs/config_diversity_simpo.yaml)"
+        )
     for key in config:
         if key != "env" and key not in names:
             raise ConfigError(f"{config_path}: unknown key {key!r}{_closest(str(key), names)}")

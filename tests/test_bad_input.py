@@ -34,6 +34,10 @@ def config_with(tmp_path, **fields):
             lambda p: ["--config", config_with(p, diversty_weight=0.1)],
             ["unknown key 'diversty_weight'", "did you mean 'diversity_weight'"],
         ),
+        (
+            lambda p: ["--config", "configs/ds_config.json"],
+            ["configs/ds_config.json is a DeepSpeed config", "pass it as --deepspeed configs/ds_config.json"],
+        ),
         (lambda p: ["--config", config_with(p, diversity_weight="abc")], ["invalid float value: 'abc'"]),
         (
             lambda p: ["--config", config_with(p, diversity_weight=-0.5)],
@@ -94,6 +98,7 @@ def config_with(tmp_path, **fields):
         "missing-config",
         "bad-yaml",
         "misspelled-key",
+        "deepspeed-json-as-settings",
         "wrong-type",
         "negative-weight",
         "alpha-above-1",

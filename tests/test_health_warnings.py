@@ -80,7 +80,8 @@ def health_lines(stderr):
 
 def test_a_far_too_high_learning_rate_on_the_demo_warns_about_the_chosen_reward_and_repetition(tmp_path):
     """Measured at 5e-3 (25x the demo's): rewards/chosen -0.5 -> -19 while the margin rises to 7, and the sampled
-    replies' self-BLEU 0.82 at the first evaluation (0.43 at the demo's rate). Logged to W&B offline: the alert path runs too."""
+    replies' self-BLEU 0.82 at the first evaluation (0.43 at the demo's rate). Logged to W&B offline: the alert path
+    runs too."""
     result = run_cli("--config", DEMO_CONFIG, "--output_dir", tmp_path, "--learning_rate", "5e-3",
                      "--logging_steps", "2", "--diversity_eval_prompts", "4")  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
