@@ -16,14 +16,51 @@ def build(out, epochs=1):
     return out
 
 
-def test_the_builder_is_deterministic_and_writes_the_committed_data(tmp_path):
+def test_the_builder_is_deterministic_and_writes_the_committed_data_tokenizer_and_config(tmp_path):
     first, second = build(tmp_path / "a"), build(tmp_path / "b")  # one warm-up epoch: determinism, not quality
     files = sorted(p.relative_to(first) for p in first.rglob("*") if p.is_file())
     assert {"data/train.jsonl", "data/test.jsonl", "tiny-llama-ja/model.safetensors"} <= {str(p) for p in files}
     for path in files:
         assert filecmp.cmp(first / path, second / path, shallow=False), f"{path} differs between two builds"
-    for split in ("train", "test"):
-        assert (first / "data" / f"{split}.jsonl").read_bytes() == (DEMO_DATA / f"{split}.jsonl").read_bytes()
+    # Everything but the weights (which depend on the warm-up epochs) is what the demo ships: the data, the tokenizer
+    # (its vocabulary, merges, chat template) and the model's config
+    for path in files:
+        if path.name != "model.safetensors":
+            assert (first / path).read_bytes() == (ROOT / "demo" / path).read_bytes(), f"{path} differs from demo/"
+
+
+def test_the_builder_balances_whatever_preference_its_warm_up_leaves(tmp_path, monkeypatch):
+    """The builder's last step (`balance`) hands SimPO an undecided model. Its warm-up is replaced here by one on the
+    chosen replies alone, which leaves a model that prefers them by far (on 18 training pairs, to keep it short); the
+    model the builder writes must prefer them much less (with 1 real warm-up epoch the model starts undecided, so
+    the determinism test above cannot see whether balancing runs)."""
+    sys.path.insert(0, str(ROOT / "demo"))
+    import build_demo_assets as builder
+
+    splits = builder.preference_pairs()
+    small = {"train": splits["train"][::12], "test": splits["test"][::12]}
+    warmed = {}
+
+    def warm_up_on_chosen(model, tokenizer, pairs, epochs):
+        model = real_warm_up(model, tokenizer, [p | {"rejected": p["chosen"]} for p in pairs], epochs=3)
+        warmed["preference"] = builder.preference(model, tokenizer, small["train"])
+        return model
+
+    real_warm_up = builder.warm_up
+    monkeypatch.setattr(builder, "preference_pairs", lambda: small)
+    monkeypatch.setattr(builder, "warm_up", warm_up_on_chosen)
+    monkeypatch.setattr(sys, "argv", ["build_demo_assets.py", "--out", str(tmp_path), "--epochs", "1"])
+    builder.main()
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    built = AutoModelForCausalLM.from_pretrained(tmp_path / "tiny-llama-ja").eval()
+    accuracy, margin = builder.preference(
+        built, AutoTokenizer.from_pretrained(tmp_path / "tiny-llama-ja"), small["train"]
+    )
+    (warm_accuracy, warm_margin) = warmed["preference"]
+    assert warm_accuracy > 0.62 and warm_margin > 1.0, warmed  # the stand-in warm-up did leave a strong preference
+    assert (accuracy <= 0.62 and margin < 0.35) or margin < warm_margin - 1.0, (warmed, accuracy, margin)
 
 
 def test_eval_topics_are_held_out_and_every_pair_has_a_plausible_rejected_reply_and_a_reference():
