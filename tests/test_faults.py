@@ -113,6 +113,8 @@ def test_sigkill_between_checkpoints_then_resume_trains_only_the_rest_and_ends_l
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not (output / "model.safetensors").exists()
+    record = json.loads((output / "run_record.json").read_text(encoding="utf-8"))  # README: a killed run stays running
+    assert record["status"] == "running" and "ended" not in record and "global_step" not in record
     killed_at = max(int(p.name.split("-")[1]) for p in output.glob("checkpoint-*") if checkpoint_problem(p) is None)
     assert killed_at in (10, 20)
 

@@ -2,6 +2,7 @@
 Synthetic logs pin each threshold from both sides; the demo pins them on real runs (a far too high learning rate
 warns, the shipped settings do not)."""
 
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -72,6 +73,62 @@ def test_a_loss_that_does_not_fall_with_accuracy_near_half_is_not_learning(late_
 def test_each_warning_is_given_once():
     logs = [train_log(0, entropy=2.0)] + [train_log(i, entropy=0.1) for i in range(1, 5)]
     assert warnings_for(logs) == ["entropy collapse"]
+
+
+@pytest.mark.parametrize(
+    "chosen, margins, warned",
+    [
+        # 3.0 in all, 1.0 a log: beta=2.5 counts from the first
+        pytest.param([-2.5, -3.5, -4.5, -5.5], [0.3, 0.6, 0.9, 1.2], True, id="gradual-fall-past-beta"),
+        # 3.0 since the previous log, only 1.0 since the first
+        pytest.param([-2.5, -0.5, -3.5], [0.3, 0.5, 0.8], False, id="fall-past-beta-only-since-previous"),
+        # the margin fell since the previous log, rose since the first
+        pytest.param([-2.5, -3.0, -5.5], [0.3, 2.0, 1.5], True, id="margin-up-since-first-down-since-previous"),
+    ],
+)
+def test_the_chosen_reward_fall_and_the_margin_rise_are_counted_from_the_first_log(chosen, margins, warned):
+    """README: rewards/chosen below its first logged value by more than beta while rewards/margins rose."""
+    logs = [train_log(i, chosen=c, margin=m) for i, (c, m) in enumerate(zip(chosen, margins, strict=True))]
+    assert warnings_for(logs, beta=2.5) == (["chosen reward falling"] if warned else [])
+
+
+@pytest.mark.parametrize(
+    "entropies, warned",
+    [
+        # 20% of the first, but never below 50% of the previous log
+        pytest.param([2.0, 1.6, 1.2, 0.8, 0.4], True, id="gradual-fall-below-a-quarter"),
+        # below 25% of the previous log, 90% of the first
+        pytest.param([2.0, 8.0, 1.8], False, id="below-a-quarter-only-of-previous"),
+    ],
+)
+def test_entropy_collapse_is_measured_against_the_first_logged_entropy(entropies, warned):
+    """README: diversity/entropy below 25% of its first logged value."""
+    logs = [train_log(i, entropy=e) for i, e in enumerate(entropies)]
+    assert warnings_for(logs) == (["entropy collapse"] if warned else [])
+
+
+@pytest.mark.parametrize("self_bleu, warned", [(0.6, True), (0.5999, False)])
+def test_a_self_bleu_of_exactly_0_6_is_repetitive(self_bleu, warned):
+    """README: diversity_eval/self_bleu >= 0.6 is the repetitive-replies threshold, 0.6 included."""
+    assert warnings_for([{"diversity_eval/self_bleu": self_bleu}]) == (["repetitive replies"] if warned else [])
+
+
+@pytest.mark.parametrize("rank_zero", [True, False])
+def test_only_the_global_rank_0_prints_the_warning_and_sends_the_wandb_alert(rank_zero, capsys, monkeypatch):
+    """Module docstring: each warning is given by the global rank 0 only (Trainer's state.is_world_process_zero)."""
+    alerts = []
+    fake_wandb = SimpleNamespace(run=SimpleNamespace(alert=lambda **alert: alerts.append(alert)),
+                                 AlertLevel=SimpleNamespace(WARN="WARN"))  # fmt: skip
+    monkeypatch.setitem(sys.modules, "wandb", fake_wandb)
+    callback, args = SimPOHealthWarnings(beta=2.5), SimpleNamespace(report_to=["wandb"])
+    for step, entry in enumerate([train_log(0, entropy=2.0), train_log(1, entropy=0.1)], 1):
+        callback.on_log(args, SimpleNamespace(global_step=step, is_world_process_zero=rank_zero), None, logs=entry)
+    lines = health_lines(capsys.readouterr().err)
+    if rank_zero:
+        assert len(lines) == 1 and "(entropy collapse)" in lines[0]
+        assert [alert["title"] for alert in alerts] == ["SimPO health: entropy collapse"]
+    else:
+        assert lines == [] and alerts == []
 
 
 def health_lines(stderr):

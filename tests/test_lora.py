@@ -1,6 +1,8 @@
 """LoRA runs: an adapter folder as the model keeps training that adapter; `merge_adapter` writes the adapter merged
 into its base as a standalone model (PEFT's own merge), with the logits of base plus adapter."""
 
+import json
+
 import torch
 from conftest import DEMO_MODEL
 from safetensors.torch import load_file
@@ -73,3 +75,30 @@ def test_a_lora_runs_output_folder_as_the_model_trains_that_adapter_further(tmp_
     for name, value in marked.items():
         torch.testing.assert_close(trained[name], value, rtol=0, atol=2e-3)  # 2 Adam steps of lr 2e-4 from the mark
     assert any(not torch.equal(trained[name], marked[name]) for name in marked)  # and it did train
+
+
+def test_merge_adapter_keeps_a_bfloat16_base_in_bfloat16(tmp_path):
+    """README: the merged model is saved in the base model's dtype (here bfloat16; the demo base is float32)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from train_diversity_simpo import merge_adapter
+
+    config = LlamaConfig(vocab_size=2048, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "base")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype="auto")
+    assert base.dtype == torch.bfloat16
+    lora = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(base, lora).save_pretrained(tmp_path / "out")  # an adapter that changes the weights
+
+    merge_adapter(tmp_path / "out", AutoTokenizer.from_pretrained(DEMO_MODEL), trust_remote_code=False)
+    merged = tmp_path / "out" / "merged"
+    saved = json.loads((merged / "config.json").read_text(encoding="utf-8"))
+    assert saved.get("dtype", saved.get("torch_dtype")) == "bfloat16"
+    weights = load_file(merged / "model.safetensors")
+    assert {name: w.dtype for name, w in weights.items() if w.dtype != torch.bfloat16} == {}
+    assert AutoModelForCausalLM.from_pretrained(merged, dtype="auto").dtype == torch.bfloat16
+    q_proj = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(weights[q_proj], load_file(tmp_path / "base" / "model.safetensors")[q_proj])  # merged in
