@@ -560,6 +560,11 @@ def single_process_deepspeed_env():
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
+# Fields that hold credentials (TrainingArguments' hub_token, anything named *_api_key, *_secret, *_password); not
+# `diversity_eval_max_new_tokens` or `include_num_input_tokens_seen`, which are settings like any other
+SECRET = re.compile(r"(^|_)(hub_token|api_key|secret|password)$")
+
+
 def save_resolved_config(path, *configs):
     """Every setting of the run, as YAML, without secrets (tokens, API keys)."""
     import yaml
@@ -567,7 +572,7 @@ def save_resolved_config(path, *configs):
     resolved = {}
     for config in configs:
         resolved.update(config.to_dict() if hasattr(config, "to_dict") else vars(config))
-    resolved = {k: v for k, v in resolved.items() if "token" not in k and "api_key" not in k}
+    resolved = {k: v for k, v in resolved.items() if not SECRET.search(k)}
     path.write_text(yaml.safe_dump(resolved, allow_unicode=True, sort_keys=True), encoding="utf-8")
 
 

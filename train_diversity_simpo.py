@@ -149,7 +149,9 @@ def train(script_args, training_args, model_args, train_dataset, eval_dataset, a
             "Continue with --resume_from_checkpoint latest"
         )
         sys.exit(143)
-    trainer.save_model(training_args.output_dir)
+    # _internal_call: transformers' own flag for "save, do not push yet": with push_to_hub the upload waits until this
+    # tool's model card, the curves and the record are beside the model (below), so the Hub gets them too
+    trainer.save_model(training_args.output_dir, _internal_call=True)
     trainer.save_state()  # trainer_state.json: the whole log history, next to the model
     if trainer.is_world_process_zero():  # the global rank 0: one writer, also across nodes
         output_dir = Path(training_args.output_dir)
@@ -158,6 +160,8 @@ def train(script_args, training_args, model_args, train_dataset, eval_dataset, a
             merge_adapter(output_dir, trainer.processing_class, training_args.trust_remote_code)
         run_record.end(output_dir, "finished", trainer.state.global_step)
         write_model_cards(output_dir, script_args, model_args, training_args, trainer.state.log_history)
+    if training_args.push_to_hub:  # every rank calls it (it saves once more); the global rank 0 uploads the folder
+        trainer.push_to_hub()
     trainer.accelerator.print(
         f"Saved the model, tokenizer, model card, resolved_config.yaml, run_record.json and training_curves.png to "
         f"{training_args.output_dir}"

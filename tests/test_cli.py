@@ -193,7 +193,7 @@ def test_demo_trains_evaluates_logs_diversity_and_saves_a_model_that_generates(t
     assert {"diversity_eval/distinct_2", "diversity_eval/self_bleu", "diversity_eval/token_entropy"} <= logged
     resolved = yaml.safe_load((output / "resolved_config.yaml").read_text(encoding="utf-8"))
     assert resolved["diversity_weight"] == 0.05 and resolved["max_steps"] == 6
-    assert not any("token" in key for key in resolved)
+    assert "hub_token" not in resolved and resolved["diversity_eval_max_new_tokens"] == 48  # a setting, not a secret
     assert list((tmp_path / "wandb").glob("offline-run-*")), "wandb should have logged offline"
 
     import hashlib
@@ -222,3 +222,56 @@ def test_demo_trains_evaluates_logs_diversity_and_saves_a_model_that_generates(t
 
     reply = generate(output, "富士山について教えてください。", max_new_tokens=8)
     assert isinstance(reply, str) and reply
+
+
+def test_resolved_config_keeps_every_setting_and_no_secret(tmp_path):
+    """README: resolved_config.yaml holds every setting of the run (settings whose names contain 'token', such as
+    diversity_eval_max_new_tokens, included), and never a secret (the Hub token)."""
+    from train_diversity_simpo import save_resolved_config
+
+    argv = ["--config", str(DEMO_CONFIG), "--hub_token", "hf_SECRET", "--diversity_eval_max_new_tokens", "17"]
+    settings = parse_args(argv)
+    save_resolved_config(tmp_path / "resolved_config.yaml", *settings)
+    text = (tmp_path / "resolved_config.yaml").read_text(encoding="utf-8")
+    resolved = yaml.safe_load(text)
+    assert "hf_SECRET" not in text and "hub_token" not in resolved
+    assert resolved["diversity_eval_max_new_tokens"] == 17
+    expected = {
+        name for config in settings for name in (vars(config) if not hasattr(config, "to_dict") else config.to_dict())
+    }
+    assert set(resolved) == expected - {"hub_token"}
+
+
+def test_push_to_hub_uploads_the_folder_after_this_tools_card_and_record_are_written(tmp_path, monkeypatch):
+    """With push_to_hub the Hub must get what the folder ends with: this tool's model card, the run record (finished)
+    and the curves beside the model. The Hub is unreachable here, so the Trainer's two Hub calls are replaced by
+    stand-ins that record what the folder holds at the moment of the upload."""
+    from transformers import Trainer
+
+    import train_diversity_simpo
+
+    uploads = []
+
+    def push_to_hub(self, *args, **kwargs):
+        folder = Path(self.args.output_dir)
+        card = folder / "README.md"
+        record = folder / "run_record.json"
+        uploads.append(
+            {
+                "card": card.read_text(encoding="utf-8") if card.exists() else "",
+                "status": json.loads(record.read_text(encoding="utf-8"))["status"] if record.exists() else None,
+                "curves": (folder / "training_curves.png").exists(),
+                "model": (folder / "model.safetensors").exists(),
+            }
+        )
+
+    monkeypatch.setattr(Trainer, "init_hf_repo", lambda self, *a, **k: setattr(self, "hub_model_id", "user/demo"))
+    monkeypatch.setattr(Trainer, "push_to_hub", push_to_hub)
+    output = tmp_path / "out"
+    argv = ["--config", str(DEMO_CONFIG), "--output_dir", str(output), "--max_steps", "2", "--report_to", "none"]
+    argv += ["--eval_strategy", "no", "--save_strategy", "no", "--diversity_eval_prompts", "0"]
+    train_diversity_simpo.main([*argv, "--push_to_hub", "true", "--hub_model_id", "user/demo"])
+    assert len(uploads) == 1, uploads
+    (upload,) = uploads
+    assert "diversity_weight" in upload["card"] and upload["status"] == "finished" and upload["curves"]
+    assert upload["model"]
