@@ -2,6 +2,7 @@
 Synthetic logs pin each threshold from both sides; the demo pins them on real runs (a far too high learning rate
 warns, the shipped settings do not)."""
 
+import re
 import sys
 from types import SimpleNamespace
 
@@ -136,13 +137,21 @@ def health_lines(stderr):
 
 
 def test_a_far_too_high_learning_rate_on_the_demo_warns_about_the_chosen_reward_and_repetition(tmp_path):
-    """Measured at 5e-3 (25x the demo's): rewards/chosen -0.5 -> -19 while the margin rises to 7, and the sampled
-    replies' self-BLEU 0.82 at the first evaluation (0.43 at the demo's rate). Logged to W&B offline: the alert path
-    runs too."""
+    """README: at 5e-3 (25x the demo's rate) the run warns within its first 10 steps that rewards/chosen fell by more
+    than beta (2.5) while the margin rose, and at the first evaluation (step 20) that the sampled replies are
+    repetitive (self-BLEU >= 0.6). The figures are read back from the warning lines. Logged to W&B offline: the
+    alert path runs too."""
     result = run_cli("--config", DEMO_CONFIG, "--output_dir", tmp_path, "--learning_rate", "5e-3",
                      "--logging_steps", "2", "--diversity_eval_prompts", "4")  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     lines = health_lines(result.stderr)
-    assert any("(chosen reward falling)" in line and "Raise beta or lower learning_rate" in line for line in lines)
-    assert any("(repetitive replies)" in line and "Lower learning_rate" in line for line in lines), lines
+    (falling,) = [line for line in lines if "(chosen reward falling)" in line]
+    step, chosen_then, chosen_now, margin_then, margin_now = re.search(
+        r"step (\d+): rewards/chosen fell from (\S+) to (\S+) .* rewards/margins rose from (\S+) to (\S+?):", falling
+    ).groups()
+    assert int(step) <= 10 and float(chosen_then) - float(chosen_now) > 2.5 and float(margin_now) > float(margin_then)
+    assert "Raise beta or lower learning_rate" in falling
+    (repetitive,) = [line for line in lines if "(repetitive replies)" in line]
+    step, self_bleu = re.search(r"step (\d+): .*self_bleu (\S+),", repetitive).groups()
+    assert int(step) == 20 and float(self_bleu) >= 0.6 and "Lower learning_rate" in repetitive, repetitive
     assert "could not send the W&B alert" not in result.stderr

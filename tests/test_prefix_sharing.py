@@ -114,7 +114,11 @@ def test_each_prompt_is_computed_once_and_no_padding_is_left():
     assert padding_free.input_ids.shape == (1, real)
     shared_rows = pack_pairs(ids, mask, labels, prefix_sharing=True, padding_free=False, pad_token_id=0)
     assert shared_rows.input_ids.shape == (4, max(43 + 65 - 40, 34 + 6 - 3, 21 + 19 - 15, 10 + 16 - 10))
-    assert int(packed.keep.sum()) < int(packed.response.sum())  # positions read by both replies are projected once
+    # The LM head projects each position that predicts a reply token once: of TRL's 90 (the replies' lengths), a pair's
+    # two replies share the positions inside their common prefix: the prompt's last (pair 1), none (pair 2: the
+    # prompts' last tokens differ), prompt end + 3 common tokens (pair 3), all 4 of the chosen reply's (pair 4)
+    assert int(packed.response.sum()) == (3 + 25) + (30 + 2) + (9 + 7) + (4 + 10)
+    assert int(packed.keep.sum()) == (3 + 25 - 1) + (30 + 2) + (9 + 7 - 4) + (4 + 10 - 4)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
@@ -238,3 +242,20 @@ def test_a_model_with_absolute_position_embeddings_gets_trls_numbers_too(tmp_pat
         return loss_metrics_grads_on(trainer, awkward_pairs(trainer.pad_token_id))
 
     assert_same(run(**layout), run())
+
+
+def test_encoder_decoder_and_mixture_of_experts_models_are_refused_in_one_line():
+    """README: the layouts refuse an encoder-decoder model and a mixture-of-experts auxiliary loss (they would compute
+    something else), each in one line that says which setting to turn off."""
+    from transformers import MixtralConfig, MixtralForCausalLM, T5Config, T5ForConditionalGeneration
+
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=8, d_ff=16, num_layers=1, num_heads=1, d_kv=8))
+    t5.config._attn_implementation = "sdpa"
+    moe = MixtralForCausalLM(
+        MixtralConfig(vocab_size=64, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, num_local_experts=2, output_router_logits=True)
+    )  # fmt: skip
+    moe.config._attn_implementation = "sdpa"
+    for model, phrase in ((t5, "decoder-only"), (moe, "mixture-of-experts")):
+        refusal = layout_refusal(model, prefix_sharing=True, padding_free=False)
+        assert refusal and phrase in refusal and "prefix_sharing: false" in refusal and "\n" not in refusal

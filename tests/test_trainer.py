@@ -66,6 +66,8 @@ def test_config_defaults_are_simpo_with_the_users_diversity_settings(tmp_path):
     config = DiversitySimPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False)
     assert (config.loss_type, config.cpo_alpha, config.simpo_gamma) == ("simpo", 0.0, 0.7)
     assert (config.diversity_weight, config.diversity_alpha) == (0.05, 0.1)
+    assert config.diversity_chunk_elements == 2**21
+    assert (config.fused_lm_head, config.prefix_sharing, config.padding_free) == (False, False, False)
 
 
 @pytest.mark.parametrize(
@@ -102,6 +104,19 @@ def test_weight_zero_gives_exactly_the_parents_loss_and_metrics_and_skips_the_te
         k: v for k, v in parent_metrics.items() if not k.startswith("logits/")
     }
     assert calls == []
+
+
+def test_weight_zero_gives_exactly_the_parents_gradients(tmp_path):
+    """README: with diversity_weight 0 the gradients are TRL's too (the same graph: not even a zero term added)."""
+    ours = make_trainer(tmp_path, diversity_weight=0.0)
+    parent = make_trainer(tmp_path, trainer_class=CPOTrainer, config_class=CPOConfig)
+    parent.model.load_state_dict(ours.model.state_dict())
+    batch = first_batch(ours)
+    for trainer in (ours, parent):
+        trainer.get_batch_loss_metrics(trainer.model, batch)[0].backward()
+    theirs = dict(parent.model.named_parameters())
+    for name, parameter in ours.model.named_parameters():
+        assert torch.equal(parameter.grad, theirs[name].grad), name
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
