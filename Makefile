@@ -23,6 +23,8 @@ demo: setup
 	$(PY) demo/generate.py output/demo
 
 test: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest tests
 
 bench: setup

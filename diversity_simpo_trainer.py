@@ -18,8 +18,9 @@ short replies more than those of one of long replies. Per pair needs no token co
 ranks, and each reply weighs the same whatever its length, as in SimPO's reward.
 
 `_EntropyAndKL` computes both from TRL's logits; with `fused_lm_head` the same quantities come from
-`fused_preference_head.py`, without the `[2B, L, V]` logits. With `prefix_sharing` or `padding_free` the backbone runs
-on a packed layout of the same batch (`preference_layout.py`) and everything above reads the same numbers.
+`diversity_simpo/fused_head.py`, without the `[2B, L, V]` logits. With `prefix_sharing` or `padding_free` the
+backbone runs on a packed layout of the same batch (`diversity_simpo/layout.py`) and everything above reads the
+same numbers.
 """
 
 import os
@@ -34,8 +35,8 @@ from accelerate.utils import is_peft_model
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # CPOTrainer lives in trl.experimental in TRL 1.x; we pin TRL
 from trl.experimental.cpo import CPOConfig, CPOTrainer
 
-from fused_preference_head import add_fused_preference_head, fused_head_refusal
-from preference_layout import FLEX_BLOCK, layout_refusal, pack_pairs, response_positions
+from diversity_simpo.fused_head import add_fused_preference_head, fused_head_refusal
+from diversity_simpo.layout import FLEX_BLOCK, layout_refusal, mean_of_row_means, pack_pairs, response_positions
 
 
 @dataclass
@@ -215,12 +216,6 @@ def _row_means(values, mask):
     return (values * mask).sum(-1) / mask.sum(-1).clamp(min=1)
 
 
-def mean_of_row_means(values, mask):
-    """The mean over rows of each row's mean over its masked positions (0 for a row with none): values, mask [R, L],
-    values 0 outside the mask. Rows are pairs in the loss (the fused head's outputs) and replies in the eval."""
-    return _row_means(values, mask).mean()
-
-
 class DiversitySimPOTrainer(CPOTrainer):
     """`CPOTrainer` whose loss is `simpo_loss + diversity_weight * diversity_loss` (see the module docstring).
 
@@ -257,11 +252,11 @@ class DiversitySimPOTrainer(CPOTrainer):
 
     def create_model_card(self, *args, **kwargs):
         """Nothing: TRL's generic card names no data, settings or results; the CLI writes this tool's at the end of
-        the run (model_card.py)."""
+        the run (diversity_simpo/model_card.py)."""
 
     def concatenated_forward(self, model, batch):
         """TRL's outputs: per-reply log-probabilities, the logits' summary and the NLL term, from TRL's layout or the
-        prefix-shared / padding-free one (`preference_layout.py`), through TRL's code or, with `fused_lm_head`, the
+        prefix-shared / padding-free one (`diversity_simpo/layout.py`), through TRL's code or, with `fused_lm_head`, the
         fused head. In place of the logits, each reply's mean logit over its response positions (the `logits/*`
         metrics, which TRL averages over every position, padding included: a number of the layout, not the pairs)."""
         inputs = self.concatenated_inputs(batch, padding_value=self.pad_token_id, device=self.accelerator.device)

@@ -6,7 +6,7 @@
 
 Every field of the YAML can be overridden on the command line (`--diversity_weight 0.1`). Mistakes in the config, the
 paths or the data end the run with a one-line `error:` and exit status 2, before anything is written
-(run_config.py, preference_data.py).
+(diversity_simpo/settings.py, diversity_simpo/data.py).
 """
 
 import json
@@ -19,10 +19,11 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-import run_record
-from health_warnings import SimPOHealthWarnings
-from preference_data import DataError, is_conversation, load_preference_data
-from run_config import (
+from diversity_simpo import run_record, settings
+from diversity_simpo.curves import plot_training_curves
+from diversity_simpo.data import DataError, is_conversation, load_preference_data
+from diversity_simpo.health import SimPOHealthWarnings
+from diversity_simpo.settings import (
     DEMO_HINT,
     ConfigError,
     check_deepspeed_against_settings,
@@ -30,11 +31,17 @@ from run_config import (
     check_paths,
     first_line,
     is_adapter_folder,
-    parse_args,
     resume_target,
     save_resolved_config,
 )
-from training_curves import plot_training_curves
+
+
+def parse_args(argv):
+    """(ScriptArguments, DiversitySimPOConfig, ModelConfig) from the YAML and the flags, every value checked
+    (diversity_simpo/settings.py); the trainer's config is imported here, when a run starts, not by the package."""
+    from diversity_simpo_trainer import DiversitySimPOConfig
+
+    return settings.parse_args(argv, DiversitySimPOConfig)
 
 
 def preflight(argv, counts=None):
@@ -74,7 +81,7 @@ def main(argv=None):
 def train(script_args, training_args, model_args, train_dataset, eval_dataset, argv=(), counts=None):
     from trl import get_peft_config
 
-    from diversity_eval import DiversityEvalCallback
+    from diversity_simpo.reply_diversity import DiversityEvalCallback
     from diversity_simpo_trainer import DiversitySimPOTrainer
 
     if training_args.deepspeed and training_args.world_size > 1:
@@ -223,7 +230,7 @@ def load_model_and_tokenizer(model_args, training_args):
 
 def write_model_cards(output_dir, script_args, model_args, training_args, log_history):
     """README.md beside the model (and beside the merged model, with the curves): this tool's card, not TRL's."""
-    from model_card import write_model_card
+    from diversity_simpo.model_card import write_model_card
 
     card = {
         "model_name_or_path": model_args.model_name_or_path,
@@ -305,7 +312,7 @@ def eval_prompts(dataset, count):
 
 def evaluate_only(trainer, diversity_eval, output_dir):
     """Preference accuracy and the rest of TRL's eval metrics, plus the diversity of sampled replies if asked for."""
-    from diversity_eval import run_diversity_eval, sentence_embedder
+    from diversity_simpo.reply_diversity import run_diversity_eval, sentence_embedder
 
     results = trainer.evaluate()
     if diversity_eval["prompts"]:

@@ -360,7 +360,7 @@ def tokens_per_step(shape, variant):
     """(tokens through the backbone, of which padding, rows through the LM head), as the variant lays the batch out.
     The LM head: TRL's logits at every position; unfused layouts, each position a reply token is predicted from,
     once (`logits_to_keep`); the fused head, every reply position of every row."""
-    from preference_layout import FLEX_BLOCK, pack_pairs, response_positions
+    from diversity_simpo.layout import FLEX_BLOCK, pack_pairs, response_positions
 
     batch = make_pairs(shape["vocab"], shape["lengths"], "cpu")
     inputs = CPOTrainer.concatenated_inputs(batch, padding_value=0)

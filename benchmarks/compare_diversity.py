@@ -3,9 +3,9 @@
 Settings: diversity_weight in {0, 0.01, 0.05, 0.2, 1.0} at diversity_alpha 0.1, plus diversity_alpha 1.0 (entropy
 only) and 0.0 (KL only) at weights 0.05 and 1.0. Each is trained with configs/demo.yaml from demo/tiny-llama-ja with
 seeds 1, 2 and 3, and scored at its last step on the held-out eval topics: TRL's preference accuracy and margins, the
-diversity of 8 sampled replies per eval prompt (diversity_eval.py), and the share of sampled replies that state the
-prompt's reference fact (`reference_rate`, from the data: a signal that does not come from the model). The start
-model is scored the same way (one sampling per seed).
+diversity of 8 sampled replies per eval prompt (diversity_simpo/reply_diversity.py), and the share of sampled
+replies that state the prompt's reference fact (`reference_rate`, from the data: a signal that does not come from
+the model). The start model is scored the same way (one sampling per seed).
 
     python benchmarks/compare_diversity.py          # about 20 minutes on 2 CPU cores; make compare
 

@@ -1,5 +1,6 @@
-"""The rule for a complete checkpoint (checkpoints.py), file by file: each kind of cut-short write is caught and named.
-A real kill during a real write is in test_faults.py; real DeepSpeed checkpoints pass the rule in test_deepspeed.py."""
+"""The rule for a complete checkpoint (diversity_simpo/checkpoints.py), file by file: each kind of cut-short write is
+caught and named. A real kill during a real write is in test_faults.py; real DeepSpeed checkpoints pass the rule in
+test_deepspeed.py."""
 
 import json
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from checkpoints import checkpoint_problem, newest_complete_checkpoint
+from diversity_simpo.checkpoints import checkpoint_problem, newest_complete_checkpoint
 
 
 def write_checkpoint(folder, step, deepspeed=False):

@@ -20,7 +20,7 @@ from precision import assert_close_at_scale, metric_scale, relative_norm_differe
 from safetensors.torch import load_file
 from test_faults import trained_steps
 
-from checkpoints import checkpoint_problem
+from diversity_simpo.checkpoints import checkpoint_problem
 
 pytestmark = pytest.mark.distributed
 

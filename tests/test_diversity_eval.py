@@ -9,7 +9,7 @@ from conftest import DEMO_MODEL
 from test_cli import DEMO_CONFIG, run_cli
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from diversity_eval import bleu, distinct_n, normalise, sample_replies, self_bleu
+from diversity_simpo.reply_diversity import bleu, distinct_n, normalise, sample_replies, self_bleu
 from diversity_simpo_trainer import mean_of_row_means
 
 

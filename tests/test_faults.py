@@ -14,7 +14,7 @@ from conftest import ROOT
 from safetensors.torch import load_file, save_file
 from test_cli import DEMO_CONFIG, run_cli
 
-from checkpoints import checkpoint_problem
+from diversity_simpo.checkpoints import checkpoint_problem
 
 
 def log_history(checkpoint):

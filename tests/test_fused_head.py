@@ -23,15 +23,15 @@ from reference import diversity_reference, label_logprob_reference, random_batch
 from test_trainer import make_trainer as trainer_on_demo_data
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import fused_preference_head
+from diversity_simpo import fused_head
+from diversity_simpo.fused_head import fused_head_refusal, preference_head
 from diversity_simpo_trainer import mean_of_row_means
-from fused_preference_head import fused_head_refusal, preference_head
 
 
 @pytest.fixture
 def small_vocab_tiles(monkeypatch):
     """Vocabulary tiles of 7 logits: every online-softmax rescaling path runs even on a tiny vocabulary."""
-    monkeypatch.setattr(fused_preference_head, "VOCAB_TILE", 7)
+    monkeypatch.setattr(fused_head, "VOCAB_TILE", 7)
 
 
 def random_head_inputs(pairs=3, length=10, hidden_size=6, vocab=23, seed=0, bias=True):
@@ -258,7 +258,7 @@ FUNCTION_LEVEL = "head_matches or outside_responses or pair_position or bfloat16
 def test_triton_kernels_in_use_when_interpreting():
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("runs inside test_triton_kernels_pass_the_function_level_tests")
-    assert fused_preference_head._use_triton(torch.device("cpu"))
+    assert fused_head._use_triton(torch.device("cpu"))
 
 
 @pytest.mark.skipif(not ON_CPU, reason="on a GPU the function-level tests above run the kernels for real")

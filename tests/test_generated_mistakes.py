@@ -17,8 +17,8 @@ import yaml
 from conftest import DEMO_DATA, DEMO_MODEL, ROOT
 from test_cli import DEMO_CONFIG, run_cli
 
-from preference_data import DataError
-from run_config import ConfigError
+from diversity_simpo.data import DataError
+from diversity_simpo.settings import ConfigError
 from train_diversity_simpo import preflight
 
 CASES = 320

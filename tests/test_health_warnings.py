@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 from test_cli import DEMO_CONFIG, run_cli
 
-from health_warnings import SimPOHealthWarnings
+from diversity_simpo.health import SimPOHealthWarnings
 
 ARGS = SimpleNamespace(report_to=["none"])
 

@@ -6,7 +6,7 @@ import json
 
 from test_cli import DEMO_CONFIG
 
-from model_card import base_model_id
+from diversity_simpo.model_card import base_model_id
 
 
 def test_a_hub_id_is_its_own_base():
@@ -32,8 +32,8 @@ def card_of_a_run(folder, *, model_name_or_path, dataset_name, log_history=()):
     id is only recorded)."""
     from huggingface_hub import ModelCard
 
-    from model_card import write_model_card
-    from run_config import parse_args
+    from diversity_simpo.model_card import write_model_card
+    from train_diversity_simpo import parse_args
 
     _, args, _ = parse_args(["--config", str(DEMO_CONFIG), "--output_dir", str(folder)])
     write_model_card(folder, model_name_or_path=model_name_or_path, dataset_name=dataset_name, args=args,

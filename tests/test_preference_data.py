@@ -17,7 +17,7 @@ import torch
 from conftest import DEMO_DATA, ROOT
 from test_cli import assert_clean_error, run_cli, write_yaml
 
-from preference_data import DataError, load_preference_data, normalise
+from diversity_simpo.data import DataError, load_preference_data, normalise
 
 SYSTEM = "あなたは誠実で優秀な日本人のアシスタントです。"  # ELYZA's model card's default system prompt
 
@@ -429,7 +429,7 @@ def test_a_ranking_dataset_is_refused_naming_its_columns_and_the_layouts(tmp_pat
 
 def test_cli_module_imports_stay_light():
     """The data checks run before torch-heavy work: importing the data module does not import torch or TRL."""
-    code = "import sys, preference_data; print('torch' in sys.modules, 'trl' in sys.modules)"
+    code = "import sys, diversity_simpo.data; print('torch' in sys.modules, 'trl' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert result.stdout.split() == ["False", "False"]
 

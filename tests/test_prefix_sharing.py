@@ -16,7 +16,7 @@ from test_fused_head import make_trainer as trainer_on_random_llama
 from test_split_invariance import weight_update
 from trl.experimental.cpo import CPOTrainer
 
-from preference_layout import FLEX_BLOCK, layout_refusal, pack_pairs
+from diversity_simpo.layout import FLEX_BLOCK, layout_refusal, pack_pairs
 
 LAYOUTS = {
     "prefix_sharing": dict(prefix_sharing=True),

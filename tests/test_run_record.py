@@ -1,5 +1,5 @@
-"""run_record.json's project section: this tool's version and the git commit of the checkout it ran from (the whole
-record of a demo run is read in test_cli.py, a killed run's in test_faults.py)."""
+"""run_record.json's project section: this tool's version and the git commit of the checkout it ran from (the
+whole record of a demo run is read in test_cli.py, a killed run's in test_faults.py)."""
 
 import json
 import subprocess
@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 from conftest import DEMO_DATA, ROOT
 
-import run_record
+from diversity_simpo import run_record
 
 
 def git(*args):

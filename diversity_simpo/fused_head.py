@@ -31,7 +31,7 @@ from transformers.utils import ModelOutput
 from trl.kernels.chunked_logprob import _addmm_fp32  # fp32 accumulation of bf16 products (pinned TRL)
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
-from preference_layout import response_positions
+from diversity_simpo.layout import response_positions
 
 try:  # Triton comes with PyTorch's CUDA builds on Linux; without it (this CPU build) the tiles fold in torch
     import triton

@@ -199,6 +199,12 @@ def response_positions(labels, length):
     return response
 
 
+def mean_of_row_means(values, mask):
+    """The mean over rows of each row's mean over its masked positions (0 for a row with none): values, mask [R, L],
+    values 0 outside the mask. Rows are pairs in the loss (the fused head's outputs) and replies in the eval."""
+    return ((values * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+
+
 def _common_prefix(a, b):
     n = 0
     for x, y in zip(a, b, strict=False):

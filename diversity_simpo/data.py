@@ -25,7 +25,7 @@ import re
 import sys
 from pathlib import Path
 
-from run_config import DEMO_HINT, first_line
+from diversity_simpo.settings import DEMO_HINT, first_line
 
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 MAPPABLE = ("prompt", "system", "chosen", "rejected", "conversations", "reference")

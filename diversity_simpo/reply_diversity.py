@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, TrainerCallback
 
-from diversity_simpo_trainer import mean_of_row_means
+from diversity_simpo.layout import mean_of_row_means
 
 
 def normalise(text):

@@ -24,9 +24,9 @@ from dataclasses import dataclass, field, fields
 from enum import Enum
 from pathlib import Path
 
-from checkpoints import checkpoint_problem, newest_complete_checkpoint
+from diversity_simpo.checkpoints import checkpoint_problem, newest_complete_checkpoint
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "config_diversity_simpo.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "config_diversity_simpo.yaml"
 MODEL_FILES = ("config.json", "adapter_config.json")
 DEMO_HINT = " To try the tool offline: python train_diversity_simpo.py --config configs/demo.yaml"
 
@@ -156,25 +156,24 @@ LIMITS = {
 }
 
 
-def make_parser():
+def make_parser(config_class):
+    """TRL's parser of (ScriptArguments, `config_class`: the trainer's config, ModelConfig)."""
     from trl import ModelConfig, TrlParser
-
-    from diversity_simpo_trainer import DiversitySimPOConfig
 
     class Parser(TrlParser):
         def error(self, message):  # argparse would print the whole usage (hundreds of options) and exit
             raise ConfigError(f"{message} (see --help)")
 
-    parser = Parser((ScriptArguments, DiversitySimPOConfig, ModelConfig))
+    parser = Parser((ScriptArguments, config_class, ModelConfig))
     # `--learning_rate -1e-6` is a value: argparse (before Python 3.13) takes -1e-6 for an option, since its pattern
     # for negative numbers has no exponent; the range check then says what is wrong with it
     parser._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
     return parser
 
 
-def parse_args(argv):
-    """(ScriptArguments, DiversitySimPOConfig, ModelConfig) from the YAML config (`--config`, default
-    DEFAULT_CONFIG) overridden by command-line flags; every value checked (module docstring)."""
+def parse_args(argv, config_class):
+    """(ScriptArguments, config_class (the CLI passes DiversitySimPOConfig), ModelConfig) from the YAML config
+    (`--config`, default DEFAULT_CONFIG) overridden by command-line flags; every value checked (module docstring)."""
     import yaml
 
     argv = [str(a) for a in argv]
@@ -198,7 +197,7 @@ def parse_args(argv):
     if not isinstance(config, dict):
         raise ConfigError(f"{config_path} must be a YAML mapping of `field: value` lines")
 
-    parser = make_parser()
+    parser = make_parser(config_class)
     names = {action.dest for action in parser._actions} - {"help"}
     deepspeed_only = {"zero_optimization", "train_micro_batch_size_per_gpu"} & set(config)
     if deepspeed_only:  # JSON is YAML: a DeepSpeed config given as the settings file parses, and every key is unknown
@@ -242,7 +241,7 @@ def parse_args(argv):
         raise ConfigError("num_train_epochs is 0 and max_steps is not set: nothing would be trained; set either")
     import torch
 
-    from preference_layout import MASKED_ATTENTION
+    from diversity_simpo.layout import MASKED_ATTENTION
 
     layouts = [name for name in ("prefix_sharing", "padding_free") if getattr(training, name)]
     if layouts and model.attn_implementation not in (None, *MASKED_ATTENTION):

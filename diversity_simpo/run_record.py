@@ -24,7 +24,7 @@ from pathlib import Path
 VERSION = "0.6.0"
 RECORD = "run_record.json"
 PACKAGES = ("torch", "transformers", "trl", "datasets", "accelerate", "peft", "deepspeed", "wandb", "tokenizers")
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent  # the repository: its git commit is the tool's
 
 
 def start(output_dir, argv, training_args, dataset_name, counts):
@@ -114,7 +114,7 @@ def _accelerator():
 
 def _fingerprints(dataset_name):
     """SHA-256 and size of each local data file; a Hub dataset is named by its id (and revision, in the settings)."""
-    from preference_data import data_files
+    from diversity_simpo.data import data_files
 
     path = Path(str(dataset_name)).expanduser()
     files = [path] if path.is_file() else data_files(path) if path.is_dir() else []
