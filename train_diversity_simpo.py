@@ -91,6 +91,16 @@ def train(script_args, training_args, model_args, train_dataset, eval_dataset, a
         # itself on GPUs only, so on CPU ranks (gloo) it adopts the process group here.
         deepspeed.init_distributed()
     model, tokenizer = load_model_and_tokenizer(model_args, training_args)
+    if script_args.pair_selection == "divpo":  # pairs by rarity under the starting model: one pass, before step 1
+        from diversity_simpo.pair_selection import select_divpo
+
+        counts = {} if counts is None else counts
+        train_dataset, eval_dataset = (
+            select_divpo(data, model, tokenizer, script_args.divpo_rho, counts.setdefault(split, {}))
+            if data is not None and "candidates" in data.column_names
+            else data
+            for split, data in (("train", train_dataset), ("eval", eval_dataset))
+        )
     if is_conversation(train_dataset[0]["prompt"]) and tokenizer.chat_template is None:
         raise ConfigError(
             f"the data is conversational but the tokenizer of {model_args.model_name_or_path} has no chat template"

@@ -28,12 +28,16 @@ from pathlib import Path
 from diversity_simpo.settings import DEMO_HINT, first_line
 
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
-MAPPABLE = ("prompt", "system", "chosen", "rejected", "conversations", "reference")
+MAPPABLE = ("prompt", "system", "chosen", "rejected", "conversations", "reference", "all_generated_responses",
+            "all_rm_scores", "completions")  # fmt: skip
+ASPECTS = ("helpfulness", "honesty", "instruction_following", "truthfulness")  # UltraFeedback's rated aspects
 ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system"}
 HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
 LAYOUTS = (
     "prompt/chosen/rejected strings; chosen/rejected conversations ({role, content} lists, with or without a "
-    "prompt); chosen/rejected Anthropic-HH transcripts; ShareGPT conversations ({from, value}) with chosen/rejected"
+    "prompt); chosen/rejected Anthropic-HH transcripts; ShareGPT conversations ({from, value}) with chosen/rejected; "
+    "scored candidates: prompt, all_generated_responses and all_rm_scores lists (princeton-nlp), or UltraFeedback's "
+    "instruction and completions"
 )
 
 
@@ -214,6 +218,8 @@ def normalise(dataset, args, source, counts=None):
         raise DataError(f"{source} has no rows")
     dataset = _rename(dataset, args.dataset_columns, source)
     columns = set(dataset.column_names)
+    if {"all_generated_responses", "completions"} & columns:
+        return _scored_candidates(dataset, args, source, counts)
     if len({"chosen", "rejected"} & columns) == 1:
         missing = sorted({"chosen", "rejected"} - columns)
         raise DataError(
@@ -252,10 +258,120 @@ def normalise(dataset, args, source, counts=None):
             print(f"warning: {source}: skipped {count} of {len(dataset)} rows whose {why}", file=sys.stderr)
     if not rows:
         raise DataError(f"{source}: no row is left with a preference to learn (see the warnings above)")
-    kinds = {isinstance(r["prompt"], str) for r in rows}
-    if len(kinds) > 1:  # one split, one kind: TRL applies the chat template to all rows or to none
-        rows = [r if not isinstance(r["prompt"], str) else {**_as_chat(r), "row_id": r["row_id"]} for r in rows]
-    return Dataset.from_list(rows)
+    return Dataset.from_list(one_kind(rows))
+
+
+def one_kind(rows):
+    """One split, one kind: TRL applies the chat template to all rows or to none, so string rows join chat rows."""
+    if len({isinstance(r["prompt"], str) for r in rows}) > 1:
+        rows = [r if not isinstance(r["prompt"], str) else {**r, **_as_chat(r)} for r in rows]
+    return rows
+
+
+def _scored_candidates(dataset, args, source, counts):
+    """Rows of scored candidates as pairs by `pair_selection` (diversity_simpo/pair_selection.py): best_vs_worst
+    pairs now; for divpo, rows {prompt, candidates, scores, row_id} that `pair_selection.select_divpo` turns into
+    pairs once the starting model is loaded. The `chosen`/`rejected` columns such data also carries are ignored."""
+    from datasets import Dataset
+
+    from diversity_simpo.pair_selection import best_vs_worst, is_score
+
+    columns = set(dataset.column_names)
+    ultrafeedback = "all_generated_responses" not in columns
+    prompt_key = next((k for k in ("prompt", "instruction") if k in columns), None)
+    if prompt_key is None:
+        raise DataError(
+            f"{source} has scored candidates but no prompt column (prompt, or UltraFeedback's instruction); map one "
+            "with dataset_columns: {prompt: <column>}"
+        )
+    if not ultrafeedback and "all_rm_scores" not in columns:
+        raise DataError(
+            f"{source} has all_generated_responses but no all_rm_scores: each candidate needs its score (map other "
+            "names with dataset_columns: {all_rm_scores: <column>})"
+        )
+    keep = (prompt_key, "system", "reference", "all_generated_responses", "all_rm_scores", "completions")
+    rows, unscored, few, no_preference = [], 0, 0, 0
+    for index, row in enumerate(dataset.select_columns([c for c in keep if c in columns])):
+        where = f"{source}: row {index}"
+        if ultrafeedback:
+            replies, scores = _ultrafeedback(row["completions"], args.candidate_score, where)
+        else:
+            replies, scores = row["all_generated_responses"], row["all_rm_scores"]
+            if not isinstance(replies, list) or not isinstance(scores, list):
+                raise DataError(
+                    f"{where}: all_generated_responses and all_rm_scores must be lists (of replies, of numbers), "
+                    f"not {_kind(replies)} and {_kind(scores)}"
+                )
+            if len(replies) != len(scores):
+                raise DataError(
+                    f"{where}: {len(replies)} replies in all_generated_responses but {len(scores)} scores in "
+                    "all_rm_scores; each reply needs its own score"
+                )
+        context = {k: row[k] for k in ("system",) if k in row}
+        candidates = []
+        for i, (reply, score) in enumerate(zip(replies, scores, strict=True)):
+            if not is_score(score):  # a reply the reward model could not score: left out, counted
+                unscored += 1
+                continue
+            pair = _pair({**context, "prompt": row[prompt_key], "chosen": reply, "rejected": reply}, args, where)
+            if pair is None:
+                raise DataError(f"{where}: candidate {i} is a conversation that does not continue the prompt")
+            candidates.append((pair, float(score)))
+        if len(candidates) < 2:
+            few += 1
+            continue
+        replies = [pair["chosen"] for pair, _ in candidates]
+        scores = [score for _, score in candidates]
+        texts = [json.dumps(reply, ensure_ascii=False) for reply in replies]
+        best = best_vs_worst(scores, texts)
+        if best is None:  # every score equal, or the only lower-scored reply is the same text
+            no_preference += 1
+            continue
+        out = {"prompt": candidates[0][0]["prompt"], "row_id": index}
+        if args.pair_selection == "divpo":
+            out |= {"candidates": replies, "scores": scores}
+        else:
+            out |= {"chosen": replies[best[0]], "rejected": replies[best[1]]}
+        if "reference" in row:
+            out["reference"] = _text(row["reference"], f"{where}: 'reference'")
+        rows.append(out)
+    if counts is not None:
+        score = f", score: {args.candidate_score}" if ultrafeedback else ""
+        layout = "UltraFeedback completions" if ultrafeedback else "scored candidates (princeton-nlp)"
+        counts.update(read=len(dataset), layout=f"{layout}{score}", pair_selection=args.pair_selection)
+        counts.update(skipped_few_candidates=few, skipped_no_preference=no_preference, unscored_candidates=unscored)
+        if args.pair_selection != "divpo":
+            counts["kept"] = len(rows)
+    skipped = (
+        (few, "rows with fewer than two scored candidates"),
+        (no_preference, "rows whose candidates all score the same (no preference)"),
+    )
+    for count, why in skipped:
+        if count:
+            print(f"warning: {source}: skipped {count} of {len(dataset)} {why}", file=sys.stderr)
+    if unscored:
+        print(f"warning: {source}: left out {unscored} candidates without a finite score", file=sys.stderr)
+    if not rows:
+        raise DataError(f"{source}: no row has two differently scored candidates (see the warnings above)")
+    return Dataset.from_list(rows if args.pair_selection == "divpo" else one_kind(rows))
+
+
+def _ultrafeedback(completions, score_name, where):
+    """(replies, scores) of an UltraFeedback row's completions: `response`, and `overall_score`,
+    `fine-grained_score` or one aspect's `Rating` ("N/A" and missing scores become None: left out, counted)."""
+    if not isinstance(completions, list) or not all(isinstance(c, dict) for c in completions):
+        raise DataError(f"{where}: 'completions' must be a list of objects with a response and its scores")
+    replies, scores = [], []
+    for i, completion in enumerate(completions):
+        if "response" not in completion:
+            raise DataError(f"{where}: completion {i} has no 'response'")
+        replies.append(completion["response"])
+        if score_name in ASPECTS:
+            rating = ((completion.get("annotations") or {}).get(score_name) or {}).get("Rating")
+            scores.append(float(rating) if isinstance(rating, str) and rating.strip().isdigit() else None)
+        else:
+            scores.append(completion.get(score_name))
+    return replies, scores
 
 
 def _rename(dataset, mapping, source):

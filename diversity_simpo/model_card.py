@@ -107,7 +107,7 @@ print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_to
 ## Data
 
 `{dataset_name}`: {train_rows.get("kept", "?")} training pairs used of {train_rows.get("read", "?")} read
-(layout: {train_rows.get("layout", "?")}){_eval_rows(rows)}.
+(layout: {train_rows.get("layout", "?")}){_eval_rows(rows)}.{_pair_selection(train_rows)}
 
 ## Method
 
@@ -140,6 +140,18 @@ mean token entropy and `KL` each pair's mean KL over shared positions, both aver
 
 def _figure(value):
     return "n/a" if value is None else f"{value:.4g}"
+
+
+def _pair_selection(train_rows):
+    """For scored candidates: the rule that chose each row's pair, and how many rows made one."""
+    rule = train_rows.get("pair_selection")
+    if not rule:
+        return ""
+    how = {
+        "best_vs_worst": "the highest-scored candidate against the lowest",
+        "divpo": "DivPO: the rarest candidate that meets the quality bar against the most typical one below it",
+    }[rule]
+    return f" Pairs chosen from scored candidates by `{rule}` ({how}): {train_rows.get('kept', '?')} rows made one."
 
 
 def _eval_rows(rows):

@@ -51,7 +51,8 @@ class ScriptArguments:
         default=None,
         metadata={
             "help": "Rename columns to the layout's names, e.g. {prompt: input, system: system} (a JSON object on the "
-            "command line); keys: prompt, system, chosen, rejected, conversations, reference."
+            "command line); keys: prompt, system, chosen, rejected, conversations, reference, "
+            "all_generated_responses, all_rm_scores, completions."
         },
     )
     system_prompt: str | None = field(
@@ -62,6 +63,28 @@ class ScriptArguments:
         metadata={
             "help": "Turn plain-text rows into one user turn and one assistant reply, so that the tokenizer's chat "
             "template is applied as for conversational data (what an instruct model expects)."
+        },
+    )
+    pair_selection: str = field(
+        default="best_vs_worst",
+        metadata={
+            "help": "Rows of scored candidates (prompt, all_generated_responses, all_rm_scores; or UltraFeedback's "
+            "completions): which two are the pair. best_vs_worst: highest score against lowest; divpo: DivPO's "
+            "rarest good reply against the most typical one below the bar (diversity_simpo/pair_selection.py)."
+        },
+    )
+    divpo_rho: float = field(
+        default=0.3,
+        metadata={
+            "help": "DivPO's quality bar, a fraction of each row's score range: replies scoring >= max - rho * (max - "
+            "min) are good enough to be chosen; 0 keeps only the best-scored."
+        },
+    )
+    candidate_score: str = field(
+        default="overall_score",
+        metadata={
+            "help": "UltraFeedback completions: the score used: overall_score, fine-grained_score, or one aspect's "
+            "rating (helpfulness, honesty, instruction_following, truthfulness)."
         },
     )
     overwrite_output_dir: bool = field(
@@ -144,6 +167,7 @@ LIMITS = {
     "label_smoothing": (lambda v: 0 <= v <= 0.5, "a number in [0, 0.5]"),
     "cpo_alpha": (_non_negative, "a number >= 0"),
     "dataset_test_fraction": (_fraction, "a number in [0, 1)"),
+    "divpo_rho": (_fraction, "a number in [0, 1) (a fraction of each row's score range)"),
     "diversity_eval_prompts": (_non_negative, "an integer >= 0"),
     "diversity_eval_samples": (_positive, "an integer >= 1"),
     "diversity_eval_batch_size": (_positive, "an integer >= 1"),
@@ -292,10 +316,21 @@ def check_values(values, classes, source, types=True):
             raise ConfigError(f"{name}={value!r} must be {expected} ({source}){_hint(name)}")
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{name}={value} must be a finite number" + (f" ({source})" if source else ""))
+        if name in CHOICES and value not in CHOICES[name]:
+            options = ", ".join(CHOICES[name])
+            raise ConfigError(f"{name}={value!r} is not one of {options}{_closest(str(value), CHOICES[name])}")
         if name in LIMITS and value is not None and not isinstance(value, bool) and isinstance(value, (int, float)):
             test, allowed = LIMITS[name]
             if not test(value):
                 raise ConfigError(f"{name}={value!r} is out of range: it must be {allowed}")
+
+
+# Fields whose value is one of a few names (argparse does not check a YAML value against `choices`)
+CHOICES = {
+    "pair_selection": ("best_vs_worst", "divpo"),
+    "candidate_score": ("overall_score", "fine-grained_score", "helpfulness", "honesty", "instruction_following",
+                        "truthfulness"),
+}  # fmt: skip
 
 
 def _type_problem(value, annotation):
