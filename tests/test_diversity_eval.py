@@ -83,3 +83,22 @@ def test_eval_only_scores_a_saved_model_without_training(tmp_path):
         assert 0 <= results[f"diversity_eval/{key}"] < 10
     assert len(results["diversity_eval/examples"]) == 3
     assert not (tmp_path / "model.safetensors").exists()
+
+
+def test_quality_gated_scores_count_only_the_replies_that_contain_the_reference():
+    """Worked by hand: 3 of 5 replies contain 富士山, 2 of them distinct; their character bigrams are 14, 7 unique.
+    Broken replies that vary raise the ungated distinct-2 but none of the gated scores."""
+    from diversity_simpo.reply_diversity import quality_gated
+
+    samples = ["富士山は高い", "富士山は高い", "富士山です", "わからない", "わからない"]
+    scores = quality_gated(samples, "富士山")
+    assert scores["reference_rate"] == 3 / 5 and scores["valid_unique_rate"] == 2 / 5
+    assert scores["valid_distinct_2"] == pytest.approx(7 / 14)
+    assert scores["valid_self_bleu"] == pytest.approx(self_bleu(samples[:3]))
+    broken = [*samples[:4], "あいうえお"]
+    assert distinct_n(broken, 2) > distinct_n(samples, 2)
+    gated = quality_gated(broken, "富士山")
+    assert {k: gated[k] for k in ("valid_unique_rate", "valid_distinct_2", "valid_self_bleu")} == {
+        k: scores[k] for k in ("valid_unique_rate", "valid_distinct_2", "valid_self_bleu")
+    }
+    assert "valid_distinct_2" not in quality_gated(["富士山", "いいえ"], "富士山")  # one valid reply: undefined

@@ -200,15 +200,16 @@ def test_candidate_log_probabilities_are_the_models_mean_over_the_reply_tokens()
 
 
 def scored_demo_file(path, rows=12):
-    """The demo's pairs as scored candidates: chosen (score 1), rejected (score 0) and a second chosen phrasing."""
+    """The demo's pairs as scored candidates: chosen (score 1), rejected (0), and a second phrasing of each (0.9, 0.1):
+    DivPO's choice on either side of the bar then depends on the model's log-probabilities."""
     lines = (ROOT / "demo" / "data" / "train.jsonl").read_text(encoding="utf-8").splitlines()[:rows]
     with open(path, "w", encoding="utf-8") as f:
         for line in lines:
             row = json.loads(line)
             chosen, rejected = row["chosen"][0]["content"], row["rejected"][0]["content"]
-            candidates = [chosen, rejected, chosen.replace("。", "！", 1)]
+            candidates = [chosen, rejected, chosen.replace("。", "！", 1), rejected.replace("。", "！", 1)]
             f.write(json.dumps({"prompt": row["prompt"][0]["content"], "all_generated_responses": candidates,
-                                "all_rm_scores": [1.0, 0.0, 0.9]}, ensure_ascii=False) + "\n")  # fmt: skip
+                                "all_rm_scores": [1.0, 0.0, 0.9, 0.1]}, ensure_ascii=False) + "\n")  # fmt: skip
     return path
 
 
