@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test bench compare setup gpu-check gpu-check-wheels gpu-check-smoke
+.PHONY: demo test bench compare counted setup gpu-check gpu-check-wheels gpu-check-smoke
 setup: $(VENV)/.installed
 
 # DS_BUILD_OPS=0: install DeepSpeed without compiling its CUDA/C++ ops up front (they build on first use).
@@ -32,6 +32,10 @@ bench: setup
 
 compare: setup
 	$(PY) benchmarks/compare_diversity.py
+
+# The counted testbed (benchmarks/counted_diversity.py): validity and answer entropy exact, 3 seeds, ~5 minutes
+counted: setup
+	$(PY) benchmarks/counted_diversity.py
 
 # The GPU check (benchmarks/gpu_check.py). Here, once: the wheels the lent GPU machine lacks, into .whl/ (ignored).
 gpu-check-wheels: setup

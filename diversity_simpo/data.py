@@ -310,7 +310,7 @@ def _scored_candidates(dataset, args, source, counts):
         context = {k: row[k] for k in ("system",) if k in row}
         candidates = []
         for i, (reply, score) in enumerate(zip(replies, scores, strict=True)):
-            if not is_score(score):  # a reply the reward model could not score: left out, counted
+            if not is_score(score) or _empty_reply(reply):  # unscored, or sampled empty: left out, counted
                 unscored += 1
                 continue
             pair = _pair({**context, "prompt": row[prompt_key], "chosen": reply, "rejected": reply}, args, where)
@@ -350,10 +350,19 @@ def _scored_candidates(dataset, args, source, counts):
         if count:
             print(f"warning: {source}: skipped {count} of {len(dataset)} {why}", file=sys.stderr)
     if unscored:
-        print(f"warning: {source}: left out {unscored} candidates without a finite score", file=sys.stderr)
+        print(f"warning: {source}: left out {unscored} candidates without a finite score or text", file=sys.stderr)
     if not rows:
         raise DataError(f"{source}: no row has two differently scored candidates (see the warnings above)")
     return Dataset.from_list(rows if args.pair_selection == "divpo" else one_kind(rows))
+
+
+def _empty_reply(reply):
+    """A sampled reply with no text (the model ended its turn at once): common in on-policy candidates."""
+    if isinstance(reply, dict):
+        reply = [reply]
+    if isinstance(reply, list) and reply and isinstance(reply[-1], dict):
+        reply = reply[-1].get("content", reply[-1].get("value"))
+    return isinstance(reply, str) and not reply.strip()
 
 
 def _ultrafeedback(completions, score_name, where):
