@@ -230,3 +230,21 @@ def test_a_divpo_run_trains_and_records_its_rule_its_pair_count_and_its_pairs(tm
     assert len(rows["pairs_sha256"]) == 64
     card = (tmp_path / "out" / "README.md").read_text(encoding="utf-8")
     assert "divpo" in card
+
+
+def test_a_resumed_divpo_run_trains_on_the_pairs_of_the_run_it_resumes(tmp_path):
+    """The pairs are chosen by the model training starts from (model_name_or_path), not by the checkpoint's trained
+    weights: a run resumed after 2 steps records the same pairs (their fingerprint) as the run it continues (at lr
+    5e-2 the trained weights would choose other pairs)."""
+    data = scored_demo_file(tmp_path / "scored.jsonl")
+    common = ["--config", ROOT / "configs" / "demo.yaml", "--dataset_name", data, "--pair_selection", "divpo"]
+    common += ["--eval_strategy", "no", "--report_to", "none", "--diversity_eval_prompts", 0, "--save_steps", 2]
+    common += ["--wrap_text_as_chat", "true", "--learning_rate", "5e-2", "--output_dir", tmp_path / "out"]
+    first = run_cli(*common, "--max_steps", 2)
+    assert first.returncode == 0, first.stderr[-3000:]
+    record = tmp_path / "out" / "run_record.json"
+    before = json.loads(record.read_text(encoding="utf-8"))["data"]["rows"]["train"]["pairs_sha256"]
+    (tmp_path / "out" / "model.safetensors").unlink()  # a finished model would be refused; the checkpoint stays
+    resumed = run_cli(*common, "--max_steps", 4, "--resume_from_checkpoint", "latest")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads(record.read_text(encoding="utf-8"))["data"]["rows"]["train"]["pairs_sha256"] == before
