@@ -275,3 +275,37 @@ def test_push_to_hub_uploads_the_folder_after_this_tools_card_and_record_are_wri
     (upload,) = uploads
     assert "diversity_weight" in upload["card"] and upload["status"] == "finished" and upload["curves"]
     assert upload["model"]
+
+
+@pytest.mark.parametrize(
+    "flags, phrase",
+    [
+        (
+            ["--lr_scheduler_type", "cosine_with_min_lr"],
+            "the learning-rate schedule (lr_scheduler_type=cosine_with_min_lr",
+        ),
+        (["--optim", "adamw_torch", "--optim_args", "nonsense"], "the optimizer settings (optim=adamw_torch"),
+    ],
+    ids=["schedule-without-min-lr", "unparsable-optim-args"],
+)
+def test_optimizer_and_schedule_settings_torch_would_reject_are_refused_before_anything_is_written(
+    tmp_path, flags, phrase
+):
+    """README: the optimizer and the schedule are built on a dummy parameter in preflight, so a setting torch or
+    transformers rejects at the first step is one error line, exit 2, and no output folder."""
+    result = run_cli("--config", DEMO_CONFIG, "--output_dir", tmp_path / "out", *flags)
+    assert_clean_error(result, phrase, "is rejected" if "schedule" in phrase else "are rejected")
+    assert not (tmp_path / "out").exists()
+
+
+def test_overwrite_output_dir_retrains_over_a_finished_model(tmp_path):
+    """README: a finished model is never overwritten unless --overwrite_output_dir true; with it the run trains and
+    replaces the model (what `make demo` does on every rerun)."""
+    output = tmp_path / "out"
+    common = ["--config", DEMO_CONFIG, "--output_dir", output, "--max_steps", 1, "--eval_strategy", "no"]
+    common += ["--report_to", "none", "--diversity_eval_prompts", 0, "--save_strategy", "no", "--warmup_steps", 0]
+    assert run_cli(*common).returncode == 0
+    first = (output / "model.safetensors").read_bytes()
+    again = run_cli(*common, "--learning_rate", "1e-3", "--overwrite_output_dir", "true")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (output / "model.safetensors").read_bytes() != first
