@@ -65,7 +65,7 @@ SETTINGS = [  # (label, pair_selection, diversity_weight, diversity_alpha)
 
 
 def warm_up_share(category):
-    """Each answer's share of its set in the warm-up replies (the skew), and the chance of a wrong-set reply."""
+    """Each answer's share of its set among the warm-up replies that name a member of that set (the skew)."""
     weights = [SKEW**k for k in range(len(SETS[category]))]
     return {a: w / sum(weights) for a, w in zip(SETS[category], weights, strict=True)}
 

@@ -25,12 +25,11 @@ import re
 import sys
 from pathlib import Path
 
-from diversity_simpo.settings import DEMO_HINT, first_line
+from diversity_simpo.settings import DEMO_HINT, ULTRAFEEDBACK_ASPECTS, first_line
 
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 MAPPABLE = ("prompt", "system", "chosen", "rejected", "conversations", "reference", "all_generated_responses",
             "all_rm_scores", "completions")  # fmt: skip
-ASPECTS = ("helpfulness", "honesty", "instruction_following", "truthfulness")  # UltraFeedback's rated aspects
 ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system"}
 HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
 LAYOUTS = (
@@ -375,7 +374,7 @@ def _ultrafeedback(completions, score_name, where):
         if "response" not in completion:
             raise DataError(f"{where}: completion {i} has no 'response'")
         replies.append(completion["response"])
-        if score_name in ASPECTS:
+        if score_name in ULTRAFEEDBACK_ASPECTS:
             rating = ((completion.get("annotations") or {}).get(score_name) or {}).get("Rating")
             scores.append(float(rating) if isinstance(rating, str) and rating.strip().isdigit() else None)
         else:

@@ -25,8 +25,6 @@ import math
 
 import torch
 
-RULES = ("best_vs_worst", "divpo")
-
 
 def best_vs_worst(scores, replies):
     """(chosen index, rejected index) or None: the first highest score against the first lowest whose reply differs."""
@@ -49,7 +47,7 @@ def divpo(scores, logps, rho, replies):
     return None
 
 
-def candidate_logps(model, tokenizer, rows, batch_size=8):
+def candidate_logps(model, tokenizer, rows):
     """Each candidate's mean token log-probability under `model`, as a list per row: the prompt rendered by TRL's own
     chat-template step (as training renders it), the reply's tokens and the end-of-turn token scored. Each row is
     one forward pass of its own candidates, the same on any rank. Under DDP and DeepSpeed the rows are split across

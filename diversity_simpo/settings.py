@@ -326,11 +326,11 @@ def check_values(values, classes, source, types=True):
 
 
 # Fields whose value is one of a few names (argparse does not check a YAML value against `choices`)
+ULTRAFEEDBACK_ASPECTS = ("helpfulness", "honesty", "instruction_following", "truthfulness")  # each has a Rating
 CHOICES = {
     "pair_selection": ("best_vs_worst", "divpo"),
-    "candidate_score": ("overall_score", "fine-grained_score", "helpfulness", "honesty", "instruction_following",
-                        "truthfulness"),
-}  # fmt: skip
+    "candidate_score": ("overall_score", "fine-grained_score", *ULTRAFEEDBACK_ASPECTS),
+}
 
 
 def _type_problem(value, annotation):

@@ -117,7 +117,7 @@ def test_a_self_bleu_of_exactly_0_6_is_repetitive(self_bleu, warned):
 @pytest.mark.parametrize("rank_zero", [True, False])
 def test_only_the_global_rank_0_prints_the_warning_and_sends_the_wandb_alert(rank_zero, capsys, monkeypatch):
     """Module docstring: each warning is given by the global rank 0 only (Trainer's state.is_world_process_zero)."""
-    alerts = []
+    alerts = []  # offline wandb sends no alert a test could see: a stand-in module records them instead
     fake_wandb = SimpleNamespace(run=SimpleNamespace(alert=lambda **alert: alerts.append(alert)),
                                  AlertLevel=SimpleNamespace(WARN="WARN"))  # fmt: skip
     monkeypatch.setitem(sys.modules, "wandb", fake_wandb)
