@@ -309,6 +309,11 @@ def _scored_candidates(dataset, args, source, counts):
         context = {k: row[k] for k in ("system",) if k in row}
         candidates = []
         for i, (reply, score) in enumerate(zip(replies, scores, strict=True)):
+            if score is not None and (isinstance(score, bool) or not isinstance(score, (int, float))):
+                raise DataError(  # a layout mistake (quoted numbers from a CSV export, say), not a missing score
+                    f"{where}: score {i} is {score!r}, {_kind(score)} where a number belongs; write scores as "
+                    'numbers (0.8, not "0.8")'
+                )
             if not is_score(score) or _empty_reply(reply):  # unscored, or sampled empty: left out, counted
                 unscored += 1
                 continue

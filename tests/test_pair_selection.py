@@ -168,6 +168,8 @@ def test_odd_rows_are_skipped_with_a_count_and_broken_rows_name_the_row(capsys):
     assert "skipped 2 of 5 rows with fewer than two scored candidates" in err and "all score the same" in err
     with pytest.raises(DataError, match=r"data: row 0: 3 replies in all_generated_responses but 2 scores"):
         normalise(Dataset.from_list([princeton_row(scores=(0.1, 0.2))]), args(), "data")
+    with pytest.raises(DataError, match=r"data: row 0: score 0 is '0.1', a str where a number belongs"):
+        normalise(Dataset.from_list([princeton_row(scores=("0.1", "-0.4", "0.3"))]), args(), "data")
     with pytest.raises(DataError, match="no row has two differently scored candidates"):
         normalise(Dataset.from_list([princeton_row(scores=(1.0, 1.0, 1.0))]), args(), "data")
 
