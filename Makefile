@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test bench compare counted setup gpu-check gpu-check-wheels gpu-check-smoke
+.PHONY: demo demo-on-policy test bench bench-candidates compare counted setup gpu-check gpu-check-wheels gpu-check-smoke
 setup: $(VENV)/.installed
 
 # DS_BUILD_OPS=0: install DeepSpeed without compiling its CUDA/C++ ops up front (they build on first use).
@@ -22,6 +22,15 @@ demo: setup
 	$(PY) train_diversity_simpo.py --config configs/demo.yaml --overwrite_output_dir true
 	$(PY) demo/generate.py output/demo
 
+# The on-policy loop on the demo, offline: the tiny Llama samples 4 replies per training prompt, the tiny reward model
+# scores them (generate_candidates.py), training makes DivPO pairs of them, and the trained model answers a prompt
+demo-on-policy: setup
+	$(PY) generate_candidates.py --config configs/demo_candidates.yaml --overwrite true
+	$(PY) train_diversity_simpo.py --config configs/demo.yaml --dataset_name output/demo-candidates \
+		--pair_selection divpo --dataset_test_fraction 0.1 --max_steps 80 --eval_steps 40 --save_steps 40 \
+		--output_dir output/demo-on-policy --run_name demo-on-policy --overwrite_output_dir true
+	$(PY) demo/generate.py output/demo-on-policy --prompt 富士山とは何ですか？
+
 test: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -29,6 +38,10 @@ test: setup
 
 bench: setup
 	$(PY) benchmarks/bench_step.py
+
+# Sampling tokens/s batched against one prompt at a time, and scoring replies/s, on the CPU demo (RESULTS.md)
+bench-candidates: setup
+	$(PY) benchmarks/bench_candidates.py
 
 compare: setup
 	$(PY) benchmarks/compare_diversity.py

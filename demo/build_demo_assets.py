@@ -1,8 +1,9 @@
 """Build the offline demo's assets: a Japanese preference dataset, a character-level BPE tokenizer with a Llama-3
 chat template, and a tiny Llama given a supervised warm-up on both replies of every pair, so that it answers each
 prompt in Japanese about its own topic, then balanced so that it prefers neither helpful nor evasive, wrong or
-off-topic replies: SimPO has work to do. Held-out topics make the test split. Seeded and run on the CPU (about 3
-minutes on 2 cores); the outputs are committed under demo/.
+off-topic replies: SimPO has work to do; and a tiny reward model trained on the same pairs, which scores the replies
+generate_candidates.py samples from the tiny Llama (the on-policy demo). Held-out topics make the test split. Seeded
+and run on the CPU (about 3 minutes on 2 cores); the outputs are committed under demo/.
 
     python demo/build_demo_assets.py [--out demo]
 """
@@ -432,10 +433,63 @@ def balance(model, tokenizer, pairs, max_accuracy=0.62, max_margin=0.35, batch_s
     return model.eval()
 
 
+def build_reward_model(tokenizer, pairs, epochs=30, batch_size=32, learning_rate=1e-3, seed=0):
+    """A tiny reward model for the on-policy demo (generate_candidates.py): a two-layer Llama with a one-score
+    classification head (LlamaForSequenceClassification, as real reward models are), trained from scratch on every
+    pair with the Bradley-Terry loss -log sigmoid(r(chosen) - r(rejected)) on the whole conversation in the chat
+    template. It learns what the demo's data calls good: the topic's own fact, not a hedge, a wrong fact or another
+    topic. Its pad token is <|end_of_text|>, which the chat template never writes, so the score is read at a
+    conversation's last token (<|eot_id|>)."""
+    import copy
+
+    import torch
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.pad_token = "<|end_of_text|>"
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=352,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        num_labels=1,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForSequenceClassification(config)
+    conversations = [
+        [
+            tokenizer.apply_chat_template(pair["prompt"] + pair[reply], tokenize=False)
+            for reply in ("chosen", "rejected")
+        ]
+        for pair in pairs
+    ]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
+    model.train()
+    for epoch in range(epochs):
+        order = torch.randperm(len(conversations)).tolist()
+        for start in range(0, len(order), batch_size):
+            texts = [text for i in order[start : start + batch_size] for text in conversations[i]]
+            batch = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
+            rewards = model(**batch).logits[:, 0]
+            loss = -torch.nn.functional.logsigmoid(rewards[0::2] - rewards[1::2]).mean()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        print(f"reward model epoch {epoch + 1}/{epochs}: loss {loss.item():.3f}", flush=True)
+    return model.eval(), tokenizer
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent)
     parser.add_argument("--epochs", type=int, default=40, help="warm-up epochs (the tests build with fewer)")
+    parser.add_argument("--reward-epochs", type=int, default=30, help="reward model epochs (the tests: fewer)")
     args = parser.parse_args()
     out = args.out
     splits = write_dataset(out)
@@ -448,8 +502,12 @@ def main():
     model = balance(model, tokenizer, splits["train"])
     tokenizer.save_pretrained(out / "tiny-llama-ja")
     model.save_pretrained(out / "tiny-llama-ja")
+    reward_model, reward_tokenizer = build_reward_model(tokenizer, pairs, epochs=args.reward_epochs)
+    reward_tokenizer.save_pretrained(out / "tiny-reward-ja")
+    reward_model.save_pretrained(out / "tiny-reward-ja")
     print(
-        f"wrote {len(pairs)} preference pairs to {out / 'data'} and a warmed-up tiny Llama to {out / 'tiny-llama-ja'}"
+        f"wrote {len(pairs)} preference pairs to {out / 'data'}, a warmed-up tiny Llama to {out / 'tiny-llama-ja'} "
+        f"and a tiny reward model to {out / 'tiny-reward-ja'}"
     )
 
 

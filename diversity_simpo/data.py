@@ -47,7 +47,7 @@ class DataError(ValueError):
 def load_preference_data(args, seed, counts=None):
     """(train, eval or None), normalised and checked, from `args` (the CLI's ScriptArguments). `counts`, a dict if
     given, receives each split's rows read, kept and skipped (for the run record)."""
-    dataset = _read(args)
+    dataset = _read(args, args.dataset_train_split)
     if args.dataset_train_split not in dataset:
         raise DataError(
             f"dataset {args.dataset_name!r} has no split {args.dataset_train_split!r}; it has {list(dataset)}: "
@@ -70,6 +70,62 @@ def load_preference_data(args, seed, counts=None):
     return train, evaluation
 
 
+def load_prompts(args, split, counts=None):
+    """The prompts of `split` ({"prompt", "reference"?} per row, in file order, each prompt once) exactly as training
+    will render them: a row's prompt is what `normalise` makes of it (a system turn from a `system` column or
+    `system_prompt`, chat or plain text as the row's replies or `wrap_text_as_chat` decide), read from any layout
+    training reads, or from a file of prompts alone (a `prompt` or `instruction` column: strings or conversations).
+    `counts` receives the rows read and the repeated prompts left out."""
+    dataset = _read(args, split)
+    if split not in dataset:
+        raise DataError(
+            f"dataset {args.dataset_name!r} has no split {split!r}; it has {list(dataset)}: set dataset_split"
+        )
+    source = f"{args.dataset_name} [{split}]"
+    dataset = dataset[split]
+    if len(dataset) == 0:
+        raise DataError(f"{source} has no rows, so no prompts")
+    dataset = _rename(dataset, args.dataset_columns, source)
+    columns = set(dataset.column_names)
+    prompt_key = next((k for k in ("prompt", "instruction") if k in columns), None)
+    pairs = {"chosen", "rejected"} <= columns or "conversations" in columns
+    if prompt_key is None and not pairs:
+        raise DataError(
+            f"{source} has columns {sorted(columns)} and no prompts: give a prompt (or instruction) column, or "
+            f"preference data in one of the layouts training reads ({LAYOUTS}); map other names with dataset_columns"
+        )
+    keep = [c for c in (*MAPPABLE, "instruction") if c in columns]
+    prompts, seen = [], set()
+    for index, row in enumerate(dataset.select_columns(keep)):
+        where = f"{source}: row {index}"
+        if pairs:  # the prompt of the pair training would make of this row
+            pair = _pair(row, args, where)
+        else:  # a prompt alone, or scored candidates: the first candidate's form (string or message) decides
+            replies = row.get("all_generated_responses") or [c.get("response") for c in row.get("completions") or []]
+            reply = replies[0] if replies and not _empty_reply(replies[0]) else "-"
+            context = {k: row[k] for k in ("system",) if k in row}
+            pair = _pair({**context, "prompt": row[prompt_key], "chosen": reply, "rejected": reply}, args, where)
+        if pair is None:  # conversations that differ before the reply: training skips the row too
+            continue
+        key = json.dumps(pair["prompt"], ensure_ascii=False)
+        if key in seen:
+            continue
+        seen.add(key)
+        prompt = {"prompt": pair["prompt"]}
+        if "reference" in row:
+            prompt["reference"] = _text(row["reference"], f"{where}: 'reference'")
+        prompts.append(prompt)
+    if len({isinstance(p["prompt"], str) for p in prompts}) > 1:  # as `one_kind`: string prompts join chat ones
+        prompts = [p | {"prompt": _as_chat({**p, "chosen": "", "rejected": ""})["prompt"]} for p in prompts]
+    if counts is not None:
+        counts.update(
+            read=len(dataset), prompts=len(prompts), skipped_repeated_or_diverging=len(dataset) - len(prompts)
+        )
+    if not prompts:
+        raise DataError(f"{source}: no row has a prompt")
+    return prompts
+
+
 def is_conversation(value):
     return isinstance(value, list) and bool(value) and all(isinstance(m, dict) and "role" in m for m in value)
 
@@ -77,8 +133,9 @@ def is_conversation(value):
 # --- reading -----------------------------------------------------------------------------------------------------
 
 
-def _read(args):
-    """A DatasetDict from a Hub id, a local file (.jsonl, .jsonl.gz, .json, .parquet, .csv) or a folder of them."""
+def _read(args, split):
+    """A DatasetDict from a Hub id, a local file (.jsonl, .jsonl.gz, .json, .parquet, .csv; read as `split`) or a
+    folder of them."""
     from datasets import load_dataset
 
     name = args.dataset_name
@@ -89,11 +146,12 @@ def _read(args):
         if path.is_file():
             builder = _builder(path)
             encoding = _check_text(path, builder)
-            return load_dataset(builder, data_files={args.dataset_train_split: str(path)}, **encoding)
+            return load_dataset(builder, data_files={split: str(path)}, **encoding)
         if path.is_dir():
             files = data_files(path)
             if not files:
                 raise DataError(f"dataset folder {path} holds no .jsonl/.json/.parquet/.csv file")
+            _check_candidates_complete(path)
             encodings = [_check_text(file, _builder(file)) for file in files]
             return load_dataset(str(path), name=args.dataset_config, **max(encodings, key=len))
         if _builder(path, strict=False) or name.startswith((".", "/", "~")) or name.count("/") > 1:
@@ -105,6 +163,19 @@ def _read(args):
         hub = "the Hugging Face Hub could not provide it: offline?"
         hint = "" if path.exists() else f" (not a local path, and {hub}{DEMO_HINT})"
         raise DataError(f"could not load dataset {name!r}{hint}: {first_line(e)}") from None
+
+
+def _check_candidates_complete(folder):
+    """A folder that generate_candidates.py is still writing (or that a killed run left) trains on nothing: its
+    manifest names every shard, and a missing one is an error, not fewer prompts trained on in silence."""
+    from diversity_simpo.candidates import missing_shards
+
+    missing, total = missing_shards(folder)
+    if missing:
+        raise DataError(
+            f"dataset folder {folder} holds the candidates of an unfinished generate_candidates.py run "
+            f"({total - missing} of {total} shards written): run the same command again to finish it"
+        )
 
 
 def data_files(folder):

@@ -121,13 +121,17 @@ class ScriptArguments:
     )
 
     def __post_init__(self):
-        if isinstance(self.dataset_columns, str):
-            try:
-                self.dataset_columns = json.loads(self.dataset_columns)
-            except json.JSONDecodeError:
-                raise ValueError(
-                    f'dataset_columns={self.dataset_columns!r} is not a JSON object such as \'{{"prompt": "input"}}\''
-                ) from None
+        self.dataset_columns = json_mapping("dataset_columns", self.dataset_columns)
+
+
+def json_mapping(name, value):
+    """A mapping given on the command line as a JSON object (a YAML mapping arrives as a dict already)."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        raise ValueError(f'{name}={value!r} is not a JSON object such as \'{{"prompt": "input"}}\'') from None
 
 
 def _positive(v):
@@ -174,21 +178,29 @@ LIMITS = {
     "diversity_eval_max_new_tokens": (_positive, "an integer >= 1"),
     "diversity_eval_temperature": (_positive, "a number > 0"),
     "diversity_chunk_elements": (_positive, "an integer >= 1"),
+    "num_candidates": (lambda v: v >= 2, "an integer >= 2 (a pair needs two replies per prompt)"),
+    "max_prompts": (_non_negative, "an integer >= 0 (0: every prompt)"),
+    "temperature": (_positive, "a number > 0"),
+    "top_p": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    "max_new_tokens": (_positive, "an integer >= 1"),
+    "batch_size": (_positive, "an integer >= 1"),
+    "score_batch_size": (_positive, "an integer >= 1"),
+    "shard_size": (_positive, "an integer >= 1"),
     "lora_r": (_positive, "an integer >= 1"),
     "lora_alpha": (_positive, "a number > 0"),
     "lora_dropout": (_fraction, "a number in [0, 1)"),
 }
 
 
-def make_parser(config_class):
-    """TRL's parser of (ScriptArguments, `config_class`: the trainer's config, ModelConfig)."""
-    from trl import ModelConfig, TrlParser
+def make_parser(dataclass_types):
+    """TRL's parser of `dataclass_types` (training: ScriptArguments, the trainer's config, ModelConfig)."""
+    from trl import TrlParser
 
     class Parser(TrlParser):
         def error(self, message):  # argparse would print the whole usage (hundreds of options) and exit
             raise ConfigError(f"{message} (see --help)")
 
-    parser = Parser((ScriptArguments, config_class, ModelConfig))
+    parser = Parser(tuple(dataclass_types))
     # `--learning_rate -1e-6` is a value: argparse (before Python 3.13) takes -1e-6 for an option, since its pattern
     # for negative numbers has no exponent; the range check then says what is wrong with it
     parser._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
@@ -198,11 +210,22 @@ def make_parser(config_class):
 def parse_args(argv, config_class):
     """(ScriptArguments, config_class (the CLI passes DiversitySimPOConfig), ModelConfig) from the YAML config
     (`--config`, default DEFAULT_CONFIG) overridden by command-line flags; every value checked (module docstring)."""
+    from trl import ModelConfig
+
+    script, training, model = read_settings(argv, (ScriptArguments, config_class, ModelConfig), DEFAULT_CONFIG)
+    check_training_settings(script, training, model)
+    return script, training, model
+
+
+def read_settings(argv, dataclass_types, default_config):
+    """One instance of each of `dataclass_types` from the YAML config (`--config`, default `default_config`)
+    overridden by command-line flags: every key a field (else the closest one is named), every value of its field's
+    type, finite, within LIMITS and CHOICES. Any tool of this project reads its settings this way."""
     import yaml
 
     argv = [str(a) for a in argv]
     if "--config" not in argv:
-        argv = ["--config", str(DEFAULT_CONFIG), *argv]
+        argv = ["--config", str(default_config), *argv]
     position = argv.index("--config") + 1
     if position == len(argv):
         raise ConfigError("--config needs a file path")
@@ -221,7 +244,7 @@ def parse_args(argv, config_class):
     if not isinstance(config, dict):
         raise ConfigError(f"{config_path} must be a YAML mapping of `field: value` lines")
 
-    parser = make_parser(config_class)
+    parser = make_parser(dataclass_types)
     names = {action.dest for action in parser._actions} - {"help"}
     deepspeed_only = {"zero_optimization", "train_micro_batch_size_per_gpu"} & set(config)
     if deepspeed_only:  # JSON is YAML: a DeepSpeed config given as the settings file parses, and every key is unknown
@@ -242,7 +265,7 @@ def parse_args(argv, config_class):
             raise ConfigError(f"{flag[2:]}={value} must be a finite number (the command line)")
     deepspeed = _flag_value(argv, "--deepspeed", config.get("deepspeed"))
     check_deepspeed_config(deepspeed)
-    check_values(config, (ScriptArguments, *parser.dataclass_types[1:]), str(config_path))
+    check_values(config, parser.dataclass_types, str(config_path))
     if deepspeed:  # only once everything else checked out: this sets process-wide environment variables
         single_process_deepspeed_env()
     given = {a.split("=", 1)[0][2:] for a in argv if a.startswith("--") and a != "--config"}
@@ -253,9 +276,14 @@ def parse_args(argv, config_class):
         parsed = parser.parse_args_and_config(argv)
     except (ValueError, TypeError, ArithmeticError) as e:  # a dataclass's own check (ours, transformers', TRL's)
         raise ConfigError(first_line(e)) from None
-    for instance in parsed[:3]:  # the merged values: types were checked above (YAML) or by argparse (flags)
+    parsed = parsed[: len(dataclass_types)]
+    for instance in parsed:  # the merged values: types were checked above (YAML) or by argparse (flags)
         check_values(vars(instance), [type(instance)], None, types=False)
-    script, training, model = parsed[:3]
+    return parsed
+
+
+def check_training_settings(script, training, model):
+    """What no single field can say: settings of a training run that contradict each other."""
     if script.merge_adapter and not model.use_peft and not is_adapter_folder(model.model_name_or_path):
         raise ConfigError(
             "merge_adapter: true needs an adapter to merge: set use_peft: true (LoRA), or set merge_adapter: false "
@@ -289,7 +317,6 @@ def parse_args(argv, config_class):
                 "fused_lm_head reads lm_head.weight directly, so an adapter on lm_head would never train: remove "
                 "lm_head from lora_target_modules and lora_modules_to_save, or set fused_lm_head: false"
             )
-    return parsed[:3]
 
 
 def _flag_value(argv, flag, default):
@@ -316,7 +343,7 @@ def check_values(values, classes, source, types=True):
             raise ConfigError(f"{name}={value!r} must be {expected} ({source}){_hint(name)}")
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{name}={value} must be a finite number" + (f" ({source})" if source else ""))
-        if name in CHOICES and value not in CHOICES[name]:
+        if name in CHOICES and value is not None and value not in CHOICES[name]:
             options = ", ".join(CHOICES[name])
             raise ConfigError(f"{name}={value!r} is not one of {options}{_closest(str(value), CHOICES[name])}")
         if name in LIMITS and value is not None and not isinstance(value, bool) and isinstance(value, (int, float)):
@@ -330,6 +357,7 @@ ULTRAFEEDBACK_ASPECTS = ("helpfulness", "honesty", "instruction_following", "tru
 CHOICES = {
     "pair_selection": ("best_vs_worst", "divpo"),
     "candidate_score": ("overall_score", "fine-grained_score", *ULTRAFEEDBACK_ASPECTS),
+    "dtype": ("auto", "bfloat16", "float16", "float32"),
 }
 
 
@@ -403,15 +431,7 @@ def check_deepspeed_config(path):
 def check_paths(script_args, training_args, model_args):
     """Model folder, output_dir and the checkpoint to resume from; none of it written to."""
     name = model_args.model_name_or_path
-    if not name:
-        raise ConfigError("model_name_or_path is not set: give a Hub model id or a local model folder")
-    model_path = Path(name).expanduser()
-    if model_path.is_file():
-        raise ConfigError(f"model_name_or_path {name} is a file; give the model's folder (with config.json)")
-    if model_path.is_dir() and not any((model_path / f).exists() for f in MODEL_FILES):
-        raise ConfigError(f"model folder {name} has no config.json: not a saved model (save_pretrained writes one)")
-    if not model_path.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
-        raise ConfigError(f"model folder {name} not found; check model_name_or_path")
+    model_path = check_model_location(name, "model_name_or_path")
     if is_adapter_folder(name):
         check_adapter_folder(model_path)
 
@@ -455,6 +475,21 @@ def check_paths(script_args, training_args, model_args):
             f"output_dir {output_dir} holds checkpoints of an unfinished run; continue it with "
             "--resume_from_checkpoint latest, or pass --overwrite_output_dir true to start again"
         )
+
+
+def check_model_location(name, setting):
+    """A model named by `setting` can exist: a Hub id, or a folder with config.json (a LoRA run's adapter_config.json
+    for the model to train); returns its path. A Hub id is only tried when the model is loaded."""
+    if not name:
+        raise ConfigError(f"{setting} is not set: give a Hub model id or a local model folder")
+    model_path = Path(name).expanduser()
+    if model_path.is_file():
+        raise ConfigError(f"{setting} {name} is a file; give the model's folder (with config.json)")
+    if model_path.is_dir() and not any((model_path / f).exists() for f in MODEL_FILES):
+        raise ConfigError(f"model folder {name} has no config.json: not a saved model (save_pretrained writes one)")
+    if not model_path.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
+        raise ConfigError(f"model folder {name} not found; check {setting}")
+    return model_path
 
 
 def check_writable(output_dir):

@@ -1,0 +1,473 @@
+"""On-policy candidates: N replies per prompt sampled from the model to be tuned, each scored by a reward model, and
+written in princeton-nlp's layout (`prompt`, `all_generated_responses`, `all_rm_scores`), which training reads as is
+(`pair_selection: best_vs_worst` is the SimPO authors' recipe, `divpo` DivPO's). generate_candidates.py runs it.
+
+Prompts. `data.load_prompts` reads them from any layout training reads and renders them as training will: each is
+tokenised as TRL's CPO trainer tokenises a prompt (its chat-template step, then BOS once), so a sampled reply
+continues exactly the context it will be trained in. The prompt is written in its normalised form (system turn and
+all), so training applies nothing twice.
+
+Sampling. One `generate` call per batch of prompts (`num_return_sequences=N`, KV cache on). The random draw for
+reply j of prompt p at generated position t is a counter-based uniform u = H(seed, p, j, t) in [0, 1) (the first 56
+bits of a sha256), not the next number of a global generator; the token is the inverse CDF at u of the sampling
+distribution, softmax(logits / temperature) cut to its top-p nucleus (transformers' own TopPLogitsWarper), summed in
+float64 (`CountedSampler`). A reply so depends on its prompt, its index and the seed only, not on the batch, the
+shard or the rank that samples it: the output is the same for any batch size and any number of ranks, up to the
+floating-point rounding of the logits in batches of another shape (the same shapes give the same bits).
+
+Scoring. Every (prompt, reply) as a conversation in the reward model's own chat template; the reward is a
+sequence-classification model's single logit, or the `score` output of models with their own code (ArmoRM,
+`trust_remote_code: true`).
+
+Output. `output_dir/{split}-00000-of-0000K.jsonl`: shards of `shard_size` prompts in the prompts' order, shard k
+sampled by rank k mod world_size, each written whole (a temporary file renamed into place), and `candidates.yaml`,
+the settings that decide the output and the prompts' fingerprint. Started again with the same settings, a run samples
+only the shards that are missing, so a run killed at any moment loses at most the shards it was writing, and no
+prompt is written twice. Training refuses a folder with a shard missing (data._check_candidates_complete).
+"""
+
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MANIFEST = "candidates.yaml"
+
+
+@dataclass
+class CandidateArguments:
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "The model to sample from (the one training will start from): Hub id or folder."},
+    )
+    reward_model: str | None = field(
+        default=None,
+        metadata={"help": "Reward model that scores each reply: a sequence-classification model, Hub id or folder."},
+    )
+    dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "Prompts: a Hub dataset id or a local .jsonl(.gz)/.json/.parquet/.csv file or folder, in any "
+            "layout training reads, or a prompt (or instruction) column alone."
+        },
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name on the Hub."})
+    dataset_split: str = field(default="train", metadata={"help": "Split whose prompts are sampled; shards carry it."})
+    dataset_columns: dict | str | None = field(
+        default=None, metadata={"help": "Rename columns to the layout's names, as in training (e.g. {prompt: input})."}
+    )
+    system_prompt: str | None = field(
+        default=None, metadata={"help": "System turn given to every prompt that has none: use training's value."}
+    )
+    wrap_text_as_chat: bool = field(
+        default=False, metadata={"help": "Plain-text prompts as one user turn in the chat template: training's value."}
+    )
+    max_prompts: int = field(default=0, metadata={"help": "Sample the first N prompts only (0: all)."})
+    num_candidates: int = field(default=5, metadata={"help": "Replies sampled per prompt (at least 2)."})
+    temperature: float = field(default=0.8, metadata={"help": "Sampling temperature."})
+    top_p: float = field(default=0.95, metadata={"help": "Nucleus sampling: the smallest top set with this mass."})
+    max_new_tokens: int = field(default=1024, metadata={"help": "Longest reply, in tokens (longer ones are cut)."})
+    seed: int = field(default=42, metadata={"help": "With the prompt and the reply's index, decides every draw."})
+    batch_size: int = field(default=8, metadata={"help": "Prompts per generate call (each with num_candidates)."})
+    score_batch_size: int = field(default=16, metadata={"help": "Replies per reward-model forward pass."})
+    shard_size: int = field(default=256, metadata={"help": "Prompts per output file: the unit a killed run redoes."})
+    output_dir: str = field(default="output/candidates", metadata={"help": "Folder of the shards; train on it."})
+    overwrite: bool = field(
+        default=False, metadata={"help": "Delete candidates already in output_dir and start again."}
+    )
+    dtype: str = field(default="auto", metadata={"help": "Weights' dtype: auto (the checkpoint's), bfloat16, float32."})
+    use_cpu: bool = field(default=False, metadata={"help": "Run on the CPU even where a GPU exists."})
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow models with their own code (ArmoRM's reward model needs it)."}
+    )
+
+    def __post_init__(self):
+        from diversity_simpo.settings import json_mapping
+
+        self.dataset_columns = json_mapping("dataset_columns", self.dataset_columns)
+
+
+# The settings that decide what is written (not batch sizes): a run resumes only over the same ones
+DECIDING = ("model_name_or_path", "reward_model", "dataset_name", "dataset_config", "dataset_split", "dataset_columns",
+            "system_prompt", "wrap_text_as_chat", "max_prompts", "num_candidates", "temperature", "top_p",
+            "max_new_tokens", "seed", "shard_size", "dtype")  # fmt: skip
+
+
+# --- sampling --------------------------------------------------------------------------------------------------------
+
+
+def prompt_token_ids(tokenizer, prompt):
+    """A prompt's token ids as TRL's CPO trainer makes them: its chat-template step (maybe_apply_chat_template), the
+    text tokenised without special tokens, and BOS prepended unless it is there (add_bos_token_if_needed)."""
+    from trl.data_utils import maybe_apply_chat_template
+
+    text = maybe_apply_chat_template({"prompt": prompt}, tokenizer)["prompt"]
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if tokenizer.bos_token_id is not None and (not ids or ids[0] != tokenizer.bos_token_id):
+        ids = [tokenizer.bos_token_id, *ids]
+    return ids
+
+
+def reply_key(seed, prompt, index):
+    """What decides reply `index` of `prompt`'s draws: the seed, the prompt (as JSON) and the index."""
+    return hashlib.sha256(json.dumps([seed, prompt, index], ensure_ascii=False).encode()).digest()
+
+
+def uniform(key, step):
+    """u in [0, 1) for draw `step` of the reply with `key`: 56 bits of sha256(key, step), exact in float64."""
+    return int.from_bytes(hashlib.sha256(key + step.to_bytes(8, "big")).digest()[:7], "big") / 2**56
+
+
+class CountedSampler:
+    """A logits processor that samples: each row's token is the inverse CDF of softmax(scores / temperature), cut to
+    the top-p nucleus, at that row's counted uniform (module docstring). It returns scores that are 0 at that token
+    and -inf elsewhere, so generate's own draw (with temperature 1 and no top-k or top-p of its own) can only pick it.
+    `keys[r]` is row r's reply_key; `width` the padded prompt length, so that the step is the position generated."""
+
+    def __init__(self, keys, width, temperature, top_p):
+        from transformers import TopPLogitsWarper
+
+        self.keys, self.width, self.temperature = keys, width, temperature
+        self.top_p = TopPLogitsWarper(top_p) if top_p < 1 else None
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        step = input_ids.shape[1] - self.width
+        scores = scores.float() / self.temperature
+        if self.top_p is not None:
+            scores = self.top_p(input_ids, scores)
+        cdf = torch.softmax(scores.double(), dim=-1).cumsum(-1)
+        draws = torch.tensor([uniform(key, step) for key in self.keys], dtype=torch.float64, device=scores.device)
+        # the first token whose cumulative mass exceeds u: never one of probability 0 (its cdf equals its predecessor's)
+        tokens = torch.searchsorted(cdf, (draws * cdf[:, -1]).unsqueeze(-1), right=True).clamp(max=cdf.shape[-1] - 1)
+        return torch.full_like(scores, -float("inf")).scatter_(1, tokens, 0.0)
+
+
+def sample(model, tokenizer, prompts, args):
+    """(replies per prompt, tokens generated, replies cut at max_new_tokens) for `prompts`, in one generate call."""
+    import torch
+
+    ids = [prompt_token_ids(tokenizer, p) for p in prompts]
+    width = max(map(len, ids))
+    input_ids = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, sequence in enumerate(ids):  # left padding: every prompt ends where generation starts
+        input_ids[row, width - len(sequence) :] = torch.tensor(sequence)
+        attention_mask[row, width - len(sequence) :] = 1
+    n = args.num_candidates
+    keys = [reply_key(args.seed, p, j) for p in prompts for j in range(n)]  # generate repeats each prompt n times
+    sampler = CountedSampler(keys, width, args.temperature, args.top_p)
+    with torch.no_grad():
+        sequences = model.generate(
+            input_ids=input_ids.to(model.device),
+            attention_mask=attention_mask.to(model.device),
+            do_sample=True,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            num_return_sequences=n,
+            max_new_tokens=args.max_new_tokens,
+            logits_processor=[sampler],
+            use_cache=True,
+        )
+    stops = set(_ids(model.generation_config.eos_token_id))
+    replies, tokens, cut = [], 0, 0
+    for row in sequences[:, width:].tolist():
+        end = next((i for i, token in enumerate(row) if token in stops), None)
+        cut += end is None
+        reply = row if end is None else row[:end]
+        tokens += len(reply) + (end is not None)
+        replies.append(tokenizer.decode(reply, skip_special_tokens=True))
+    return [replies[i * n : (i + 1) * n] for i in range(len(prompts))], tokens, cut
+
+
+def _ids(value):
+    return [] if value is None else [value] if isinstance(value, int) else list(value)
+
+
+# --- scoring ---------------------------------------------------------------------------------------------------------
+
+
+def conversation(prompt, reply):
+    """The whole conversation a reward model judges: the prompt's turns (a text prompt as one user turn), the reply."""
+    turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    return [*turns, {"role": "assistant", "content": reply}]
+
+
+def score(reward_model, tokenizer, conversations, batch_size):
+    """The reward of each conversation: the reward model's `score` output if it has one (ArmoRM), else its one logit;
+    in batches of `batch_size`, right-padded, in float32."""
+    import torch
+
+    ids = [list(tokenizer.apply_chat_template(c, tokenize=True, return_dict=True)["input_ids"]) for c in conversations]
+    rewards = []
+    for start in range(0, len(ids), batch_size):
+        chunk = ids[start : start + batch_size]
+        width = max(map(len, chunk))
+        input_ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for row, sequence in enumerate(chunk):
+            input_ids[row, : len(sequence)] = torch.tensor(sequence)
+            attention_mask[row, : len(sequence)] = 1
+        with torch.no_grad():
+            output = reward_model(input_ids=input_ids.to(reward_model.device),
+                                  attention_mask=attention_mask.to(reward_model.device))  # fmt: skip
+        value = getattr(output, "score", None)
+        if value is None:
+            value = output.logits
+        rewards += value.float().reshape(len(chunk), -1)[:, 0].tolist()
+    return rewards
+
+
+# --- loading and checking (nothing written) --------------------------------------------------------------------------
+
+
+def load_tokenizer(name, trust_remote_code, what):
+    from transformers import AutoTokenizer
+
+    from diversity_simpo.settings import ConfigError, first_line
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"could not load the tokenizer of {what} {name}: {first_line(e)}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_policy(args, device, dtype, pad_token_id):
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from diversity_simpo.settings import ConfigError, first_line
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            args.model_name_or_path, dtype=dtype, trust_remote_code=args.trust_remote_code
+        )
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"could not load the model {args.model_name_or_path}: {first_line(e)}") from None
+    stops = _ids(model.generation_config.eos_token_id) or _ids(model.config.eos_token_id)
+    # Exactly the settings here: the checkpoint's own generation_config.json (a repetition penalty, say) is not used,
+    # and its end-of-turn tokens are kept (Llama-3 instruct models stop at <|eot_id|> and <|end_of_text|>)
+    model.generation_config = GenerationConfig(eos_token_id=stops, pad_token_id=pad_token_id)
+    return model.to(device).eval()
+
+
+def load_reward_model(args, device, dtype):
+    """The reward model and its tokenizer, refused in one line if it could not score: no classification head in the
+    checkpoint (a causal LM loaded this way would get a random one), no chat template, or more than one score."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from diversity_simpo.settings import ConfigError, first_line
+
+    name = args.reward_model
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            name, dtype=dtype, trust_remote_code=args.trust_remote_code, output_loading_info=True
+        )
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(
+            f"reward_model {name} cannot be loaded as a sequence-classification model: {first_line(e)}"
+        ) from None
+    if info["missing_keys"]:  # e.g. score.weight: transformers initialised it at random
+        heads = ", ".join(sorted(info["missing_keys"])[:3])
+        raise ConfigError(
+            f"reward_model {name} has no trained classification head ({heads} not in its checkpoint; it is "
+            f"{', '.join(model.config.architectures or ['a model'])}): give a reward model (a sequence-classification "
+            "model with one score, e.g. Skywork/Skywork-Reward-Llama-3.1-8B-v0.2)"
+        )
+    tokenizer = load_tokenizer(name, args.trust_remote_code, "reward_model")
+    if tokenizer.chat_template is None:
+        raise ConfigError(f"reward_model {name} has no chat template: it cannot be given the conversation to score")
+    if model.config.pad_token_id is None:  # the head reads each row's last token that is not padding
+        model.config.pad_token_id = tokenizer.pad_token_id
+    model = model.to(device).eval()
+    probe = tokenizer.apply_chat_template(conversation("?", "!"), return_dict=True, return_tensors="pt")
+    with torch.no_grad():  # the output's shape, known before anything is written
+        output = model(**probe.to(device))
+    if getattr(output, "score", None) is None and output.logits.shape[-1] != 1:
+        raise ConfigError(
+            f"reward_model {name} outputs {output.logits.shape[-1]} logits, not one score: give a reward model with "
+            "one label (or with a `score` output, as ArmoRM's)"
+        )
+    return model, tokenizer
+
+
+def check_locations(args):
+    """The settings that name things: both models, the prompts, output_dir; one line each, nothing written."""
+    from diversity_simpo.settings import ConfigError, check_model_location, check_writable
+
+    for setting in ("model_name_or_path", "reward_model"):
+        check_model_location(getattr(args, setting), setting)
+    if args.num_candidates < 2:
+        raise ConfigError(f"num_candidates={args.num_candidates}: a pair needs at least 2 replies per prompt")
+    check_writable(Path(args.output_dir))
+
+
+def shard_name(split, index, count):
+    return f"{split}-{index:05d}-of-{count:05d}.jsonl"
+
+
+def manifest_for(args, prompts):
+    settings = {k: getattr(args, k) for k in DECIDING}
+    fingerprint = hashlib.sha256(json.dumps([p["prompt"] for p in prompts], ensure_ascii=False).encode()).hexdigest()
+    count = -(-len(prompts) // args.shard_size)
+    shards = [shard_name(args.dataset_split, k, count) for k in range(count)]
+    return {"settings": settings, "prompts": len(prompts), "prompts_sha256": fingerprint, "shards": shards}
+
+
+def read_manifest(folder):
+    import yaml
+
+    path = Path(folder) / MANIFEST
+    return yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def missing_shards(folder):
+    """(shards missing, shards in all) of a folder generate_candidates.py writes; (0, 0) for any other folder."""
+    manifest = read_manifest(folder)
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
+        return 0, 0
+    return sum(not (Path(folder) / name).is_file() for name in manifest["shards"]), len(manifest["shards"])
+
+
+def shards_to_write(args, manifest):
+    """Indices of the shards still to sample, after checking that output_dir may be written: empty, or holding the
+    candidates of these same settings (a run to continue), or `overwrite`. Nothing is deleted here."""
+    from diversity_simpo.settings import ConfigError
+
+    output = Path(args.output_dir)
+    if args.overwrite or not output.exists() or not any(output.iterdir()):
+        return list(range(len(manifest["shards"])))
+    found = read_manifest(output)
+    if found is None:
+        raise ConfigError(
+            f"output_dir {output} already holds files that are not candidates of this tool; choose another output_dir, "
+            "or pass --overwrite true"
+        )
+    for key in ("settings", "prompts_sha256"):
+        theirs, ours = found.get(key), manifest[key]
+        if theirs != ours:
+            if key == "settings":
+                key = next(k for k in ours if (theirs or {}).get(k) != ours[k])
+                was, now = (theirs or {}).get(key), ours[key]
+                why = f"{key}={was!r}, not {now!r}"
+            else:
+                why = "other prompts (the dataset changed)"
+            raise ConfigError(
+                f"output_dir {output} holds candidates made with {why}: choose another output_dir, or pass "
+                "--overwrite true to start again"
+            )
+    return [k for k, name in enumerate(manifest["shards"]) if not (output / name).is_file()]
+
+
+# --- the run ---------------------------------------------------------------------------------------------------------
+
+
+def generate_candidates(args):
+    """Sample, score and write the candidates of `args` (CandidateArguments), on this process's share of the
+    shards; every check is made before the first file is written."""
+    import datetime
+
+    import torch
+    from accelerate import PartialState
+
+    from diversity_simpo.data import is_conversation, load_prompts
+    from diversity_simpo.settings import ConfigError
+
+    check_locations(args)
+    counts = {}
+    prompts = load_prompts(args, args.dataset_split, counts)
+    if args.max_prompts:
+        prompts = prompts[: args.max_prompts]
+    manifest = manifest_for(args, prompts)
+    todo = shards_to_write(args, manifest)
+    output = Path(args.output_dir)
+    # the ranks meet only at the start and the end; a long run must not time out waiting at the end
+    state = PartialState(cpu=args.use_cpu, timeout=datetime.timedelta(days=7))
+    say = print if state.is_main_process else (lambda *a, **k: None)
+    if not todo:
+        say(f"{output}: all {len(prompts)} prompts already have candidates; nothing to do (--overwrite true samples "
+            "again)")  # fmt: skip
+        return
+    tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code, "model_name_or_path")
+    if any(is_conversation(p["prompt"]) for p in prompts) and tokenizer.chat_template is None:
+        raise ConfigError(
+            f"the prompts are conversations but the tokenizer of {args.model_name_or_path} has no chat template; "
+            "give an instruct model, or plain-text prompts (wrap_text_as_chat: false, no system_prompt)"
+        )
+    dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+    reward_model, reward_tokenizer = load_reward_model(args, state.device, dtype)
+    policy = load_policy(args, state.device, dtype, tokenizer.pad_token_id)
+
+    if state.is_main_process:  # the first write: everything above checked out
+        if args.overwrite and output.exists():
+            for name in [MANIFEST, *(p.name for p in output.glob(f"{args.dataset_split}-*-of-*.jsonl"))]:
+                (output / name).unlink(missing_ok=True)
+        output.mkdir(parents=True, exist_ok=True)
+        _write_whole(output / MANIFEST, _yaml(manifest))
+        done = len(manifest["shards"]) - len(todo)
+        if done:
+            say(f"{output}: {done} of {len(manifest['shards'])} shards already written; sampling the other {len(todo)}")
+    state.wait_for_everyone()
+
+    mine = [k for k in todo if k % state.num_processes == state.process_index]
+    progress = _progress(sum(len(_shard(prompts, k, args.shard_size)) for k in mine), state)
+    started, tokens, cut = time.perf_counter(), 0, 0
+    for k in mine:
+        rows = []
+        shard = _shard(prompts, k, args.shard_size)
+        for start in range(0, len(shard), args.batch_size):
+            batch = shard[start : start + args.batch_size]
+            replies, n_tokens, n_cut = sample(policy, tokenizer, [p["prompt"] for p in batch], args)
+            tokens, cut = tokens + n_tokens, cut + n_cut
+            conversations = [conversation(p["prompt"], r) for p, rs in zip(batch, replies, strict=True) for r in rs]
+            scores = score(reward_model, reward_tokenizer, conversations, args.score_batch_size)
+            for i, (p, rs) in enumerate(zip(batch, replies, strict=True)):
+                n = args.num_candidates
+                rows.append({**p, "all_generated_responses": rs, "all_rm_scores": scores[i * n : (i + 1) * n]})
+            elapsed = time.perf_counter() - started
+            progress.update(len(batch))
+            progress.set_postfix_str(f"{tokens / elapsed:.0f} tokens/s")
+        text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        _write_whole(output / manifest["shards"][k], text)
+    progress.close()
+    if cut and mine:
+        print(f"rank {state.process_index}: {cut} replies reached max_new_tokens={args.max_new_tokens} and are cut "
+              "there", file=sys.stderr)  # fmt: skip
+    state.wait_for_everyone()
+    say(f"Wrote {len(prompts)} prompts x {args.num_candidates} scored replies to {output} (train on it: "
+        f"dataset_name: {output})")  # fmt: skip
+
+
+def _shard(prompts, k, size):
+    return prompts[k * size : (k + 1) * size]
+
+
+def _progress(total, state):
+    from tqdm.auto import tqdm
+
+    desc = "sampling" if state.num_processes == 1 else f"rank 0 of {state.num_processes}: sampling"
+    return tqdm(total=total, desc=desc, unit="prompt", disable=not state.is_main_process, file=sys.stderr)
+
+
+def _yaml(value):
+    import yaml
+
+    return yaml.safe_dump(value, allow_unicode=True, sort_keys=False)
+
+
+def _write_whole(path, text):
+    """`text` to `path` complete or not at all: a temporary file beside it, flushed to disk, renamed into place."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(temporary, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
