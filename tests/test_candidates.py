@@ -1,0 +1,488 @@
+"""On-policy candidates (generate_candidates.py): prompts rendered as training renders them, replies sampled from the
+tempered top-p distribution with draws that depend on the prompt, the reply's index and the seed only, every reply
+scored by the reward model, written in whole shards that training reads as is and that a killed run completes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import DEMO_DATA, DEMO_MODEL, ROOT
+from precision import assert_close_at_scale
+from test_preference_data import LAYOUTS, rows_of, settings, tiny_llama3, write_rows
+
+from diversity_simpo.candidates import (
+    CandidateArguments,
+    CountedSampler,
+    conversation,
+    generate_candidates,
+    prompt_token_ids,
+    reply_key,
+    uniform,
+)
+from diversity_simpo.data import DataError, load_preference_data, load_prompts, normalise
+
+DEMO_REWARD = ROOT / "demo" / "tiny-reward-ja"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread per process: 1 process and 2 ranks compute alike
+
+
+def candidate_args(out, **overrides):
+    """Six held-out demo prompts, three replies each, in batches and shards that do not divide them."""
+    values = dict(
+        model_name_or_path=str(DEMO_MODEL),
+        reward_model=str(DEMO_REWARD),
+        dataset_name=str(DEMO_DATA),
+        dataset_split="test",
+        max_prompts=6,
+        num_candidates=3,
+        temperature=1.3,
+        top_p=0.9,
+        max_new_tokens=16,
+        seed=1,
+        batch_size=4,
+        score_batch_size=5,
+        shard_size=4,
+        output_dir=str(out),
+        dtype="float32",
+        use_cpu=True,
+    )
+    return CandidateArguments(**{**values, **overrides})
+
+
+def cli_args(args):
+    return [f"--{k}={v}" for k, v in vars(args).items() if v is not None]
+
+
+def run_cli(*args, config=None):
+    command = [
+        sys.executable,
+        "generate_candidates.py",
+        "--config",
+        str(config or ROOT / "configs/demo_candidates.yaml"),
+    ]
+    return subprocess.run([*command, *map(str, args)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+
+
+def written(folder):
+    """The rows of every shard, in shard order, and the shard files' bytes."""
+    shards = sorted(Path(folder).glob("*-of-*.jsonl"))
+    rows = [json.loads(line) for shard in shards for line in shard.read_text(encoding="utf-8").splitlines()]
+    return rows, {shard.name: shard.read_bytes() for shard in shards}
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("candidates") / "out"
+    one_thread(generate_candidates, candidate_args(out))
+    return out
+
+
+def one_thread(function, *args):
+    """As the launched runs compute (ENV): the thread count decides how a sum is split, so the last bits."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return function(*args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+# --- sampling --------------------------------------------------------------------------------------------------------
+
+
+def nucleus_inverse_cdf(logits, temperature, top_p, u):
+    """Reference, float64, from the definitions: p = softmax(logits / T); the nucleus is the smallest set of the most
+    probable tokens whose mass reaches top_p; q = p renormalised on it; the token is the first, in vocabulary order,
+    at which q's cumulative sum exceeds u."""
+    p = torch.softmax(logits.double() / temperature, -1)
+    order = torch.argsort(p, descending=True)
+    mass, nucleus = 0.0, set()
+    for token in order.tolist():
+        nucleus.add(token)
+        mass += p[token].item()
+        if mass >= top_p:
+            break
+    q = [p[i].item() if i in nucleus else 0.0 for i in range(len(p))]
+    total, running = sum(q), 0.0
+    for token, weight in enumerate(q):
+        running += weight / total
+        if running > u:
+            return token
+    return max(nucleus)
+
+
+@pytest.mark.parametrize(("temperature", "top_p"), [(1.0, 1.0), (0.7, 0.9), (1.5, 0.5)])
+def test_each_token_is_the_inverse_cdf_of_the_tempered_nucleus_at_its_counted_draw(temperature, top_p):
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 11, generator=generator) * 3
+    keys = [reply_key(0, "prompt", j) for j in range(64)]
+    width, step = 5, 3
+    input_ids = torch.zeros(64, width + step, dtype=torch.long)
+    out = CountedSampler(keys, width, temperature, top_p)(input_ids, logits.clone())
+    for row in range(64):
+        expected = nucleus_inverse_cdf(logits[row], temperature, top_p, uniform(keys[row], step))
+        assert out[row, expected] == 0 and torch.isinf(out[row]).sum() == 10, (row, expected, out[row])
+
+
+def test_the_counted_draws_sample_the_tempered_nucleus_distribution():
+    """20000 replies' draws at one position: each token's frequency within 5 standard errors of its probability
+    under the nucleus of softmax(logits / T), and tokens outside the nucleus never drawn."""
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]])
+    temperature, top_p, n = 0.8, 0.9, 20000
+    keys = [reply_key(7, "p", j) for j in range(n)]
+    out = CountedSampler(keys, 1, temperature, top_p)(torch.zeros(n, 2, dtype=torch.long), logits.expand(n, -1))
+    counts = torch.bincount(out.argmax(-1), minlength=6).double()
+    p = torch.softmax(logits[0].double() / temperature, -1)
+    keep = torch.cumsum(p, 0) - p < top_p  # sorted already: tokens before which the mass is still short of top_p
+    q = torch.where(keep, p, 0) / p[keep].sum()
+    assert counts[~keep].sum() == 0
+    standard_error = (q * (1 - q) / n).sqrt()
+    assert ((counts / n - q).abs() <= 5 * standard_error + 1e-12).all(), (counts / n, q)
+
+
+def test_draws_are_uniform_in_zero_one_and_differ_by_reply_and_position():
+    draws = [uniform(reply_key(0, "p", j), t) for j in range(200) for t in range(20)]
+    assert all(0 <= u < 1 for u in draws) and len(set(draws)) == len(draws)
+    assert abs(sum(draws) / len(draws) - 0.5) < 5 * (1 / 12 / len(draws)) ** 0.5
+
+
+# --- prompts ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_every_layout_gives_the_prompts_training_makes_of_it(tmp_path, layout):
+    options = LAYOUTS[layout][1]
+    rows = rows_of(layout)
+    path = write_rows(tmp_path / "data.jsonl", rows)
+    prompts = load_prompts(CandidateArguments(dataset_name=str(path), **options), "train")
+    trained = normalise(torch_free_dataset(rows), settings(**options), layout)
+    assert [p["prompt"] for p in prompts] == trained["prompt"]
+
+
+def torch_free_dataset(rows):
+    from datasets import Dataset
+
+    return Dataset.from_list(rows)
+
+
+def test_a_file_of_prompts_alone_is_read_as_text_or_as_chat_as_training_would(tmp_path):
+    path = write_rows(
+        tmp_path / "prompts.jsonl", [{"prompt": "富士山とは？"}, {"prompt": "桜とは？"}, {"prompt": "富士山とは？"}]
+    )
+    assert [p["prompt"] for p in load_prompts(CandidateArguments(dataset_name=str(path)), "train")] == [
+        "富士山とは？",
+        "桜とは？",
+    ]  # each prompt once
+    system = "あなたは誠実で優秀な日本人のアシスタントです。"
+    chat = load_prompts(CandidateArguments(dataset_name=str(path), system_prompt=system), "train")
+    assert chat[0]["prompt"] == [{"role": "system", "content": system}, {"role": "user", "content": "富士山とは？"}]
+
+
+@pytest.mark.parametrize(
+    "layout", ["standard", "standard-wrapped-as-chat", "conversational-multi-turn-system", "sharegpt"]
+)
+def test_a_prompt_is_tokenised_exactly_as_trls_cpo_trainer_tokenises_it(tmp_path, layout, llama3_tokenizer):
+    from diversity_simpo_trainer import DiversitySimPOConfig, DiversitySimPOTrainer
+
+    options = LAYOUTS[layout][1]
+    normalised = normalise(torch_free_dataset(rows_of(layout, 4)), settings(**options), layout)
+    trainer = DiversitySimPOTrainer(
+        model=tiny_llama3(len(llama3_tokenizer)),
+        processing_class=llama3_tokenizer,
+        train_dataset=normalised,
+        args=DiversitySimPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False, max_length=512),
+    )
+    for row, source in zip(trainer.train_dataset, normalised, strict=True):
+        assert prompt_token_ids(llama3_tokenizer, source["prompt"]) == row["prompt_input_ids"]
+
+
+# --- the run ---------------------------------------------------------------------------------------------------------
+
+
+def test_replies_depend_on_the_prompt_and_the_seed_not_on_the_batch_or_the_shard(tmp_path, reference_run):
+    rows, _ = written(reference_run)
+    generate_candidates(candidate_args(tmp_path / "one", batch_size=1, score_batch_size=1, shard_size=1))
+    one_by_one, _ = written(tmp_path / "one")
+    assert [r["prompt"] for r in one_by_one] == [r["prompt"] for r in rows]
+    assert [r["all_generated_responses"] for r in one_by_one] == [r["all_generated_responses"] for r in rows]
+    for a, b in zip(one_by_one, rows, strict=True):  # other padding, other rounding of the reward model's sums
+        for x, y in zip(a["all_rm_scores"], b["all_rm_scores"], strict=True):
+            assert_close_at_scale(x, y, abs(y), "reward")
+    generate_candidates(candidate_args(tmp_path / "reseeded", seed=2))
+    reseeded, _ = written(tmp_path / "reseeded")
+    assert [r["all_generated_responses"] for r in reseeded] != [r["all_generated_responses"] for r in rows]
+
+
+def test_the_output_is_princeton_nlps_layout_with_every_reply_scored_by_the_reward_model(reference_run):
+    """Each score is the reward model's logit on that conversation alone, in its chat template (unpadded)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    rows, shards = written(reference_run)
+    assert list(shards) == ["test-00000-of-00002.jsonl", "test-00001-of-00002.jsonl"]
+    assert len(rows) == 6 and all(len(r["all_generated_responses"]) == len(r["all_rm_scores"]) == 3 for r in rows)
+    assert all(set(r) == {"prompt", "reference", "all_generated_responses", "all_rm_scores"} for r in rows)
+    model = AutoModelForSequenceClassification.from_pretrained(DEMO_REWARD).eval()
+    tokenizer = AutoTokenizer.from_pretrained(DEMO_REWARD)
+    for row in rows:
+        for reply, written_score in zip(row["all_generated_responses"], row["all_rm_scores"], strict=True):
+            messages = [*row["prompt"], {"role": "assistant", "content": reply}]
+            assert messages == conversation(row["prompt"], reply)
+            ids = tokenizer.apply_chat_template(messages, return_tensors="pt", return_dict=True)["input_ids"]
+            with torch.no_grad():
+                expected = model(input_ids=ids).logits[0, 0].item()
+            assert_close_at_scale(written_score, expected, abs(expected), "reward")
+    replies = [reply for row in rows for reply in row["all_generated_responses"]]
+    assert len(set(replies)) > len(rows)  # sampled, not one reply per prompt
+
+
+def test_training_reads_the_output_as_is_and_refuses_it_while_a_shard_is_missing(reference_run, tmp_path):
+    from types import SimpleNamespace
+
+    from diversity_simpo.settings import ScriptArguments
+
+    args = ScriptArguments(dataset_name=str(reference_run), dataset_train_split="test")
+    train, _ = load_preference_data(args, seed=0)
+    rows, _ = written(reference_run)
+    by_prompt = {json.dumps(r["prompt"], ensure_ascii=False): r for r in rows}
+    for pair in train:
+        row = by_prompt[json.dumps(pair["prompt"], ensure_ascii=False)]
+        scores, replies = row["all_rm_scores"], row["all_generated_responses"]
+        assert pair["chosen"][0]["content"] == replies[scores.index(max(scores))]
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    for name in ("candidates.yaml", "test-00000-of-00002.jsonl"):
+        (partial / name).write_bytes((reference_run / name).read_bytes())
+    with pytest.raises(DataError, match=r"unfinished generate_candidates.py run \(1 of 2 shards written\)"):
+        load_preference_data(SimpleNamespace(**{**vars(args), "dataset_name": str(partial)}), seed=0)
+
+
+def test_a_run_killed_at_any_moment_resumes_to_the_output_of_an_uninterrupted_one(tmp_path):
+    """A real SIGKILL once two of eight shards are written; the same command again writes the rest, and the folder is
+    byte for byte an uninterrupted run's: no prompt lost or written twice, no half-written file left."""
+    args = candidate_args(tmp_path / "killed", max_prompts=24, shard_size=3, batch_size=3, max_new_tokens=48)
+    command = [sys.executable, "generate_candidates.py", *cli_args(args)]
+    process = subprocess.Popen(command, cwd=ROOT, env=ENV, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while len(list((tmp_path / "killed").glob("*-of-*.jsonl"))) < 2 and process.poll() is None:
+        assert time.monotonic() < deadline, "no shard written in 5 minutes"
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    done = len(list((tmp_path / "killed").glob("*-of-*.jsonl")))
+    assert 2 <= done < 8, f"{done} of 8 shards written when killed: the run must be cut short"
+    resumed = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"{done} of 8 shards already written; sampling the other {8 - done}" in resumed.stderr + resumed.stdout
+    generate_candidates(
+        candidate_args(tmp_path / "whole", max_prompts=24, shard_size=3, batch_size=3, max_new_tokens=48)
+    )
+    assert_same_candidates(tmp_path / "killed", tmp_path / "whole")
+    assert sorted(p.name for p in (tmp_path / "killed").iterdir()) == sorted(
+        p.name for p in (tmp_path / "whole").iterdir()
+    )
+    again = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "nothing to do" in again.stdout + again.stderr
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("launcher", ["accelerate", "deepspeed"])
+def test_two_ranks_write_the_candidates_and_scores_of_one_process(tmp_path, reference_run, launcher):
+    """Shards 0 and 1 are sampled by ranks 0 and 1; the folder holds what the one-process run writes."""
+    bin_dir = Path(sys.executable).parent
+    launch = {
+        "accelerate": [bin_dir / "accelerate", "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+                       "--mixed_precision", "no", "--dynamo_backend", "no"],
+        "deepspeed": [bin_dir / "deepspeed", "--num_gpus=2"],
+    }[launcher]  # fmt: skip
+    args = cli_args(candidate_args(tmp_path / "ranks"))
+    result = subprocess.run(
+        [*map(str, launch), "generate_candidates.py", *args], cwd=ROOT, env=ENV, capture_output=True, text=True,
+        timeout=600, start_new_session=True,
+    )  # fmt: skip
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    assert_same_candidates(tmp_path / "ranks", reference_run)
+    assert (tmp_path / "ranks" / "candidates.yaml").read_bytes() == (reference_run / "candidates.yaml").read_bytes()
+
+
+def assert_same_candidates(folder, reference):
+    """The same shards, prompts and replies; scores to float32 rounding (a sum's last bit can depend on where a
+    process's buffers sit in memory, even with one thread)."""
+    (rows, shards), (expected, expected_shards) = written(folder), written(reference)
+    assert list(shards) == list(expected_shards)
+    assert [(r["prompt"], r["all_generated_responses"]) for r in rows] == [
+        (r["prompt"], r["all_generated_responses"]) for r in expected
+    ]
+    for row, other in zip(rows, expected, strict=True):
+        for x, y in zip(row["all_rm_scores"], other["all_rm_scores"], strict=True):
+            assert_close_at_scale(x, y, abs(y), "reward")
+
+
+# --- mistakes: one line, exit 2, nothing written -------------------------------------------------------------------
+
+
+def custom_reward_model(folder, objectives):
+    """A reward model with its own code (trust_remote_code), shaped like ArmoRM: `rewards` per objective and their
+    mean as `score`; saved with transformers' own auto-class registration and the demo's tokenizer."""
+    import importlib.util
+    import shutil
+
+    code = folder.parent / "tiny_score_code"
+    code.mkdir(exist_ok=True)
+    (code / "modeling_tiny_score.py").write_text(
+        """import torch
+from dataclasses import dataclass
+from transformers import PreTrainedConfig, PreTrainedModel
+from transformers.utils import ModelOutput
+
+
+class TinyScoreConfig(PreTrainedConfig):
+    model_type = "tiny_score"
+
+    def __init__(self, vocab_size=2048, hidden_size=8, objectives=3, **kwargs):
+        self.vocab_size, self.hidden_size, self.objectives = vocab_size, hidden_size, objectives
+        super().__init__(**kwargs)
+
+
+@dataclass
+class ScoreOutput(ModelOutput):
+    score: torch.FloatTensor = None
+    rewards: torch.FloatTensor = None
+
+
+class TinyScoreModel(PreTrainedModel):
+    config_class = TinyScoreConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.embed = torch.nn.Embedding(config.vocab_size, config.hidden_size)
+        self.heads = torch.nn.Linear(config.hidden_size, config.objectives)
+        self.post_init()
+
+    def forward(self, input_ids, attention_mask=None, **kwargs):
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        pooled = (self.embed(input_ids) * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+        rewards = self.heads(pooled)
+        return ScoreOutput(score=rewards.mean(-1, keepdim=True), rewards=rewards)
+""",
+        encoding="utf-8",
+    )
+    spec = importlib.util.spec_from_file_location("modeling_tiny_score", code / "modeling_tiny_score.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # transformers copies the class's source file beside the weights
+    spec.loader.exec_module(module)
+    module.TinyScoreConfig.register_for_auto_class()
+    module.TinyScoreModel.register_for_auto_class("AutoModelForSequenceClassification")
+    torch.manual_seed(0)
+    module.TinyScoreModel(module.TinyScoreConfig(objectives=objectives)).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(DEMO_REWARD / name, folder / name)
+    return folder
+
+
+def test_a_reward_model_with_its_own_code_is_read_through_its_score_output(tmp_path, reference_run):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    folder = custom_reward_model(tmp_path / "armo-like", objectives=3)
+    args = candidate_args(tmp_path / "out", reward_model=str(folder), trust_remote_code=True, max_prompts=2)
+    result = subprocess.run(
+        [sys.executable, "generate_candidates.py", *cli_args(args)], cwd=ROOT, env=ENV, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows, _ = written(tmp_path / "out")
+    model = AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    for row in rows:
+        for reply, written_score in zip(row["all_generated_responses"], row["all_rm_scores"], strict=True):
+            ids = tokenizer.apply_chat_template(
+                conversation(row["prompt"], reply), return_tensors="pt", return_dict=True
+            )
+            with torch.no_grad():
+                output = model(**ids)
+            expected = output.rewards.double().mean().item()  # the mean of the objectives, from the model's parts
+            assert_close_at_scale(written_score, expected, output.rewards.abs().sum(), "score")
+    assert [r["all_generated_responses"] for r in rows] == [
+        r["all_generated_responses"] for r in written(reference_run)[0][:2]
+    ]
+
+
+@pytest.fixture(scope="module")
+def mistakes(tmp_path_factory, reference_run):
+    """Folders and files that are wrong in one way each."""
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    root = tmp_path_factory.mktemp("mistakes")
+    no_template = root / "no-template"
+    shutil.copytree(DEMO_MODEL, no_template)
+    (no_template / "chat_template.jinja").unlink()
+    three_labels = root / "three-labels"
+    torch.manual_seed(0)
+    LlamaForSequenceClassification(
+        LlamaConfig(vocab_size=2048, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                    num_labels=3, pad_token_id=1)
+    ).save_pretrained(three_labels)  # fmt: skip
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(DEMO_REWARD / name, three_labels / name)
+    write_rows(root / "texts.jsonl", [{"text": "富士山とは？"}])
+    (root / "empty.jsonl").write_text("", encoding="utf-8")
+    (root / "typo.yaml").write_text(
+        (ROOT / "configs/demo_candidates.yaml")
+        .read_text(encoding="utf-8")
+        .replace("num_candidates:", "num_candidate:"),
+        encoding="utf-8",
+    )
+    (root / "other-files").mkdir()
+    (root / "other-files" / "notes.txt").write_text("mine", encoding="utf-8")
+    return root, reference_run
+
+
+MISTAKES = {
+    "causal LM as reward model": (["--reward_model", "demo/tiny-llama-ja"], "has no trained classification head"),
+    "model folder missing": (
+        ["--model_name_or_path", "./no-such-model"],
+        "./no-such-model not found; check model_name_or_path",
+    ),
+    "reward folder missing": (["--reward_model", "./no-such-rm"], "./no-such-rm not found; check reward_model"),
+    "file without prompts": (["--dataset_name", "{root}/texts.jsonl"], "and no prompts: give a prompt"),
+    "empty prompt file": (["--dataset_name", "{root}/empty.jsonl"], "is empty"),
+    "one candidate": (["--num_candidates", "1"], "num_candidates=1 is out of range: it must be an integer >= 2"),
+    "no chat template": (["--model_name_or_path", "{root}/no-template"], "has no chat template"),
+    "reward model with three labels": (["--reward_model", "{root}/three-labels"], "outputs 3 logits, not one score"),
+    "typo in a key": (["--config", "{root}/typo.yaml"], "unknown key 'num_candidate'; did you mean 'num_candidates'?"),
+    "output of other settings": (
+        ["--output_dir", "{run}", "--temperature", "0.5", "--dataset_split", "test", "--max_prompts", "6"],
+        "holds candidates made with",
+    ),
+    "output_dir with other files": (["--output_dir", "{root}/other-files"], "not candidates of this tool"),
+}
+
+
+@pytest.mark.parametrize("case", MISTAKES)
+def test_a_mistake_is_one_line_and_exit_2_with_nothing_written(tmp_path, mistakes, case):
+    root, run = mistakes
+    flags, message = MISTAKES[case]
+    flags = [f.format(root=root, run=run) for f in flags]
+    before = snapshot(root, run)
+    config = None
+    if "--config" in flags:
+        config, flags = flags[1], flags[2:]
+    out = ["--output_dir", tmp_path / "out"] if "--output_dir" not in flags else []
+    result = run_cli(*out, *flags, config=config)
+    assert result.returncode == 2, (result.stdout + result.stderr)[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0] and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert not (tmp_path / "out").exists()
+    assert snapshot(root, run) == before
+
+
+def snapshot(*folders):
+    """Every path under the folders, and each file's bytes and modification time (a folder's own time changes when
+    the write check's probe comes and goes)."""
+    paths = [p for folder in folders for p in folder.rglob("*")]
+    return {p: (p.read_bytes(), p.stat().st_mtime_ns) if p.is_file() else None for p in paths}
