@@ -443,7 +443,9 @@ def generate_candidates(args):
         text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
         _write_whole(output / manifest["shards"][k], text)
     progress.close()
-    if cut and mine:
+    if state.num_processes > 1:
+        print(f"rank {state.process_index}: sampled {len(mine)} of the {len(todo)} shards to write", file=sys.stderr)
+    if cut:
         print(f"rank {state.process_index}: {cut} replies reached max_new_tokens={args.max_new_tokens} and are cut "
               "there", file=sys.stderr)  # fmt: skip
     state.wait_for_everyone()

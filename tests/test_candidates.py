@@ -305,6 +305,8 @@ def test_two_ranks_write_the_candidates_and_scores_of_one_process(tmp_path, refe
         timeout=600, start_new_session=True,
     )  # fmt: skip
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    for rank in (0, 1):  # each shard sampled once, by its own rank
+        assert f"rank {rank}: sampled 1 of the 2 shards to write" in result.stdout + result.stderr
     assert_same_candidates(tmp_path / "ranks", reference_run)
     assert (tmp_path / "ranks" / "candidates.yaml").read_bytes() == (reference_run / "candidates.yaml").read_bytes()
 
