@@ -14,6 +14,9 @@ Checks, each a row of the report (pass, FAIL, or missed: it ran and a target was
                with prefix_sharing + padding_free + the fused head on sdpa and on flex_attention (target <= 0.75x)
   llama-3-8b   bench_step.py --llama3-8b: Llama-3-8B's geometry (32 layers, hidden 4096, random weights, LoRA),
                2 pairs of ~2,048 tokens: tokens/s, MFU and peak memory of TRL's step and ours
+  candidates   benchmarks/bench_candidates.py --shape gpu: generate_candidates' sampling at the 1.6B shape (random
+               weights, Llama-3 tokenizer; 16 prompts x 4 replies x 128 tokens) batched against one prompt per
+               generate call, and its reward-model scoring replies/s; its table goes into RESULTS.md
   train        20 steps of configs/config_diversity_simpo.yaml (bf16, sdpa, activation checkpointing, fused head,
                a 4-prompt diversity eval) on a random model shaped like Llama-3-8B cut to 4 layers, with the real
                Llama-3 tokenizer and chat template, on the demo data: once as `python train_diversity_simpo.py
@@ -188,6 +191,26 @@ def bench(report, gpu, work, name, arguments, section_suffix, summary_prefix):
     report.check(name, code == 0, "; ".join(targets) or f"exit {code}")
 
 
+def candidates(report, gpu, work):
+    """bench_candidates.py at the 1.6B shape: generate_candidates' sampling tokens/s, several prompts per generate
+    call against one, and its reward-model scoring replies/s, batched against one at a time."""
+    output_dir = ROOT / "benchmarks" if gpu else work / "bench"
+    command = [sys.executable, "benchmarks/bench_candidates.py", "--shape", "gpu" if gpu else "smoke", "--repeats", "1"]
+    code, output, seconds = run([*command, "--output", output_dir], timeout=300, log=work / "candidates.log")
+    table = [line for line in output.splitlines() if line.startswith(("| ", "`python"))]
+    report.sections += [
+        "## On-policy candidates",
+        "",
+        f"({seconds:.0f} s)",
+        "",
+        *(table or ["```", output[-3000:], "```"]),
+        "",
+    ]
+    rows = [line.strip("| ").split(" | ") for line in table if line.startswith(("| sampling", "| scoring"))]
+    figures = [f"{name.split(' (')[0]}: {batched} batched ({ratio} one at a time)" for name, batched, _, ratio in rows]
+    report.check("candidates", code == 0, "; ".join(figures) or f"exit {code}")
+
+
 def build_model(gpu, model_dir):
     """A random bf16 (GPU) or float32 (smoke) Llama with the real Llama-3 tokenizer and chat template, saved."""
     import torch
@@ -341,6 +364,7 @@ def main():
     if gpu and not report.checks[-1][1]:
         sys.exit("gpu_check: no CUDA device; use --cpu-smoke on a machine without one")
     steps = [("tests", tests), ("benchmark", benchmark), ("layouts", layouts), ("llama-3-8b", llama3_8b)]
+    steps += [("candidates", candidates)]
     steps += [("model", training_model)]
     steps += [
         (f"train ({launcher})", lambda r, g, w, launcher=launcher: train(r, g, w, launcher)) for launcher in LAUNCHERS
