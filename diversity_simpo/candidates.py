@@ -203,15 +203,21 @@ def conversation(prompt, reply):
 
 def score(reward_model, tokenizer, conversations, batch_size):
     """The reward of each conversation: the reward model's `score` output if it has one (ArmoRM), else its one logit;
-    in batches of `batch_size`, right-padded, in float32."""
+    in batches of `batch_size`, right-padded with the model's own pad token (`config.pad_token_id`), in float32. A
+    reward model finds where to read its score from that token (transformers: the last token that is not padding;
+    ArmoRM: the one before the first pad), so one without a pad token is not given one (with the end-of-turn token
+    as pad, it would read one token early): it scores each conversation alone, unpadded, as it was made to."""
     import torch
 
     ids = [list(tokenizer.apply_chat_template(c, tokenize=True, return_dict=True)["input_ids"]) for c in conversations]
+    pad = getattr(reward_model.config, "pad_token_id", None)
+    if pad is None:
+        batch_size = 1
     rewards = []
     for start in range(0, len(ids), batch_size):
         chunk = ids[start : start + batch_size]
         width = max(map(len, chunk))
-        input_ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
+        input_ids = torch.full((len(chunk), width), pad if pad is not None else 0, dtype=torch.long)
         attention_mask = torch.zeros_like(input_ids)
         for row, sequence in enumerate(chunk):
             input_ids[row, : len(sequence)] = torch.tensor(sequence)
@@ -288,9 +294,10 @@ def load_reward_model(args, device, dtype):
     tokenizer = load_tokenizer(name, args.trust_remote_code, "reward_model")
     if tokenizer.chat_template is None:
         raise ConfigError(f"reward_model {name} has no chat template: it cannot be given the conversation to score")
-    if getattr(model.config, "pad_token_id", None) is None:  # the head reads each row's last token that is not padding
-        model.config.pad_token_id = tokenizer.pad_token_id
     model = model.to(device).eval()
+    if getattr(model.config, "pad_token_id", None) is None:
+        print(f"warning: reward_model {name} has no pad_token_id in its config: scoring one reply per pass (set it "
+              "to its tokenizer's pad token to batch)", file=sys.stderr)  # fmt: skip
     probe = tokenizer.apply_chat_template(conversation("?", "!"), return_dict=True, return_tensors="pt")
     with torch.no_grad():  # the output's shape, known before anything is written
         output = model(**probe.to(device))

@@ -240,6 +240,37 @@ def test_the_output_is_princeton_nlps_layout_with_every_reply_scored_by_the_rewa
     assert len(set(replies)) > len(rows)  # sampled, not one reply per prompt
 
 
+def test_a_reward_model_without_a_pad_token_scores_each_reply_where_it_reads_it_alone(tmp_path):
+    """Without pad_token_id it reads its score at the last token; given the end-of-turn token as pad (the tokenizer's
+    fallback) it would read the one before: the written scores are those of each conversation alone."""
+    import shutil
+
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    folder = tmp_path / "no-pad"
+    shutil.copytree(DEMO_REWARD, folder)
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    del config["pad_token_id"]
+    (folder / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    del tokenizer_config["pad_token"]
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config), encoding="utf-8")
+    fast = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    fast["padding"] = None  # no pad token anywhere: the tokenizer falls back to its end-of-turn token
+    (folder / "tokenizer.json").write_text(json.dumps(fast, ensure_ascii=False), encoding="utf-8")
+    one_thread(generate_candidates, candidate_args(tmp_path / "out", reward_model=str(folder), max_prompts=2))
+    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    for row in written(tmp_path / "out")[0]:
+        for reply, written_score in zip(row["all_generated_responses"], row["all_rm_scores"], strict=True):
+            ids = tokenizer.apply_chat_template(
+                conversation(row["prompt"], reply), return_tensors="pt", return_dict=True
+            )
+            with torch.no_grad():
+                expected = model(**ids).logits[0, 0].item()
+            assert_close_at_scale(written_score, expected, abs(expected), "reward")
+
+
 def test_training_reads_the_output_as_is_and_refuses_it_while_a_shard_is_missing(reference_run, tmp_path):
     from types import SimpleNamespace
 
