@@ -19,7 +19,7 @@ Scoring. Every (prompt, reply) as a conversation in the reward model's own chat 
 sequence-classification model's single logit, or the `score` output of models with their own code (ArmoRM,
 `trust_remote_code: true`).
 
-Output. `output_dir/{split}-00000-of-0000K.jsonl`: shards of `shard_size` prompts in the prompts' order, shard k
+Output. `output_dir/train-00000-of-0000K.jsonl`: shards of `shard_size` prompts in the prompts' order, shard k
 sampled by rank k mod world_size, each written whole (a temporary file renamed into place), and `candidates.yaml`,
 the settings that decide the output and the prompts' fingerprint. Started again with the same settings, a run samples
 only the shards that are missing, so a run killed at any moment loses at most the shards it was writing, and no
@@ -249,7 +249,7 @@ def load_tokenizer(name, trust_remote_code, what):
     return tokenizer
 
 
-def load_policy(args, device, dtype, pad_token_id):
+def load_policy(args, device, dtype, tokenizer):
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     from diversity_simpo.settings import ConfigError, first_line
@@ -261,9 +261,10 @@ def load_policy(args, device, dtype, pad_token_id):
     except (OSError, ValueError) as e:
         raise ConfigError(f"could not load the model {args.model_name_or_path}: {first_line(e)}") from None
     stops = _ids(model.generation_config.eos_token_id) or _ids(model.config.eos_token_id)
+    stops = list(dict.fromkeys([*stops, *_ids(tokenizer.eos_token_id)]))  # TRL ends every trained reply with it
     # Exactly the settings here: the checkpoint's own generation_config.json (a repetition penalty, say) is not used,
     # and its end-of-turn tokens are kept (Llama-3 instruct models stop at <|eot_id|> and <|end_of_text|>)
-    model.generation_config = GenerationConfig(eos_token_id=stops, pad_token_id=pad_token_id)
+    model.generation_config = GenerationConfig(eos_token_id=stops, pad_token_id=tokenizer.pad_token_id)
     return model.to(device).eval()
 
 
@@ -280,9 +281,13 @@ def load_reward_model(args, device, dtype):
         model, info = AutoModelForSequenceClassification.from_pretrained(
             name, dtype=dtype, trust_remote_code=args.trust_remote_code, output_loading_info=True
         )
-    except (OSError, ValueError, KeyError) as e:
+    except Exception as e:  # transformers' OSError, ValueError, KeyError; a model's own code: anything (ImportError)
+        if not args.trust_remote_code and not isinstance(e, (OSError, ValueError, KeyError)):
+            raise
+        code = " (its own code, trust_remote_code)" if args.trust_remote_code else ""
         raise ConfigError(
-            f"reward_model {name} cannot be loaded as a sequence-classification model: {first_line(e)}"
+            f"reward_model {name} cannot be loaded as a sequence-classification model{code}: {type(e).__name__}: "
+            f"{first_line(e)}"
         ) from None
     if info["missing_keys"]:  # e.g. score.weight: transformers initialised it at random
         heads = ", ".join(sorted(info["missing_keys"])[:3])
@@ -309,6 +314,32 @@ def load_reward_model(args, device, dtype):
     return model, tokenizer
 
 
+def check_templates(prompts, tokenizer, reward_tokenizer, args):
+    """Every prompt through the model's chat template, and one prompt of each shape of conversation (which roles, in
+    which order) through the reward model's, before anything is written: a template that refuses a system turn, say,
+    is one line here, not a traceback after the first shard."""
+    from diversity_simpo.settings import ConfigError, first_line
+
+    shapes = {}
+    for index, prompt in enumerate(prompts):
+        shape = "text" if isinstance(prompt["prompt"], str) else tuple(m["role"] for m in prompt["prompt"])
+        shapes.setdefault(shape, index)
+        try:
+            prompt_token_ids(tokenizer, prompt["prompt"])
+        except Exception as e:  # jinja2's TemplateError (a template's raise_exception), and whatever a template does
+            raise ConfigError(
+                f"the chat template of {args.model_name_or_path} rejects prompt {index}: {first_line(e)}"
+            ) from None
+    for shape, index in shapes.items():
+        try:
+            reward_tokenizer.apply_chat_template(conversation(prompts[index]["prompt"], "?"), tokenize=True)
+        except Exception as e:
+            raise ConfigError(
+                f"the chat template of reward_model {args.reward_model} rejects prompt {index} with its reply "
+                f"(turns {shape}): {first_line(e)}"
+            ) from None
+
+
 def check_locations(args):
     """The settings that name things: both models, the prompts, output_dir; one line each, nothing written."""
     from diversity_simpo.settings import ConfigError, check_model_location, check_writable
@@ -320,31 +351,44 @@ def check_locations(args):
     check_writable(Path(args.output_dir))
 
 
-def shard_name(split, index, count):
-    return f"{split}-{index:05d}-of-{count:05d}.jsonl"
+def shard_name(index, count):
+    """`train-…`: `datasets` reads the split from a file's name, and training reads `dataset_train_split: train`."""
+    return f"train-{index:05d}-of-{count:05d}.jsonl"
 
 
 def manifest_for(args, prompts):
     settings = {k: getattr(args, k) for k in DECIDING}
     fingerprint = hashlib.sha256(json.dumps([p["prompt"] for p in prompts], ensure_ascii=False).encode()).hexdigest()
     count = -(-len(prompts) // args.shard_size)
-    shards = [shard_name(args.dataset_split, k, count) for k in range(count)]
+    shards = [shard_name(k, count) for k in range(count)]
     return {"settings": settings, "prompts": len(prompts), "prompts_sha256": fingerprint, "shards": shards}
 
 
 def read_manifest(folder):
+    """The manifest of a folder this tool writes, or None (no manifest, or a file of that name that is not ours)."""
     import yaml
 
     path = Path(folder) / MANIFEST
-    return yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
+    try:
+        manifest = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except (yaml.YAMLError, UnicodeDecodeError):
+        return None
+    ours = isinstance(manifest, dict) and isinstance(manifest.get("shards"), list) and "prompts_sha256" in manifest
+    return manifest if ours else None
 
 
 def missing_shards(folder):
     """(shards missing, shards in all) of a folder generate_candidates.py writes; (0, 0) for any other folder."""
     manifest = read_manifest(folder)
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
+    if manifest is None:
         return 0, 0
     return sum(not (Path(folder) / name).is_file() for name in manifest["shards"]), len(manifest["shards"])
+
+
+def _is_temporary(path):
+    """A file `_write_whole` had not finished (a killed run's): `.NAME.PID.tmp`."""
+    parts = path.name.split(".")
+    return path.name.startswith(".") and len(parts) >= 4 and parts[-1] == "tmp" and parts[-2].isdigit()
 
 
 def shards_to_write(args, manifest):
@@ -353,14 +397,16 @@ def shards_to_write(args, manifest):
     from diversity_simpo.settings import ConfigError
 
     output = Path(args.output_dir)
-    if args.overwrite or not output.exists() or not any(output.iterdir()):
+    if not output.exists() or all(_is_temporary(p) for p in output.iterdir()):
         return list(range(len(manifest["shards"])))
     found = read_manifest(output)
-    if found is None:
+    if found is None:  # never deleted, not even with --overwrite: they are not ours
         raise ConfigError(
-            f"output_dir {output} already holds files that are not candidates of this tool; choose another output_dir, "
-            "or pass --overwrite true"
+            f"output_dir {output} already holds files that are not candidates of this tool; choose a new or empty "
+            "output_dir"
         )
+    if args.overwrite:
+        return list(range(len(manifest["shards"])))
     for key in ("settings", "prompts_sha256"):
         theirs, ours = found.get(key), manifest[key]
         if theirs != ours:
@@ -414,14 +460,16 @@ def generate_candidates(args):
         )
     dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
     reward_model, reward_tokenizer = load_reward_model(args, state.device, dtype)
-    policy = load_policy(args, state.device, dtype, tokenizer.pad_token_id)
+    check_templates(prompts, tokenizer, reward_tokenizer, args)
+    policy = load_policy(args, state.device, dtype, tokenizer)
 
     if state.is_main_process:  # the first write: everything above checked out
-        if args.overwrite and output.exists():
-            for name in [MANIFEST, *(p.name for p in output.glob(f"{args.dataset_split}-*-of-*.jsonl"))]:
+        old = read_manifest(output) if output.exists() else None
+        if args.overwrite and old is not None:  # exactly the files the old run wrote
+            for name in [*old["shards"], MANIFEST]:
                 (output / name).unlink(missing_ok=True)
         output.mkdir(parents=True, exist_ok=True)
-        for stale in output.glob(f".{args.dataset_split}-*.tmp"):  # a killed run's half-written shard
+        for stale in filter(_is_temporary, output.iterdir()):  # a killed run's half-written file
             stale.unlink()
         _write_whole(output / MANIFEST, _yaml(manifest))
         done = len(manifest["shards"]) - len(todo)

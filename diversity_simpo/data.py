@@ -88,7 +88,8 @@ def load_prompts(args, split, counts=None):
     dataset = _rename(dataset, args.dataset_columns, source)
     columns = set(dataset.column_names)
     prompt_key = next((k for k in ("prompt", "instruction") if k in columns), None)
-    pairs = {"chosen", "rejected"} <= columns or "conversations" in columns
+    scored = bool({"all_generated_responses", "completions"} & columns)  # as `normalise`: candidates before pairs
+    pairs = not scored and ({"chosen", "rejected"} <= columns or "conversations" in columns)
     if prompt_key is None and not pairs:
         raise DataError(
             f"{source} has columns {sorted(columns)} and no prompts: give a prompt (or instruction) column, or "

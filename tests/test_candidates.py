@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import DEMO_DATA, DEMO_MODEL, ROOT
 from precision import assert_close_at_scale
-from test_preference_data import LAYOUTS, rows_of, settings, tiny_llama3, write_rows
+from test_preference_data import LAYOUTS, assistant, rows_of, settings, tiny_llama3, user, write_rows
 
 from diversity_simpo.candidates import (
     CandidateArguments,
@@ -170,6 +170,22 @@ def torch_free_dataset(rows):
     return Dataset.from_list(rows)
 
 
+def test_scored_candidates_give_the_prompt_training_makes_of_them_not_that_of_their_pair_columns(tmp_path):
+    """princeton-nlp's rows also carry chosen/rejected conversations; training reads the candidates (string replies,
+    so a string prompt stays text), and so do the prompts."""
+    from diversity_simpo.settings import ScriptArguments
+
+    rows = [
+        {"prompt": f"質問{i}", "all_generated_responses": ["はい", "いいえ"], "all_rm_scores": [1.0, 0.0],
+         "chosen": [user(f"質問{i}"), assistant("はい")], "rejected": [user(f"質問{i}"), assistant("いいえ")]}
+        for i in range(3)
+    ]  # fmt: skip
+    path = write_rows(tmp_path / "scored.jsonl", rows)
+    prompts = load_prompts(CandidateArguments(dataset_name=str(path)), "train")
+    trained, _ = load_preference_data(ScriptArguments(dataset_name=str(path)), seed=0)
+    assert [p["prompt"] for p in prompts] == trained["prompt"] == ["質問0", "質問1", "質問2"]
+
+
 def test_a_file_of_prompts_alone_is_read_as_text_or_as_chat_as_training_would(tmp_path):
     path = write_rows(
         tmp_path / "prompts.jsonl", [{"prompt": "富士山とは？"}, {"prompt": "桜とは？"}, {"prompt": "富士山とは？"}]
@@ -223,7 +239,7 @@ def test_the_output_is_princeton_nlps_layout_with_every_reply_scored_by_the_rewa
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     rows, shards = written(reference_run)
-    assert list(shards) == ["test-00000-of-00002.jsonl", "test-00001-of-00002.jsonl"]
+    assert list(shards) == ["train-00000-of-00002.jsonl", "train-00001-of-00002.jsonl"]  # the split training reads
     assert len(rows) == 6 and all(len(r["all_generated_responses"]) == len(r["all_rm_scores"]) == 3 for r in rows)
     assert all(set(r) == {"prompt", "reference", "all_generated_responses", "all_rm_scores"} for r in rows)
     model = AutoModelForSequenceClassification.from_pretrained(DEMO_REWARD).eval()
@@ -276,7 +292,7 @@ def test_training_reads_the_output_as_is_and_refuses_it_while_a_shard_is_missing
 
     from diversity_simpo.settings import ScriptArguments
 
-    args = ScriptArguments(dataset_name=str(reference_run), dataset_train_split="test")
+    args = ScriptArguments(dataset_name=str(reference_run))
     train, _ = load_preference_data(args, seed=0)
     rows, _ = written(reference_run)
     by_prompt = {json.dumps(r["prompt"], ensure_ascii=False): r for r in rows}
@@ -286,7 +302,7 @@ def test_training_reads_the_output_as_is_and_refuses_it_while_a_shard_is_missing
         assert pair["chosen"][0]["content"] == replies[scores.index(max(scores))]
     partial = tmp_path / "partial"
     partial.mkdir()
-    for name in ("candidates.yaml", "test-00000-of-00002.jsonl"):
+    for name in ("candidates.yaml", "train-00000-of-00002.jsonl"):
         (partial / name).write_bytes((reference_run / name).read_bytes())
     with pytest.raises(DataError, match=r"unfinished generate_candidates.py run \(1 of 2 shards written\)"):
         load_preference_data(SimpleNamespace(**{**vars(args), "dataset_name": str(partial)}), seed=0)
@@ -318,6 +334,24 @@ def test_a_run_killed_at_any_moment_resumes_to_the_output_of_an_uninterrupted_on
     )
     again = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "nothing to do" in again.stdout + again.stderr
+
+
+def test_overwrite_deletes_exactly_the_files_of_the_run_it_replaces(tmp_path, reference_run):
+    import shutil
+
+    folder = tmp_path / "out"
+    shutil.copytree(reference_run, folder)
+    (folder / "notes.txt").write_text("mine", encoding="utf-8")
+    (folder / ".train-00001-of-00002.jsonl.4242.tmp").write_text("{", encoding="utf-8")  # a killed run's leftover
+    one_thread(generate_candidates, candidate_args(folder, max_prompts=2, overwrite=True))
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == ["candidates.yaml", "notes.txt", "train-00000-of-00001.jsonl"], names
+    assert len(written(folder)[0]) == 2
+    empty_but_a_leftover = tmp_path / "fresh"
+    empty_but_a_leftover.mkdir()
+    (empty_but_a_leftover / ".candidates.yaml.4242.tmp").write_text("sett", encoding="utf-8")  # killed at its 1st write
+    one_thread(generate_candidates, candidate_args(empty_but_a_leftover, max_prompts=2))
+    assert sorted(p.name for p in empty_but_a_leftover.iterdir()) == ["candidates.yaml", "train-00000-of-00001.jsonl"]
 
 
 @pytest.mark.distributed
@@ -470,6 +504,11 @@ def mistakes(tmp_path_factory, reference_run):
         .replace("num_candidates:", "num_candidate:"),
         encoding="utf-8",
     )
+    system_refused = root / "system-refused"
+    shutil.copytree(DEMO_REWARD, system_refused)
+    template = (DEMO_REWARD / "chat_template.jinja").read_text(encoding="utf-8")
+    refuse = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    (system_refused / "chat_template.jinja").write_text(refuse + template, encoding="utf-8")  # as Gemma's templates
     (root / "other-files").mkdir()
     (root / "other-files" / "notes.txt").write_text("mine", encoding="utf-8")
     return root, reference_run
@@ -493,6 +532,14 @@ MISTAKES = {
         "holds candidates made with",
     ),
     "output_dir with other files": (["--output_dir", "{root}/other-files"], "not candidates of this tool"),
+    "overwrite over other files": (
+        ["--output_dir", "{root}/other-files", "--overwrite", "true"],
+        "not candidates of this tool; choose a new or empty output_dir",
+    ),
+    "reward template refuses a system turn": (
+        ["--reward_model", "{root}/system-refused", "--system_prompt", "あなたは誠実なアシスタントです。"],
+        "the chat template of reward_model {root}/system-refused rejects prompt 0 with its reply",
+    ),
 }
 
 
@@ -500,7 +547,7 @@ MISTAKES = {
 def test_a_mistake_is_one_line_and_exit_2_with_nothing_written(tmp_path, mistakes, case):
     root, run = mistakes
     flags, message = MISTAKES[case]
-    flags = [f.format(root=root, run=run) for f in flags]
+    flags, message = [f.format(root=root, run=run) for f in flags], message.format(root=root)
     before = snapshot(root, run)
     config = None
     if "--config" in flags:
