@@ -1,7 +1,7 @@
 """Sample replies from the model, score them with a reward model, and write them for training (on-policy data).
 
     python generate_candidates.py --config configs/candidates.yaml          # N replies per prompt, scored
-    accelerate launch --num_processes 8 generate_candidates.py --config configs/candidates.yaml   # 8 GPUs
+    accelerate launch --multi_gpu --num_processes 8 generate_candidates.py --config configs/candidates.yaml   # 8 GPUs
     python train_diversity_simpo.py --dataset_name output/candidates --pair_selection divpo       # then train
 
 Settings are the fields of CandidateArguments (diversity_simpo/candidates.py), from the YAML and the command line as

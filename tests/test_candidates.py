@@ -360,7 +360,8 @@ def test_two_ranks_write_the_candidates_and_scores_of_one_process(tmp_path, refe
     """Shards 0 and 1 are sampled by ranks 0 and 1; the folder holds what the one-process run writes."""
     bin_dir = Path(sys.executable).parent
     launch = {
-        "accelerate": [bin_dir / "accelerate", "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+        # --multi_gpu is accelerate's torchrun launcher (CPU ranks here: use_cpu); with --cpu it starts 1 process
+        "accelerate": [bin_dir / "accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                        "--mixed_precision", "no", "--dynamo_backend", "no"],
         "deepspeed": [bin_dir / "deepspeed", "--num_gpus=2"],
     }[launcher]  # fmt: skip
