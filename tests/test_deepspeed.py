@@ -201,8 +201,9 @@ def test_two_nodes_on_one_machine_write_once_gather_metrics_and_train_like_one_p
     """Two launcher processes, each a "node" with one CPU rank and its own working folder (node-local disk, the case
     that shows double writes), ZeRO-2 and the demo config: torchrun's multi-node rendezvous, or DeepSpeed's own
     multi-node launcher reading a hostfile (`--no_ssh`: each node starts its ranks itself, as ssh/pdsh would). Both
-    ranks have LOCAL_RANK 0: only global rank 0 may write the model, resolved_config.yaml, trainer_state.json and
-    the curves; the logged metrics are gathered over both; the weights equal one process's."""
+    ranks have LOCAL_RANK 0: only global rank 0 may write the model, resolved_config.yaml, trainer_state.json, the
+    curves, run_record.json and the model card; the logged metrics are gathered over both; the weights equal one
+    process's."""
     import socket
 
     with socket.socket() as s:
@@ -245,7 +246,8 @@ def test_two_nodes_on_one_machine_write_once_gather_metrics_and_train_like_one_p
         assert node.returncode == 0, output[-4000:]
 
     first, second = tmp_path / "node0" / "out", tmp_path / "node1" / "out"
-    once = ["model.safetensors", "resolved_config.yaml", "trainer_state.json", "training_curves.png"]
+    once = ["model.safetensors", "resolved_config.yaml", "trainer_state.json", "training_curves.png", "run_record.json",
+            "README.md"]  # fmt: skip
     assert all((first / name).exists() for name in once)
     assert not [name for name in once if (second / name).exists()], "global rank 1 wrote what only rank 0 may write"
     assert not list(second.glob("checkpoint-*/trainer_state.json"))
