@@ -24,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from report_section import write_section
+from report_section import machine, write_section
 
 from diversity_simpo.candidates import conversation, sample, score
 
@@ -88,15 +88,6 @@ def sample_all(policy, tokenizer, prompts, settings, batch_size):
         batch_replies, batch_tokens, _ = sample(policy, tokenizer, prompts[start : start + batch_size], settings)
         replies, tokens = replies + batch_replies, tokens + batch_tokens
     return replies, tokens
-
-
-def machine():
-    import os
-    import platform
-
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    return f"{platform.machine()}, {os.cpu_count()} cores ({cpu}), {gpu}; torch {torch.__version__}"
 
 
 def main():

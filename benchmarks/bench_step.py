@@ -22,7 +22,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -35,7 +34,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from report_section import write_section
+from report_section import machine, write_section
 from trl.experimental.cpo import CPOTrainer
 
 from diversity_simpo_trainer import DiversitySimPOConfig, DiversitySimPOTrainer
@@ -524,12 +523,6 @@ def llama3_8b_main(args):
     name = "gpu-llama3-8b" if gpu else "cpu-llama3-8b"
     write_section(args.output / "RESULTS.md", name, "\n".join(report), "Step benchmark")
     print("\n".join(report))
-
-
-def machine():
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    return f"{platform.machine()}, {os.cpu_count()} cores ({cpu}), {gpu}; torch {torch.__version__}"
 
 
 def main():

@@ -1,5 +1,8 @@
 """Replace one marked section of a Markdown report and keep the rest: results measured on other machines, and the
-hand-written reading around them."""
+hand-written reading around them; and the one line that names the machine a section was measured on."""
+
+import os
+import platform
 
 
 def write_section(path, name, text, title):
@@ -13,3 +16,12 @@ def write_section(path, name, text, title):
         new = old.rstrip("\n") + f"\n\n{begin}\n{text}\n{end}\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(new, encoding="utf-8")
+
+
+def machine():
+    """Architecture, cores, CPU model, GPU and torch version: the heading of a section of results."""
+    import torch
+
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return f"{platform.machine()}, {os.cpu_count()} cores ({cpu}), {gpu}; torch {torch.__version__}"
