@@ -21,8 +21,10 @@ from transformers import TrainerCallback
 
 from diversity_simpo import run_record, settings
 from diversity_simpo.curves import plot_training_curves
-from diversity_simpo.data import DataError, is_conversation, load_preference_data
+from diversity_simpo.data import DataError, load_preference_data
 from diversity_simpo.health import SimPOHealthWarnings
+from diversity_simpo.pair_selection import select_pairs
+from diversity_simpo.rows import is_conversation
 from diversity_simpo.settings import (
     DEMO_HINT,
     ConfigError,
@@ -91,16 +93,16 @@ def train(script_args, training_args, model_args, train_dataset, eval_dataset, a
         # itself on GPUs only, so on CPU ranks (gloo) it adopts the process group here.
         deepspeed.init_distributed()
     model, tokenizer = load_model_and_tokenizer(model_args, training_args)
-    if script_args.pair_selection == "divpo":  # pairs by rarity under the starting model: one pass, before step 1
-        from diversity_simpo.pair_selection import select_divpo
-
-        counts = {} if counts is None else counts
-        train_dataset, eval_dataset = (
-            select_divpo(data, model, tokenizer, script_args.divpo_rho, counts.setdefault(split, {}))
-            if data is not None and "candidates" in data.column_names
-            else data
-            for split, data in (("train", train_dataset), ("eval", eval_dataset))
-        )
+    counts, splits = {} if counts is None else counts, {"train": train_dataset, "eval": eval_dataset}
+    for split, data in splits.items():  # scored candidates: each rule's pairs (DivPO's by rarity under this model)
+        if data is not None and "candidates" in data.column_names:
+            rules, rho = script_args.pair_selection, script_args.divpo_rho
+            splits[split] = select_pairs(
+                data, rules, rho, model, tokenizer, device=training_args.device,
+                rows_per_forward=training_args.per_device_eval_batch_size, counts=counts.setdefault(split, {}),
+                source=f"{script_args.dataset_name} [{split}]",
+            )  # fmt: skip
+    train_dataset, eval_dataset = splits.values()
     if is_conversation(train_dataset[0]["prompt"]) and tokenizer.chat_template is None:
         raise ConfigError(
             f"the data is conversational but the tokenizer of {model_args.model_name_or_path} has no chat template"

@@ -28,13 +28,15 @@ prompt is written twice. Training refuses a folder with a shard missing (data._c
 
 import hashlib
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-MANIFEST = "candidates.yaml"
+from diversity_simpo import candidate_folder
+from diversity_simpo.data import load_prompts
+from diversity_simpo.rows import is_conversation
+from diversity_simpo.settings import ConfigError, check_model_location, check_writable, first_line, json_mapping
 
 
 @dataclass
@@ -88,8 +90,6 @@ class CandidateArguments:
     )
 
     def __post_init__(self):
-        from diversity_simpo.settings import json_mapping
-
         self.dataset_columns = json_mapping("dataset_columns", self.dataset_columns)
 
 
@@ -238,8 +238,6 @@ def score(reward_model, tokenizer, conversations, batch_size):
 def load_tokenizer(name, trust_remote_code, what):
     from transformers import AutoTokenizer
 
-    from diversity_simpo.settings import ConfigError, first_line
-
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
@@ -251,8 +249,6 @@ def load_tokenizer(name, trust_remote_code, what):
 
 def load_policy(args, device, dtype, tokenizer):
     from transformers import AutoModelForCausalLM, GenerationConfig
-
-    from diversity_simpo.settings import ConfigError, first_line
 
     try:
         model = AutoModelForCausalLM.from_pretrained(
@@ -273,8 +269,6 @@ def load_reward_model(args, device, dtype):
     checkpoint (a causal LM loaded this way would get a random one), no chat template, or more than one score."""
     import torch
     from transformers import AutoModelForSequenceClassification
-
-    from diversity_simpo.settings import ConfigError, first_line
 
     name = args.reward_model
     try:
@@ -318,8 +312,6 @@ def check_templates(prompts, tokenizer, reward_tokenizer, args):
     """Every prompt through the model's chat template, and one prompt of each shape of conversation (which roles, in
     which order) through the reward model's, before anything is written: a template that refuses a system turn, say,
     is one line here, not a traceback after the first shard."""
-    from diversity_simpo.settings import ConfigError, first_line
-
     shapes = {}
     for index, prompt in enumerate(prompts):
         shape = "text" if isinstance(prompt["prompt"], str) else tuple(m["role"] for m in prompt["prompt"])
@@ -342,85 +334,11 @@ def check_templates(prompts, tokenizer, reward_tokenizer, args):
 
 def check_locations(args):
     """The settings that name things: both models, the prompts, output_dir; one line each, nothing written."""
-    from diversity_simpo.settings import ConfigError, check_model_location, check_writable
-
     for setting in ("model_name_or_path", "reward_model"):
         check_model_location(getattr(args, setting), setting)
     if args.num_candidates < 2:
         raise ConfigError(f"num_candidates={args.num_candidates}: a pair needs at least 2 replies per prompt")
     check_writable(Path(args.output_dir))
-
-
-def shard_name(index, count):
-    """`train-…`: `datasets` reads the split from a file's name, and training reads `dataset_train_split: train`."""
-    return f"train-{index:05d}-of-{count:05d}.jsonl"
-
-
-def manifest_for(args, prompts):
-    settings = {k: getattr(args, k) for k in DECIDING}
-    fingerprint = hashlib.sha256(json.dumps([p["prompt"] for p in prompts], ensure_ascii=False).encode()).hexdigest()
-    count = -(-len(prompts) // args.shard_size)
-    shards = [shard_name(k, count) for k in range(count)]
-    return {"settings": settings, "prompts": len(prompts), "prompts_sha256": fingerprint, "shards": shards}
-
-
-def read_manifest(folder):
-    """The manifest of a folder this tool writes, or None (no manifest, or a file of that name that is not ours)."""
-    import yaml
-
-    path = Path(folder) / MANIFEST
-    try:
-        manifest = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
-    except (yaml.YAMLError, UnicodeDecodeError):
-        return None
-    ours = isinstance(manifest, dict) and isinstance(manifest.get("shards"), list) and "prompts_sha256" in manifest
-    return manifest if ours else None
-
-
-def missing_shards(folder):
-    """(shards missing, shards in all) of a folder generate_candidates.py writes; (0, 0) for any other folder."""
-    manifest = read_manifest(folder)
-    if manifest is None:
-        return 0, 0
-    return sum(not (Path(folder) / name).is_file() for name in manifest["shards"]), len(manifest["shards"])
-
-
-def _is_temporary(path):
-    """A file `_write_whole` had not finished (a killed run's): `.NAME.PID.tmp`."""
-    parts = path.name.split(".")
-    return path.name.startswith(".") and len(parts) >= 4 and parts[-1] == "tmp" and parts[-2].isdigit()
-
-
-def shards_to_write(args, manifest):
-    """Indices of the shards still to sample, after checking that output_dir may be written: empty, or holding the
-    candidates of these same settings (a run to continue), or `overwrite`. Nothing is deleted here."""
-    from diversity_simpo.settings import ConfigError
-
-    output = Path(args.output_dir)
-    if not output.exists() or all(_is_temporary(p) for p in output.iterdir()):
-        return list(range(len(manifest["shards"])))
-    found = read_manifest(output)
-    if found is None:  # never deleted, not even with --overwrite: they are not ours
-        raise ConfigError(
-            f"output_dir {output} already holds files that are not candidates of this tool; choose a new or empty "
-            "output_dir"
-        )
-    if args.overwrite:
-        return list(range(len(manifest["shards"])))
-    for key in ("settings", "prompts_sha256"):
-        theirs, ours = found.get(key), manifest[key]
-        if theirs != ours:
-            if key == "settings":
-                key = next(k for k in ours if (theirs or {}).get(k) != ours[k])
-                was, now = (theirs or {}).get(key), ours[key]
-                why = f"{key}={was!r}, not {now!r}"
-            else:
-                why = "other prompts (the dataset changed)"
-            raise ConfigError(
-                f"output_dir {output} holds candidates made with {why}: choose another output_dir, or pass "
-                "--overwrite true to start again"
-            )
-    return [k for k, name in enumerate(manifest["shards"]) if not (output / name).is_file()]
 
 
 # --- the run ---------------------------------------------------------------------------------------------------------
@@ -434,16 +352,13 @@ def generate_candidates(args):
     import torch
     from accelerate import PartialState
 
-    from diversity_simpo.data import is_conversation, load_prompts
-    from diversity_simpo.settings import ConfigError
-
     check_locations(args)
     counts = {}
     prompts = load_prompts(args, args.dataset_split, counts)
     if args.max_prompts:
         prompts = prompts[: args.max_prompts]
-    manifest = manifest_for(args, prompts)
-    todo = shards_to_write(args, manifest)
+    manifest = candidate_folder.manifest_for({k: getattr(args, k) for k in DECIDING}, prompts, args.shard_size)
+    todo = candidate_folder.shards_to_write(args.output_dir, manifest, args.overwrite)
     output = Path(args.output_dir)
     # the ranks meet only at the start and the end; a long run must not time out waiting at the end
     state = PartialState(cpu=args.use_cpu, timeout=datetime.timedelta(days=7))
@@ -464,14 +379,7 @@ def generate_candidates(args):
     policy = load_policy(args, state.device, dtype, tokenizer)
 
     if state.is_main_process:  # the first write: everything above checked out
-        old = read_manifest(output) if output.exists() else None
-        if args.overwrite and old is not None:  # exactly the files the old run wrote
-            for name in [*old["shards"], MANIFEST]:
-                (output / name).unlink(missing_ok=True)
-        output.mkdir(parents=True, exist_ok=True)
-        for stale in filter(_is_temporary, output.iterdir()):  # a killed run's half-written file
-            stale.unlink()
-        _write_whole(output / MANIFEST, _yaml(manifest))
+        candidate_folder.start_folder(output, manifest, args.overwrite)
         done = len(manifest["shards"]) - len(todo)
         if done:
             say(f"{output}: {done} of {len(manifest['shards'])} shards already written; sampling the other {len(todo)}")
@@ -495,8 +403,7 @@ def generate_candidates(args):
             elapsed = time.perf_counter() - started
             progress.update(len(batch))
             progress.set_postfix_str(f"{tokens / elapsed:.0f} tokens/s")
-        text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-        _write_whole(output / manifest["shards"][k], text)
+        candidate_folder.write_shard(output, manifest, k, rows)
     progress.close()
     if state.num_processes > 1:
         print(f"rank {state.process_index}: sampled {len(mine)} of the {len(todo)} shards to write", file=sys.stderr)
@@ -517,19 +424,3 @@ def _progress(total, state):
 
     desc = "sampling" if state.num_processes == 1 else f"rank 0 of {state.num_processes}: sampling"
     return tqdm(total=total, desc=desc, unit="prompt", disable=not state.is_main_process, file=sys.stderr)
-
-
-def _yaml(value):
-    import yaml
-
-    return yaml.safe_dump(value, allow_unicode=True, sort_keys=False)
-
-
-def _write_whole(path, text):
-    """`text` to `path` complete or not at all: a temporary file beside it, flushed to disk, renamed into place."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(temporary, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)

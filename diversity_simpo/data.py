@@ -25,6 +25,8 @@ import re
 import sys
 from pathlib import Path
 
+from diversity_simpo.candidate_folder import missing_shards
+from diversity_simpo.rows import as_chat, empty_reply, is_score, one_kind, with_system
 from diversity_simpo.settings import DEMO_HINT, ULTRAFEEDBACK_ASPECTS, first_line
 
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -103,7 +105,7 @@ def load_prompts(args, split, counts=None):
             pair = _pair(row, args, where)
         else:  # a prompt alone, or scored candidates: the first candidate's form (string or message) decides
             replies = row.get("all_generated_responses") or [c.get("response") for c in row.get("completions") or []]
-            reply = replies[0] if replies and not _empty_reply(replies[0]) else "-"
+            reply = replies[0] if replies and not empty_reply(replies[0]) else "-"
             context = {k: row[k] for k in ("system",) if k in row}
             pair = _pair({**context, "prompt": row[prompt_key], "chosen": reply, "rejected": reply}, args, where)
         if pair is None:  # conversations that differ before the reply: training skips the row too
@@ -117,7 +119,7 @@ def load_prompts(args, split, counts=None):
             prompt["reference"] = _text(row["reference"], f"{where}: 'reference'")
         prompts.append(prompt)
     if len({isinstance(p["prompt"], str) for p in prompts}) > 1:  # as `one_kind`: string prompts join chat ones
-        prompts = [p | {"prompt": _as_chat({**p, "chosen": "", "rejected": ""})["prompt"]} for p in prompts]
+        prompts = [p | {"prompt": as_chat({**p, "chosen": "", "rejected": ""})["prompt"]} for p in prompts]
     if counts is not None:
         counts.update(
             read=len(dataset), prompts=len(prompts), skipped_repeated_or_diverging=len(dataset) - len(prompts)
@@ -125,10 +127,6 @@ def load_prompts(args, split, counts=None):
     if not prompts:
         raise DataError(f"{source}: no row has a prompt")
     return prompts
-
-
-def is_conversation(value):
-    return isinstance(value, list) and bool(value) and all(isinstance(m, dict) and "role" in m for m in value)
 
 
 # --- reading -----------------------------------------------------------------------------------------------------
@@ -169,8 +167,6 @@ def _read(args, split):
 def _check_candidates_complete(folder):
     """A folder that generate_candidates.py is still writing (or that a killed run left) trains on nothing: its
     manifest names every shard, and a missing one is an error, not fewer prompts trained on in silence."""
-    from diversity_simpo.candidates import missing_shards
-
     missing, total = missing_shards(folder)
     if missing:
         raise DataError(
@@ -332,20 +328,13 @@ def normalise(dataset, args, source, counts=None):
     return Dataset.from_list(one_kind(rows))
 
 
-def one_kind(rows):
-    """One split, one kind: TRL applies the chat template to all rows or to none, so string rows join chat rows."""
-    if len({isinstance(r["prompt"], str) for r in rows}) > 1:
-        rows = [r if not isinstance(r["prompt"], str) else {**r, **_as_chat(r)} for r in rows]
-    return rows
-
-
 def _scored_candidates(dataset, args, source, counts):
-    """Rows of scored candidates as pairs by `pair_selection` (diversity_simpo/pair_selection.py): best_vs_worst
-    pairs now; for divpo, rows {prompt, candidates, scores, row_id} that `pair_selection.select_divpo` turns into
-    pairs once the starting model is loaded. The `chosen`/`rejected` columns such data also carries are ignored."""
+    """Rows of scored candidates as {prompt, candidates, scores, row_id, reference?}: each candidate a reply in the
+    form training uses (a string, or an assistant message list), with a finite score. `pair_selection.choose_pairs`
+    makes the pairs of them once the model training starts from is loaded. Candidates without a finite score or
+    without text are left out with a count; rows with fewer than two, or whose scores are all equal, are skipped
+    with a count. The `chosen`/`rejected` columns such data also carries are ignored."""
     from datasets import Dataset
-
-    from diversity_simpo.pair_selection import best_vs_worst, is_score
 
     columns = set(dataset.column_names)
     ultrafeedback = "all_generated_responses" not in columns
@@ -386,7 +375,7 @@ def _scored_candidates(dataset, args, source, counts):
                     f"{where}: score {i} is {score!r}, {_kind(score)} where a number belongs; write scores as "
                     'numbers (0.8, not "0.8")'
                 )
-            if not is_score(score) or _empty_reply(reply):  # unscored, or sampled empty: left out, counted
+            if not is_score(score) or empty_reply(reply):  # unscored, or sampled empty: left out, counted
                 unscored += 1
                 continue
             pair = _pair({**context, "prompt": row[prompt_key], "chosen": reply, "rejected": reply}, args, where)
@@ -396,28 +385,20 @@ def _scored_candidates(dataset, args, source, counts):
         if len(candidates) < 2:
             few += 1
             continue
-        replies = [pair["chosen"] for pair, _ in candidates]
         scores = [score for _, score in candidates]
-        texts = [json.dumps(reply, ensure_ascii=False) for reply in replies]
-        best = best_vs_worst(scores, texts)
-        if best is None:  # every score equal, or the only lower-scored reply is the same text
+        if max(scores) == min(scores):
             no_preference += 1
             continue
-        out = {"prompt": candidates[0][0]["prompt"], "row_id": index}
-        if args.pair_selection == "divpo":
-            out |= {"candidates": replies, "scores": scores}
-        else:
-            out |= {"chosen": replies[best[0]], "rejected": replies[best[1]]}
+        out = {"prompt": candidates[0][0]["prompt"], "candidates": [pair["chosen"] for pair, _ in candidates]}
+        out |= {"scores": scores, "row_id": index}
         if "reference" in row:
             out["reference"] = _text(row["reference"], f"{where}: 'reference'")
         rows.append(out)
     if counts is not None:
         score = f", score: {args.candidate_score}" if ultrafeedback else ""
         layout = "UltraFeedback completions" if ultrafeedback else "scored candidates (princeton-nlp)"
-        counts.update(read=len(dataset), layout=f"{layout}{score}", pair_selection=args.pair_selection)
+        counts.update(read=len(dataset), layout=f"{layout}{score}", scored_rows=len(rows))
         counts.update(skipped_few_candidates=few, skipped_no_preference=no_preference, unscored_candidates=unscored)
-        if args.pair_selection != "divpo":
-            counts["kept"] = len(rows)
     skipped = (
         (few, "rows with fewer than two scored candidates"),
         (no_preference, "rows whose candidates all score the same (no preference)"),
@@ -429,16 +410,7 @@ def _scored_candidates(dataset, args, source, counts):
         print(f"warning: {source}: left out {unscored} candidates without a finite score or text", file=sys.stderr)
     if not rows:
         raise DataError(f"{source}: no row has two differently scored candidates (see the warnings above)")
-    return Dataset.from_list(rows if args.pair_selection == "divpo" else one_kind(rows))
-
-
-def _empty_reply(reply):
-    """A sampled reply with no text (the model ended its turn at once): common in on-policy candidates."""
-    if isinstance(reply, dict):
-        reply = [reply]
-    if isinstance(reply, list) and reply and isinstance(reply[-1], dict):
-        reply = reply[-1].get("content", reply[-1].get("value"))
-    return isinstance(reply, str) and not reply.strip()
+    return Dataset.from_list(one_kind(rows))
 
 
 def _ultrafeedback(completions, score_name, where):
@@ -497,7 +469,7 @@ def _pair(row, args, where):
     if "conversations" in row:
         prompt = _messages(row["conversations"], f"{where}: 'conversations'")
         chosen, rejected = (_reply(row[k], f"{where}: {k!r}") for k in ("chosen", "rejected"))
-        return _with_system({"prompt": prompt, "chosen": [chosen], "rejected": [rejected]}, system)
+        return with_system({"prompt": prompt, "chosen": [chosen], "rejected": [rejected]}, system)
     chosen, rejected = row["chosen"], row["rejected"]
     if isinstance(chosen, (list, dict)) or isinstance(rejected, (list, dict)):
         return _conversation_pair(row, system, where)
@@ -507,7 +479,7 @@ def _pair(row, args, where):
         if context != other:
             return None
         pair = {"prompt": context, "chosen": [chosen_reply], "rejected": [rejected_reply]}
-        return _with_system(pair, system)
+        return with_system(pair, system)
     if "prompt" not in row:
         raise DataError(
             f"{where}: chosen and rejected are strings but there is no prompt column (and they are not "
@@ -515,9 +487,9 @@ def _pair(row, args, where):
         )
     if isinstance(row["prompt"], list):  # a conversation prompt with string replies
         prompt = _messages(row["prompt"], f"{where}: 'prompt'")
-        return _as_chat({"prompt": prompt, "chosen": chosen, "rejected": rejected}, system)
+        return as_chat({"prompt": prompt, "chosen": chosen, "rejected": rejected}, system)
     pair = {"prompt": _text(row["prompt"], f"{where}: 'prompt'"), "chosen": chosen, "rejected": rejected}
-    return _as_chat(pair, system) if args.wrap_text_as_chat or system else pair
+    return as_chat(pair, system) if args.wrap_text_as_chat or system else pair
 
 
 def _conversation_pair(row, system, where):
@@ -543,24 +515,7 @@ def _conversation_pair(row, system, where):
     if prompt[-1]["role"] == "assistant":
         raise DataError(f"{where}: the prompt ends with an assistant turn; the last prompt turn must be the user's")
     pair = {"prompt": prompt, "chosen": [conversations["chosen"][-1]], "rejected": [conversations["rejected"][-1]]}
-    return _with_system(pair, system)
-
-
-def _as_chat(pair, system=None):
-    """String replies as assistant messages, a prompt string as one user turn (a conversation prompt stays)."""
-    prompt = pair["prompt"]
-    chat = {
-        "prompt": [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt,
-        "chosen": [{"role": "assistant", "content": pair["chosen"]}],
-        "rejected": [{"role": "assistant", "content": pair["rejected"]}],
-    }
-    return _with_system(chat, system)
-
-
-def _with_system(pair, system):
-    if system and pair["prompt"][0]["role"] != "system":
-        pair["prompt"] = [{"role": "system", "content": system}, *pair["prompt"]]
-    return pair
+    return with_system(pair, system)
 
 
 def _messages(value, where):

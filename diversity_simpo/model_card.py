@@ -10,6 +10,8 @@ metadata (`base_model`, `datasets`, `tags`, `library_name`, `pipeline_tag`) goes
 import json
 from pathlib import Path
 
+from diversity_simpo.pair_selection import RULES
+
 SIMPO_PAPER = "https://arxiv.org/abs/2405.14734"
 QUESTION = "日本の四季の魅力を三つ、簡潔に教えてください。"
 FIGURES = (  # (label, train key, eval key)
@@ -143,15 +145,12 @@ def _figure(value):
 
 
 def _pair_selection(train_rows):
-    """For scored candidates: the rule that chose each row's pair, and how many rows made one."""
-    rule = train_rows.get("pair_selection")
-    if not rule:
+    """For scored candidates: each rule that chose pairs (its docstring's first line says how), and how many it made."""
+    made = train_rows.get("pairs_by_rule")
+    if not made:
         return ""
-    how = {
-        "best_vs_worst": "the highest-scored candidate against the lowest",
-        "divpo": "DivPO: the rarest candidate that meets the quality bar against the most typical one below it",
-    }[rule]
-    return f" Pairs chosen from scored candidates by `{rule}` ({how}): {train_rows.get('kept', '?')} rows made one."
+    rules = "; ".join(f"`{name}` ({RULES[name].__doc__.split(':')[0]}): {count}" for name, count in made.items())
+    return f" Pairs chosen from {train_rows.get('scored_rows', '?')} rows of scored candidates by {rules} pairs."
 
 
 def _eval_rows(rows):

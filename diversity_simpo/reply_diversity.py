@@ -184,7 +184,7 @@ def diversity_report(
     synced_gpus=False,
     references=None,
 ):
-    """The statistics of the module docstring, averaged over `prompts`, plus one example reply per prompt.
+    """The statistics of the module docstring, averaged over `prompts`, and `samples`: each prompt's replies.
 
     The prompts go in groups of `batch_size` per `generate` call, and group g is sampled with seed `seed + g`
     whichever process runs it. With an `accelerator` of several processes, each process takes every world-size-th
@@ -222,7 +222,7 @@ def diversity_report(
                     row["embedding_distance"] = mean_pairwise_cosine_distance(samples, embedder)
                 if references:
                     row |= quality_gated(samples, references[index])
-                rows.append((index, row, samples[0]))
+                rows.append((index, row, samples))
     model.train(was_training)
     if world > 1:
         from accelerate.utils import gather_object
@@ -231,7 +231,7 @@ def diversity_report(
     rows.sort(key=lambda r: r[0])
     keys = dict.fromkeys(key for _, r, _ in rows for key in r)  # a gated score is defined for some prompts only
     report = {key: _mean([r[key] for _, r, _ in rows if key in r]) for key in keys}
-    report["examples"] = [example for _, _, example in rows]
+    report["samples"] = [samples for _, _, samples in rows]
     return report
 
 
@@ -267,7 +267,7 @@ class DiversityEvalCallback(TrainerCallback):
 
     def on_evaluate(self, args, state, control, **kwargs):
         report = run_diversity_eval(self.trainer, self.embedder, **self.settings)
-        report.pop("examples")
+        report.pop("samples")
         self.trainer.log({f"diversity_eval/{k}": v for k, v in report.items()})
 
 

@@ -65,12 +65,13 @@ class ScriptArguments:
             "template is applied as for conversational data (what an instruct model expects)."
         },
     )
-    pair_selection: str = field(
-        default="best_vs_worst",
+    pair_selection: list[str] = field(
+        default_factory=lambda: ["best_vs_worst"],
         metadata={
             "help": "Rows of scored candidates (prompt, all_generated_responses, all_rm_scores; or UltraFeedback's "
-            "completions): which two are the pair. best_vs_worst: highest score against lowest; divpo: DivPO's "
-            "rarest good reply against the most typical one below the bar (diversity_simpo/pair_selection.py)."
+            "completions): the rule, or a list of rules (best_vs_worst,divpo), that choose the pairs; each row gives "
+            "one pair per rule. best_vs_worst: highest score against lowest; divpo: DivPO's rarest good reply "
+            "against the most typical one below the bar (diversity_simpo/pair_selection.py)."
         },
     )
     divpo_rho: float = field(
@@ -122,6 +123,13 @@ class ScriptArguments:
 
     def __post_init__(self):
         self.dataset_columns = json_mapping("dataset_columns", self.dataset_columns)
+        self.pair_selection = name_list(self.pair_selection)
+
+
+def name_list(value):
+    """A list of names from a YAML list, one name, or names separated by commas (`--pair_selection a,b`), each once."""
+    names = value if isinstance(value, (list, tuple)) else [value]
+    return list(dict.fromkeys(n.strip() for name in names for n in str(name).split(",") if n.strip()))
 
 
 def json_mapping(name, value):
@@ -343,9 +351,12 @@ def check_values(values, classes, source, types=True):
             raise ConfigError(f"{name}={value!r} must be {expected} ({source}){_hint(name)}")
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{name}={value} must be a finite number" + (f" ({source})" if source else ""))
-        if name in CHOICES and value is not None and value not in CHOICES[name]:
-            options = ", ".join(CHOICES[name])
-            raise ConfigError(f"{name}={value!r} is not one of {options}{_closest(str(value), CHOICES[name])}")
+        for choice in name_list(value) if name in CHOICES and value is not None else ():
+            if choice not in CHOICES[name]:
+                options = ", ".join(CHOICES[name])
+                raise ConfigError(f"{name}={choice!r} is not one of {options}{_closest(choice, CHOICES[name])}")
+        if name in CHOICES and value is not None and not name_list(value):
+            raise ConfigError(f"{name} is empty: give one of {', '.join(CHOICES[name])}")
         if name in LIMITS and value is not None and not isinstance(value, bool) and isinstance(value, (int, float)):
             test, allowed = LIMITS[name]
             if not test(value):

@@ -296,10 +296,10 @@ def test_training_reads_the_output_as_is_and_refuses_it_while_a_shard_is_missing
     train, _ = load_preference_data(args, seed=0)
     rows, _ = written(reference_run)
     by_prompt = {json.dumps(r["prompt"], ensure_ascii=False): r for r in rows}
-    for pair in train:
-        row = by_prompt[json.dumps(pair["prompt"], ensure_ascii=False)]
-        scores, replies = row["all_rm_scores"], row["all_generated_responses"]
-        assert pair["chosen"][0]["content"] == replies[scores.index(max(scores))]
+    for scored in train:  # every written reply and its score, in order, as conversations of the prompt
+        row = by_prompt[json.dumps(scored["prompt"], ensure_ascii=False)]
+        assert [c[0]["content"] for c in scored["candidates"]] == row["all_generated_responses"]
+        assert scored["scores"] == row["all_rm_scores"]
     partial = tmp_path / "partial"
     partial.mkdir()
     for name in ("candidates.yaml", "train-00000-of-00002.jsonl"):

@@ -9,7 +9,7 @@ from conftest import DEMO_MODEL
 from test_cli import DEMO_CONFIG, run_cli
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from diversity_simpo.reply_diversity import bleu, distinct_n, normalise, sample_replies, self_bleu
+from diversity_simpo.reply_diversity import bleu, distinct_n, diversity_report, normalise, sample_replies, self_bleu
 from diversity_simpo_trainer import mean_of_row_means
 
 
@@ -61,6 +61,59 @@ def test_token_entropy_is_that_of_the_sampling_distribution_for_each_prompt_of_a
             log_p = torch.log_softmax(model(**ids).logits[0, -1].double() / 0.7, dim=-1)
             assert len(replies) == 4
             assert entropy == pytest.approx(-(log_p.exp() * log_p).sum().item(), rel=1e-4)
+
+
+def test_every_metric_of_the_report_is_the_mean_over_prompts_of_a_reference_on_each_prompts_own_replies():
+    """5 prompts in generate calls of 2 (the last call holds one), each with its own reference, given with spaces
+    and in full-width form where NFKC makes it plain: each prompt's replies are gated by that prompt's reference,
+    normalised, and every metric is the mean over the prompts where it is defined."""
+    import unicodedata
+
+    tokenizer = AutoTokenizer.from_pretrained(DEMO_MODEL)
+    tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(DEMO_MODEL).eval()
+    questions = [
+        "富士山について教えてください。",
+        "桜とは？",
+        "日本の首都は？",
+        "寿司について教えてください。",
+        "温泉とは？",
+    ]
+    prompts = [[{"role": "user", "content": q}] for q in questions]
+    settings = dict(num_samples=6, temperature=1.5, max_new_tokens=12, seed=3, batch_size=2)
+    samples = diversity_report(model, tokenizer, prompts, **settings)["samples"]
+
+    def plain(text):  # the report's normalisation, written again: NFKC, no whitespace
+        return "".join(unicodedata.normalize("NFKC", text).split())
+
+    # each prompt's reference: two characters of one of its own replies, spaced and widened (A -> Ａ where it applies)
+    references = []
+    for replies in samples:
+        text = plain(replies[1])
+        pick = text[2:4] if len(text) >= 4 else text
+        references.append(" " + "".join(chr(ord(c) + 0xFEE0) if "!" <= c <= "~" else c for c in pick) + "\u3000")
+    assert len({plain(r) for r in references}) > 1  # prompts whose references differ
+    report = diversity_report(model, tokenizer, prompts, references=references, **settings)
+    assert report["samples"] == samples  # the same seeded draws
+
+    per_prompt = []
+    for replies, reference in zip(samples, references, strict=True):
+        valid = [r for r in replies if plain(reference) in plain(r)]
+        row = {
+            "distinct_1": distinct_n(replies, 1),
+            "distinct_2": distinct_n(replies, 2),
+            "self_bleu": self_bleu(replies),
+            "reference_rate": len(valid) / len(replies),
+            "valid_unique_rate": len({plain(r) for r in valid}) / len(replies),
+        }
+        if len(valid) >= 2:
+            row |= {"valid_distinct_2": distinct_n(valid, 2), "valid_self_bleu": self_bleu(valid)}
+        per_prompt.append(row)
+    for key in ("distinct_1", "distinct_2", "self_bleu", "reference_rate", "valid_unique_rate", "valid_distinct_2"):
+        defined = [row[key] for row in per_prompt if key in row]
+        if defined:
+            assert report[key] == pytest.approx(sum(defined) / len(defined), rel=1e-12), key
+    assert 0 < report["reference_rate"] < 1  # some replies are gated out, some pass
 
 
 def test_eval_only_scores_a_saved_model_without_training(tmp_path):

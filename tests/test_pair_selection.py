@@ -1,21 +1,27 @@
-"""Scored candidates as data (`pair_selection`): the public layouts load, best_vs_worst and DivPO choose the pairs an
-independent reference chooses, every odd row has a rule, and a DivPO run records its rule and its pairs."""
+"""Scored candidates as data (`pair_selection`): every rule, and every list of rules, makes the pairs an independent
+reference written from the rules' definitions makes, on random rows through the product's own path; a candidate's
+rarity is the mean log-probability of the labels TRL trains on; the public layouts load; a run records its rules, the
+pairs each made and their fingerprint."""
 
+import hashlib
 import itertools
 import json
+import math
 import random
 import subprocess
 import sys
 from types import SimpleNamespace
 
 import pytest
+import torch
 from conftest import DEMO_MODEL, ROOT
 from datasets import Dataset
+from precision import assert_close_at_scale
 
 from diversity_simpo.data import DataError, normalise
-from diversity_simpo.pair_selection import best_vs_worst, candidate_logps, divpo
-
-# --- the rules, against references written from their definitions ------------------------------------------------
+from diversity_simpo.pair_selection import NEEDS_LOGPS, RULES, best_vs_worst, choose_pairs, divpo
+from diversity_simpo.rarity import candidate_logps
+from diversity_simpo.settings import CHOICES
 
 
 def test_hand_made_candidates_get_the_pairs_worked_out_by_hand():
@@ -23,46 +29,180 @@ def test_hand_made_candidates_get_the_pairs_worked_out_by_hand():
     rho 0.3: the bar is 0.9 - 0.3 * 0.8 = 0.66, so 0.9 and 0.85 are good enough; the rarer (-2.0) is chosen; of the
     three below the bar the most typical (-0.2) is rejected. At rho 0 only 0.9 is good enough."""
     scores, logps, texts = [0.9, 0.5, 0.85, 0.1, 0.3], [-1.0, -0.2, -2.0, -0.5, -0.3], list("abcde")
-    assert best_vs_worst(scores, texts) == (0, 3)
-    assert divpo(scores, logps, 0.3, texts) == (2, 1)
-    assert divpo(scores, logps, 0.0, texts) == (0, 1)
-    assert divpo(scores, logps, 0.99, texts) == (2, 3)  # all but 0.1 good enough; only 0.1 below the bar
+    assert best_vs_worst(scores, texts, None, 0.3) == [(0, 3)]
+    assert divpo(scores, texts, logps, 0.3) == [(2, 1)]
+    assert divpo(scores, texts, logps, 0.0) == [(0, 1)]
+    assert divpo(scores, texts, logps, 0.99) == [(2, 3)]  # all but 0.1 good enough; only 0.1 below the bar
 
 
-def divpo_reference(scores, logps, rho, texts):
-    """DivPO from its definition, by enumerating every (chosen, rejected) pair allowed and ranking them."""
-    bar = max(scores) - rho * (max(scores) - min(scores))
-    allowed = [
-        (c, r)
-        for c, r in itertools.permutations(range(len(scores)), 2)
-        if scores[c] >= bar and scores[r] < bar and texts[c] != texts[r]
+def test_every_rule_is_a_setting_and_every_setting_a_rule():
+    assert set(CHOICES["pair_selection"]) == set(RULES) and set(RULES) >= NEEDS_LOGPS
+
+
+# --- the product's path against references written from the definitions ------------------------------------------
+
+
+def reference_rule(name, scores, texts, logps, rho):
+    """The (chosen, rejected) pairs of one rule, by enumerating every pair the rule allows and ranking them."""
+    everything = list(itertools.permutations(range(len(scores)), 2))
+    if name == "best_vs_worst":  # the first highest score against the first lowest score whose reply differs
+        best = min(i for i in range(len(scores)) if scores[i] == max(scores))
+        allowed = [(c, r) for c, r in everything if c == best and scores[r] < scores[c] and texts[r] != texts[c]]
+        return [min(allowed, key=lambda p: (scores[p[1]], p[1]))] if allowed else []
+    if name == "divpo":  # the rarest reply at or above the bar against the most typical one below it
+        bar = max(scores) - rho * (max(scores) - min(scores))
+        allowed = [(c, r) for c, r in everything if scores[c] >= bar > scores[r] and texts[c] != texts[r]]
+        if not allowed:
+            return []
+        chosen = min((logps[c], c) for c, _ in allowed)[1]
+        return [max(((logps[r], -r), (c, r)) for c, r in allowed if c == chosen)[1]]
+    raise AssertionError(f"no reference for rule {name}: write one from its definition")
+
+
+def reference_pairs(rows, rules, rho, rarity, chat):
+    """What training should make of princeton-nlp rows: the candidates with a finite score and a reply that has text;
+    rows with fewer than two, or all scores equal, skipped; then each rule's pairs, a pair of the same two texts once.
+    (row_id, chosen, rejected) with replies as training writes them, the pairs each rule made, and the fingerprint."""
+    written = (lambda text: [{"role": "assistant", "content": text}]) if chat else (lambda text: text)
+    pairs, made = [], dict.fromkeys(rules, 0)
+    for row_id, row in enumerate(rows):
+        kept = [
+            (reply, score)
+            for reply, score in zip(row["all_generated_responses"], row["all_rm_scores"], strict=True)
+            if isinstance(score, float) and math.isfinite(score) and reply.strip()
+        ]
+        texts, scores = [reply for reply, _ in kept], [score for _, score in kept]
+        if len(kept) < 2 or max(scores) == min(scores):
+            continue
+        logps = [rarity(text) for text in texts]
+        done = set()
+        for name in rules:
+            for c, r in reference_rule(name, scores, texts, logps, rho):
+                if (texts[c], texts[r]) not in done:
+                    done.add((texts[c], texts[r]))
+                    made[name] += 1
+                    pairs.append((row_id, written(texts[c]), written(texts[r])))
+    items = json.dumps([list(p) for p in pairs], ensure_ascii=False).encode()
+    return pairs, made, hashlib.sha256(items).hexdigest()
+
+
+def rarity(text):
+    """A stand-in for a model's mean token log-probability: a function of the reply's text alone, as a model's is."""
+    return -int(hashlib.sha256(text.encode()).hexdigest()[:6], 16) % 997 / 100
+
+
+REPLIES = ["春です。", "夏です。", "秋です。", "冬です。", "春です。 ", "", "   ", "\n"]  # a trailing space is text
+SCORES = [0.0, 0.5, 1.0, 1.0, 2.0, None, float("nan"), float("inf"), -float("inf")]
+
+
+def random_rows(generator, count, chat_prompt):
+    rows = []
+    for index in range(count):
+        n = generator.randint(1, 7)
+        question = f"季節を一つ答えてください（{index}）"
+        rows.append({
+            "prompt": [{"role": "user", "content": question}] if chat_prompt else question,
+            "all_generated_responses": [generator.choice(REPLIES) for _ in range(n)],
+            "all_rm_scores": [generator.choice([*SCORES, round(generator.random(), 2)]) for _ in range(n)],
+        })  # fmt: skip
+    return rows
+
+
+@pytest.mark.parametrize("kind", ["text", "text wrapped as chat", "chat"])
+@pytest.mark.parametrize(
+    "rules", [["best_vs_worst"], ["divpo"], ["best_vs_worst", "divpo"], ["divpo", "best_vs_worst"]]
+)
+def test_the_written_pairs_and_their_fingerprint_are_the_references_on_random_rows(kind, rules):
+    """Ties, the same reply twice, empty and whitespace replies, missing and non-finite scores, rows of one candidate:
+    every written chosen and rejected reply, the count per rule and the fingerprint equal the reference's."""
+    generator = random.Random(len(kind) + 10 * len(rules) + rules[0].startswith("d"))
+    for rho in (0.0, 0.3, 0.5, 0.9):
+        rows = random_rows(generator, 60, chat_prompt=kind == "chat")
+        if kind == "chat":
+            rows = [r | {"all_generated_responses": [[{"role": "assistant", "content": t}] for t in r[
+                "all_generated_responses"]]} for r in rows]  # fmt: skip
+        options = args(wrap_text_as_chat=kind == "text wrapped as chat")
+        counts = {}
+        scored = normalise(Dataset.from_list(rows), options, "data", counts).to_list()
+        logps = [[rarity(json_text(reply)) for reply in row["candidates"]] for row in scored]
+        pairs = choose_pairs(scored, rules, rho, logps, counts)
+        if kind == "chat":
+            rows = [
+                r | {"all_generated_responses": [m[0]["content"] for m in r["all_generated_responses"]]} for r in rows
+            ]
+        expected, made, fingerprint = reference_pairs(rows, rules, rho, rarity, chat=kind != "text")
+        assert [(p["row_id"], p["chosen"], p["rejected"]) for p in pairs] == expected, (rho, rules)
+        assert counts["pairs_by_rule"] == made and counts["kept"] == len(expected)
+        assert counts["pairs_sha256"] == fingerprint
+
+
+def json_text(reply):
+    return reply if isinstance(reply, str) else reply[-1]["content"]
+
+
+# --- a candidate's rarity: the mean log-probability of what TRL trains --------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["text", "chat"])
+def test_rarity_is_the_mean_log_probability_of_the_labels_trl_trains_on(tmp_path, kind):
+    """Against TRL's own tokenisation of each candidate as a chosen reply (a real trainer's dataset: BOS once, the
+    end-of-turn token, the prompt's last token moved into the reply when they merge) scored in float64 one sequence
+    at a time; the pass batches 2 rows of unequal lengths per forward (padding) through TRL's fused head."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from diversity_simpo_trainer import DiversitySimPOConfig, DiversitySimPOTrainer
+
+    model = AutoModelForCausalLM.from_pretrained(DEMO_MODEL).eval()
+    tokenizer = AutoTokenizer.from_pretrained(DEMO_MODEL)
+    questions = ["富士山について教えてください。", "日本で一番長い川は何ですか。その長さも教えてください。", "桜とは？"]
+    replies = [
+        ["富士山は日本で最も高い山です。", "わかりません。"],
+        ["信濃川です。", "利根川", "知りません。ごめんなさい。"],
     ]
-    rarest = min((logps[c], c) for c, _ in allowed) if allowed else None
-    if rarest is None:
-        return None
-    chosen = rarest[1]
-    rejected = [r for c, r in allowed if c == chosen]
-    return (chosen, min(rejected, key=lambda r: (-logps[r], r))) if rejected else None
+    replies.append(["春に咲く花です。", "桜は花です。"])
+    as_message = (lambda t: [{"role": "assistant", "content": t}]) if kind == "chat" else (lambda t: t)
+    as_prompt = (lambda q: [{"role": "user", "content": q}]) if kind == "chat" else (lambda q: q)
+    rows = [
+        {"prompt": as_prompt(q), "candidates": [as_message(r) for r in rs]}
+        for q, rs in zip(questions, replies, strict=True)
+    ]
+    ours = candidate_logps(model, tokenizer, rows, torch.device("cpu"), rows_per_forward=2)
 
-
-def test_divpo_equals_the_reference_on_random_rows_with_ties_and_repeated_replies():
-    generator = random.Random(0)
-    for _ in range(500):
-        n = generator.randint(2, 7)
-        scores = [generator.choice([0.0, 0.5, 1.0, 2.0, generator.random()]) for _ in range(n)]
-        logps = [generator.choice([-1.0, -generator.random() * 3]) for _ in range(n)]
-        texts = [generator.choice("abcd") for _ in range(n)]  # the same reply sampled twice is common
-        rho = generator.choice([0.0, 0.1, 0.3, 0.5, 0.9])
-        expected = divpo_reference(scores, logps, rho, texts)
-        assert divpo(scores, logps, rho, texts) == expected, (scores, logps, rho, texts)
+    pairs = [{"prompt": row["prompt"], "chosen": c, "rejected": row["candidates"][1 - min(i, 1)]}
+             for row in rows for i, c in enumerate(row["candidates"])]  # fmt: skip
+    trainer = DiversitySimPOTrainer(
+        model=model, processing_class=tokenizer, train_dataset=Dataset.from_list(pairs),
+        args=DiversitySimPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, max_length=512),
+    )  # fmt: skip
+    reference = model.double()
+    tokenised = iter(trainer.train_dataset)
+    for row, values in zip(rows, ours, strict=True):
+        for value in values:
+            sequence = next(tokenised)
+            ids, labels = torch.tensor([sequence["chosen_input_ids"]]), torch.tensor(sequence["chosen_labels"][1:])
+            assert labels[-1].item() == tokenizer.eos_token_id  # the end of the reply is scored, text or chat
+            with torch.no_grad():
+                logits = reference(ids).logits[0, :-1]
+            scored = labels != -100
+            log_p = torch.log_softmax(logits[scored], -1).gather(-1, labels[scored].unsqueeze(-1))
+            expected = log_p.mean().item()
+            assert_close_at_scale(value, expected, logits.abs().max(), f"{kind} row {row['prompt']}")
 
 
 # --- the public layouts, from rows written as their dataset cards show --------------------------------------------
 
 
 def args(**overrides):
-    fields = dict(dataset_columns=None, system_prompt=None, wrap_text_as_chat=False, pair_selection="best_vs_worst")
-    return SimpleNamespace(**(fields | {"divpo_rho": 0.3, "candidate_score": "overall_score"} | overrides))
+    fields = dict(dataset_columns=None, system_prompt=None, wrap_text_as_chat=False, candidate_score="overall_score")
+    return SimpleNamespace(**(fields | overrides))
+
+
+def best_vs_worst_pairs(rows, options, counts=None):
+    """The pairs training makes of `rows` with pair_selection: best_vs_worst."""
+    counts = {} if counts is None else counts
+    return choose_pairs(
+        normalise(Dataset.from_list(rows), options, "data", counts).to_list(), ["best_vs_worst"], 0.3, counts=counts
+    )
 
 
 def princeton_row(
@@ -117,10 +257,10 @@ def ultrafeedback_row():
 
 def test_princeton_nlp_rows_give_their_best_against_their_worst_and_ignore_their_chosen_column():
     counts = {}
-    pairs = normalise(Dataset.from_list([princeton_row()]), args(), "data", counts)
+    pairs = best_vs_worst_pairs([princeton_row()], args(), counts)
     assert pairs[0]["prompt"] == "富士山について教えて"
     assert (pairs[0]["chosen"], pairs[0]["rejected"]) == ("日本一の山です。", "わかりません。")
-    assert counts["pair_selection"] == "best_vs_worst" and counts["kept"] == 1 and "princeton" in counts["layout"]
+    assert counts["pair_selection"] == ["best_vs_worst"] and counts["kept"] == 1 and "princeton" in counts["layout"]
 
 
 @pytest.mark.parametrize(
@@ -133,7 +273,7 @@ def test_princeton_nlp_rows_give_their_best_against_their_worst_and_ignore_their
 )
 def test_ultrafeedback_rows_use_the_score_the_user_names(score, chosen, rejected):
     counts = {}
-    pairs = normalise(Dataset.from_list([ultrafeedback_row()]), args(candidate_score=score), "data", counts)
+    pairs = best_vs_worst_pairs([ultrafeedback_row()], args(candidate_score=score), counts)
     assert (pairs[0]["prompt"], pairs[0]["chosen"], pairs[0]["rejected"]) == ("温泉について教えて", chosen, rejected)
     assert score in counts["layout"] and counts["unscored_candidates"] == (1 if score == "helpfulness" else 0)
 
@@ -146,7 +286,7 @@ def test_conversation_replies_and_renamed_columns_load_too():
     }
     row["rewards"] = [0.1, -0.4, 0.3]
     mapping = {"prompt": "question", "all_generated_responses": "responses", "all_rm_scores": "rewards"}
-    pairs = normalise(Dataset.from_list([row]), args(dataset_columns=mapping), "data")
+    pairs = best_vs_worst_pairs([row], args(dataset_columns=mapping))
     assert pairs[0]["prompt"] == [{"role": "user", "content": "富士山について教えて"}]
     assert pairs[0]["chosen"] == [{"role": "assistant", "content": "日本一の山です。"}]
 
@@ -160,7 +300,7 @@ def test_odd_rows_are_skipped_with_a_count_and_broken_rows_name_the_row(capsys):
         princeton_row(replies=("同じ", "同じ", "違う"), scores=(0.9, 0.1, 0.5)),  # the same reply twice is fine
     ]
     counts = {}
-    pairs = normalise(Dataset.from_list(rows), args(), "data", counts)
+    pairs = best_vs_worst_pairs(rows, args(), counts)
     assert [p["row_id"] for p in pairs] == [0, 4] and (pairs[1]["chosen"], pairs[1]["rejected"]) == ("同じ", "違う")
     assert counts["skipped_few_candidates"] == 2 and counts["skipped_no_preference"] == 1
     assert counts["unscored_candidates"] == 2
@@ -174,31 +314,7 @@ def test_odd_rows_are_skipped_with_a_count_and_broken_rows_name_the_row(capsys):
         normalise(Dataset.from_list([princeton_row(scores=(1.0, 1.0, 1.0))]), args(), "data")
 
 
-# --- DivPO with a real model ---------------------------------------------------------------------------------------
-
-
-def test_candidate_log_probabilities_are_the_models_mean_over_the_reply_tokens():
-    """Against a direct computation: the chat template's whole conversation through the model, the reply's tokens
-    (and the end-of-turn token) averaged."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(DEMO_MODEL).eval()
-    tokenizer = AutoTokenizer.from_pretrained(DEMO_MODEL)
-    prompt = [{"role": "user", "content": "富士山について教えてください。"}]
-    replies = [
-        [{"role": "assistant", "content": "富士山は日本で最も高い山です。"}],
-        [{"role": "assistant", "content": "わかりません。"}],
-    ]
-    (ours,) = candidate_logps(model, tokenizer, [{"prompt": prompt, "candidates": replies}])
-    for reply, value in zip(replies, ours, strict=True):
-        start = len(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False))
-        ids = tokenizer.apply_chat_template(prompt + reply, tokenize=True, return_dict=False)
-        with torch.no_grad():
-            logp = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1].double(), -1)
-        targets = torch.tensor(ids[1:])
-        expected = logp[torch.arange(len(targets)), targets][start - 1 :].mean().item()
-        assert value == pytest.approx(expected, abs=1e-5)  # float32 log-softmax means: ~1e-6 of their size
+# --- runs of the CLI -----------------------------------------------------------------------------------------------
 
 
 def scored_demo_file(path, rows=12):
@@ -220,18 +336,24 @@ def run_cli(*args):
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
-def test_a_divpo_run_trains_and_records_its_rule_its_pair_count_and_its_pairs(tmp_path):
+def test_a_run_with_two_rules_trains_each_rows_pair_of_each_and_records_how_many_each_made(tmp_path):
+    """`--pair_selection best_vs_worst,divpo`: on these rows the two rules choose different pairs (best_vs_worst 1.0
+    against 0.0; DivPO, at rho 0.5, the rarer of the two good replies against the more typical of the two bad ones),
+    so each of the 12 rows gives two; the run record and the model card say so."""
     data = scored_demo_file(tmp_path / "scored.jsonl")
-    common = ["--config", ROOT / "configs" / "demo.yaml", "--dataset_name", data, "--pair_selection", "divpo"]
+    common = ["--config", ROOT / "configs" / "demo.yaml", "--dataset_name", data, "--divpo_rho", "0.5"]
     common += ["--max_steps", 2, "--eval_strategy", "no", "--report_to", "none", "--diversity_eval_prompts", 0]
-    common += ["--wrap_text_as_chat", "true", "--save_strategy", "no"]
+    common += ["--wrap_text_as_chat", "true", "--save_strategy", "no", "--pair_selection", "best_vs_worst,divpo"]
     result = run_cli(*common, "--output_dir", tmp_path / "out")
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "rarity pass: 12 rows (48 candidates) on cpu" in result.stderr
     rows = json.loads((tmp_path / "out" / "run_record.json").read_text(encoding="utf-8"))["data"]["rows"]["train"]
-    assert rows["pair_selection"] == "divpo" and rows["kept"] == 12 and rows["read"] == 12
-    assert len(rows["pairs_sha256"]) == 64
-    card = (tmp_path / "out" / "README.md").read_text(encoding="utf-8")
-    assert "divpo" in card
+    assert rows["pair_selection"] == ["best_vs_worst", "divpo"] and rows["read"] == rows["scored_rows"] == 12
+    made = rows["pairs_by_rule"]
+    assert made["best_vs_worst"] == 12 and 0 < made["divpo"] <= 12 and rows["kept"] == 12 + made["divpo"]
+    card = " ".join((tmp_path / "out" / "README.md").read_text(encoding="utf-8").split())
+    assert "`best_vs_worst` (The highest-scored candidate against the lowest): 12" in card
+    assert f"most typical one below it): {made['divpo']} pairs" in card
 
 
 def test_a_resumed_divpo_run_trains_on_the_pairs_of_the_run_it_resumes(tmp_path):
