@@ -28,6 +28,7 @@ prompt is written twice. Training refuses a folder with a shard missing (data._c
 
 import hashlib
 import json
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -68,6 +69,13 @@ class CandidateArguments:
         default=False, metadata={"help": "Plain-text prompts as one user turn in the chat template: training's value."}
     )
     max_prompts: int = field(default=0, metadata={"help": "Sample the first N prompts only (0: all)."})
+    prompt_slice: str = field(
+        default="1/1",
+        metadata={
+            "help": "Sample slice i of k equal slices of the prompts (after max_prompts): 2/3 is the second third "
+            "(on-policy rounds on fresh prompts; 1/1: all)."
+        },
+    )
     num_candidates: int = field(default=5, metadata={"help": "Replies sampled per prompt (at least 2)."})
     temperature: float = field(default=0.8, metadata={"help": "Sampling temperature."})
     top_p: float = field(default=0.95, metadata={"help": "Nucleus sampling: the smallest top set with this mass."})
@@ -91,12 +99,28 @@ class CandidateArguments:
 
     def __post_init__(self):
         self.dataset_columns = json_mapping("dataset_columns", self.dataset_columns)
+        self.slice = prompt_slice(self.prompt_slice)
+
+
+def prompt_slice(value):
+    """(i, k) of an `i/k` slice setting, checked."""
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(value))
+    if not match or not 1 <= int(match[1]) <= int(match[2]):
+        raise ValueError(
+            f"prompt_slice={value!r} must be i/k with 1 <= i <= k, e.g. 2/3 (the second third of the prompts)"
+        )
+    return int(match[1]), int(match[2])
+
+
+def sliced(prompts, i, k):
+    """Slice i of k of `prompts`: [floor((i-1)n/k), floor(in/k)), so the k slices cover every prompt once."""
+    return prompts[(i - 1) * len(prompts) // k : i * len(prompts) // k]
 
 
 # The settings that decide what is written (not batch sizes): a run resumes only over the same ones
 DECIDING = ("model_name_or_path", "reward_model", "dataset_name", "dataset_config", "dataset_split", "dataset_columns",
-            "system_prompt", "wrap_text_as_chat", "max_prompts", "num_candidates", "temperature", "top_p",
-            "max_new_tokens", "seed", "shard_size", "dtype")  # fmt: skip
+            "system_prompt", "wrap_text_as_chat", "max_prompts", "prompt_slice", "num_candidates", "temperature",
+            "top_p", "max_new_tokens", "seed", "shard_size", "dtype")  # fmt: skip
 
 
 # --- sampling --------------------------------------------------------------------------------------------------------
@@ -357,6 +381,11 @@ def generate_candidates(args):
     prompts = load_prompts(args, args.dataset_split, counts)
     if args.max_prompts:
         prompts = prompts[: args.max_prompts]
+    prompts = sliced(prompts, *args.slice)
+    if not prompts:
+        raise ConfigError(
+            f"prompt_slice={args.prompt_slice} of {counts['prompts']} prompts holds none: use fewer slices"
+        )
     manifest = candidate_folder.manifest_for({k: getattr(args, k) for k in DECIDING}, prompts, args.shard_size)
     todo = candidate_folder.shards_to_write(args.output_dir, manifest, args.overwrite)
     output = Path(args.output_dir)

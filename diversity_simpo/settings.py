@@ -194,6 +194,7 @@ LIMITS = {
     "batch_size": (_positive, "an integer >= 1"),
     "score_batch_size": (_positive, "an integer >= 1"),
     "shard_size": (_positive, "an integer >= 1"),
+    "rounds": (_positive, "an integer >= 1"),
     "lora_r": (_positive, "an integer >= 1"),
     "lora_alpha": (_positive, "a number > 0"),
     "lora_dropout": (_fraction, "a number in [0, 1)"),
@@ -369,6 +370,7 @@ CHOICES = {
     "pair_selection": ("best_vs_worst", "divpo"),
     "candidate_score": ("overall_score", "fine-grained_score", *ULTRAFEEDBACK_ASPECTS),
     "dtype": ("auto", "bfloat16", "float16", "float32"),
+    "round_prompts": ("fresh", "same"),
 }
 
 

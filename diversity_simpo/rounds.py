@@ -1,0 +1,305 @@
+"""On-policy rounds (train_on_policy.py): K rounds of sample -> score -> choose pairs -> train, each round starting
+from the model the last one trained, as iterative DPO does (RLHFlow's recipe; DivPO's online setting).
+
+Round r (1..K), in output_dir/round-r/:
+    candidates/   generate_candidates.py with the candidates config, the model of round r-1 (round 1: the start
+                  model), the prompts of slice r of K (`round_prompts: fresh`, as iterative DPO takes a new slice of
+                  its prompts each round) or all of them (`same`), the seed + r - 1
+    model/        train_diversity_simpo.py with the training config, from the model of round r-1, on those
+                  candidates: the pairs are chosen by `pair_selection`, DivPO's by rarity under the model of round r-1
+final-samples/    with `final_samples`, the last model sampled and scored on round 1's prompts with round 1's seed:
+                  the same draws as round 1's, so the two rows compare the start model and the trained one
+
+Every stage is a process of its own (its accelerator memory is free again for the next one), started with this
+process's environment: run this file under `deepspeed` or `accelerate launch` and each rank starts each stage as
+that rank, so every stage runs under the user's launcher. A stage that is done is passed over (a finished training
+run), or continues where it stopped (a candidates folder samples only its missing shards; a training run resumes
+from its newest complete checkpoint): the same command after a kill continues the loop.
+
+After each stage the global rank 0 writes the figures of every round so far to output_dir/rounds.md (a table),
+rounds.json and rounds.png: the reward model's mean score of the samples, the distinct replies per prompt, and the
+quality-gated diversity: distinct replies that score at least the median score of round 1's samples (a bar fixed for
+all rounds), per sample; and the pairs each rule made.
+"""
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from diversity_simpo import candidate_folder, run_record
+from diversity_simpo.settings import ConfigError, check_model_location, check_writable, json_mapping
+
+ROOT = Path(__file__).resolve().parent.parent
+LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass
+class OnPolicyArguments:
+    rounds: int = field(default=2, metadata={"help": "On-policy rounds: sample, score, choose pairs, train."})
+    round_prompts: str = field(
+        default="fresh",
+        metadata={"help": "fresh: round r samples slice r of `rounds` equal slices of the prompts; same: all prompts."},
+    )
+    candidates_config: str = field(
+        default="configs/candidates.yaml", metadata={"help": "Settings of generate_candidates.py for every round."}
+    )
+    train_config: str = field(
+        default="configs/config_diversity_simpo.yaml",
+        metadata={"help": "Settings of train_diversity_simpo.py for every round."},
+    )
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "The start model (Hub id or folder); default: the training config's."}
+    )
+    candidates: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Settings over the candidates config, e.g. {num_candidates: 8} (a JSON object on the command line)."
+        },
+    )
+    train: dict | str | None = field(
+        default=None,
+        metadata={"help": "Settings over the training config, e.g. {pair_selection: [best_vs_worst, divpo]}."},
+    )
+    output_dir: str = field(default="output/on-policy", metadata={"help": "Every round's candidates and model."})
+    final_samples: bool = field(
+        default=True, metadata={"help": "Sample and score the last model on round 1's prompts (the table's last row)."}
+    )
+    local_rank: int = field(
+        default=-1, metadata={"help": "Passed by the deepspeed launcher; the ranks come from the environment."}
+    )
+
+    def __post_init__(self):
+        self.candidates = json_mapping("candidates", self.candidates) or {}
+        self.train = json_mapping("train", self.train) or {}
+        for name, value in (("candidates", self.candidates), ("train", self.train)):
+            if not isinstance(value, dict):
+                raise ValueError(f"{name} must be a mapping of settings, e.g. {{learning_rate: 1e-6}}")
+
+
+def over_config(args, argv, default_config):
+    """`--train` and `--candidates` on the command line add to (and override) the YAML's mappings of the same name,
+    as a flag overrides one setting: `--train '{"learning_rate": 1e-6}'` keeps the YAML's other training settings."""
+    import yaml
+
+    config = Path(argv[argv.index("--config") + 1]) if "--config" in argv else Path(default_config)
+    from_yaml = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
+    for name in ("train", "candidates"):
+        if any(a == f"--{name}" or a.startswith(f"--{name}=") for a in argv):
+            setattr(args, name, {**(from_yaml.get(name) or {}), **getattr(args, name)})
+    return args
+
+
+# --- the stages, as command lines ------------------------------------------------------------------------------------
+
+
+def flags(settings):
+    """`--name value` for each setting: lists joined by commas, mappings as JSON, booleans as true/false."""
+    argv = []
+    for name, value in settings.items():
+        if isinstance(value, (list, tuple)):
+            value = ",".join(map(str, value))
+        elif isinstance(value, dict):
+            value = json.dumps(value, ensure_ascii=False)
+        elif isinstance(value, bool):
+            value = str(value).lower()
+        argv += [f"--{name}", str(value)]
+    return argv
+
+
+def stages(args, start_model, seed):
+    """[(name, script, argv, folder)] of every stage in order."""
+    folder = Path(args.output_dir)
+    out, model, k = [], start_model, args.rounds
+    for r in range(1, k + 1):
+        here = folder / f"round-{r}"
+        sampled = [
+            *flags(args.candidates),
+            "--model_name_or_path",
+            str(model),
+            "--output_dir",
+            str(here / "candidates"),
+        ]
+        sampled += [
+            "--prompt_slice",
+            f"{r}/{k}" if args.round_prompts == "fresh" else "1/1",
+            "--seed",
+            str(seed + r - 1),
+        ]
+        out.append((f"round {r}: candidates", "generate_candidates.py", ["--config", args.candidates_config, *sampled],
+                    here / "candidates"))  # fmt: skip
+        trained = ["--config", args.train_config, *flags(args.train), "--model_name_or_path", str(model)]
+        trained += ["--dataset_name", str(here / "candidates"), "--output_dir", str(here / "model")]
+        out.append((f"round {r}: training", "train_diversity_simpo.py", trained, here / "model"))
+        model = here / "model"
+    if args.final_samples:
+        sampled = [*flags(args.candidates), "--model_name_or_path", str(model)]
+        sampled += ["--output_dir", str(folder / "final-samples"), "--seed", str(seed)]
+        sampled += ["--prompt_slice", f"1/{k}" if args.round_prompts == "fresh" else "1/1"]
+        out.append(("final samples", "generate_candidates.py", ["--config", args.candidates_config, *sampled],
+                    folder / "final-samples"))  # fmt: skip
+    return out
+
+
+def check(args):
+    """Every stage's settings read and checked by the stage's own reader, and the start model and output_dir, before
+    anything is written or sampled: a typo in the training config is one line now, not after round 1's sampling.
+    Returns (the start model, the candidates' seed)."""
+    from diversity_simpo import settings
+    from diversity_simpo.candidates import CandidateArguments
+    from diversity_simpo_trainer import DiversitySimPOConfig
+
+    environment = dict(os.environ)  # reading a DeepSpeed config sets process-wide variables: not for the stages,
+    for name in LAUNCHER_VARIABLES:  # and nothing here may join the launcher's process group: only the stages do
+        os.environ.pop(name, None)
+    try:
+        train_argv = ["--config", args.train_config, *flags(args.train)]
+        if args.model_name_or_path:
+            train_argv += ["--model_name_or_path", args.model_name_or_path]
+        script, training, model_args = _as_stage(
+            args.train_config, settings.parse_args, train_argv, DiversitySimPOConfig
+        )
+        start = model_args.model_name_or_path
+        check_model_location(start, "model_name_or_path")
+        sampled = ["--config", args.candidates_config, *flags(args.candidates), "--model_name_or_path", start]
+        (candidates,) = _as_stage(args.candidates_config, settings.read_settings, sampled, (CandidateArguments,),
+                                  ROOT / "configs" / "candidates.yaml")  # fmt: skip
+    finally:
+        os.environ.clear()
+        os.environ.update(environment)
+    if training.eval_strategy != "no" and not script.dataset_test_fraction:
+        raise ConfigError(
+            f"{args.train_config}: eval_strategy is {training.eval_strategy.value!r}, and a round's candidates have "
+            "no test split: set train: {dataset_test_fraction: 0.05} (held out of each round's rows), or "
+            "train: {eval_strategy: 'no'}"
+        )
+    check_writable(Path(args.output_dir))
+    return start, candidates.seed
+
+
+def _as_stage(config, reader, *arguments):
+    try:
+        return reader(*arguments)
+    except ConfigError as e:
+        raise ConfigError(f"{config}: {e}") from None
+
+
+def run(args):
+    """Every stage of `args` in order (module docstring), each a process of its own; a stage that fails ends the run
+    with its exit status, after its own message."""
+    start, seed = check(args)
+    main = int(os.environ.get("RANK", "0")) == 0
+    for name, script, argv, folder in stages(args, start, seed):
+        if script == "train_diversity_simpo.py":
+            if _finished(folder):
+                if main:
+                    print(f"{name}: done ({folder})", file=sys.stderr)
+                continue
+            if _has_checkpoint(folder):
+                argv = [*argv, "--resume_from_checkpoint", "latest"]
+        if main:
+            print(f"{name}: python {script} {' '.join(argv)}", file=sys.stderr, flush=True)
+        code = subprocess.run([sys.executable, str(ROOT / script), *argv], cwd=ROOT).returncode
+        if code:
+            sys.exit(code)
+        if main:
+            write_figures(Path(args.output_dir), args.rounds)
+    if main:
+        print(f"Wrote {args.rounds} rounds to {args.output_dir}; the last model is {Path(args.output_dir)}/round-"
+              f"{args.rounds}/model; figures in {args.output_dir}/rounds.md", file=sys.stderr)  # fmt: skip
+
+
+def _finished(folder):
+    record = Path(folder) / run_record.RECORD
+    return record.is_file() and json.loads(record.read_text(encoding="utf-8")).get("status") == "finished"
+
+
+def _has_checkpoint(folder):
+    from diversity_simpo.checkpoints import newest_complete_checkpoint
+
+    return Path(folder).is_dir() and newest_complete_checkpoint(Path(folder))[0] is not None
+
+
+# --- the figures -----------------------------------------------------------------------------------------------------
+
+
+def samples_of(folder):
+    """The rows of a finished candidates folder, or None while it is unfinished."""
+    manifest = candidate_folder.read_manifest(folder)
+    if manifest is None or candidate_folder.missing_shards(folder)[0]:
+        return None
+    return [json.loads(line) for name in manifest["shards"] for line in (Path(folder) / name).open(encoding="utf-8")]
+
+
+def figures(rows, bar):
+    """Mean score; distinct replies per sample; distinct replies scoring >= `bar` per sample: means over prompts."""
+    per_prompt = []
+    for row in rows:
+        replies, scores = row["all_generated_responses"], row["all_rm_scores"]
+        key = [json.dumps(r, ensure_ascii=False) for r in replies]
+        good = {k for k, s in zip(key, scores, strict=True) if s >= bar}
+        per_prompt.append((statistics.mean(scores), len(set(key)) / len(key), len(good) / len(key)))
+    names = ("mean_score", "unique_rate", "good_unique_rate")
+    return {name: statistics.mean(p[i] for p in per_prompt) for i, name in enumerate(names)} | {"prompts": len(rows)}
+
+
+def write_figures(folder, rounds):
+    """rounds.json, rounds.md and rounds.png from every finished stage so far."""
+    first = samples_of(folder / "round-1" / "candidates")
+    if first is None:
+        return
+    bar = statistics.median(s for row in first for s in row["all_rm_scores"])
+    table = []
+    for r in range(1, rounds + 2):
+        here = folder / (f"round-{r}" if r <= rounds else "final-samples")
+        rows = samples_of(here / "candidates" if r <= rounds else here)
+        if rows is None:
+            break
+        entry = {"samples": "start model" if r == 1 else f"model of round {r - 1}", **figures(rows, bar)}
+        record = here / "model" / run_record.RECORD
+        if r <= rounds and record.is_file():
+            train_rows = json.loads(record.read_text(encoding="utf-8"))["data"]["rows"].get("train", {})
+            entry["pairs_by_rule"] = train_rows.get("pairs_by_rule")
+        table.append({"round": r if r <= rounds else "final", **entry})
+    summary = {"quality_bar": bar, "rounds": table}
+    (folder / "rounds.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False), encoding="utf-8")
+    lines = [
+        f"Samples of each round, scored by the reward model; quality bar {bar:.4g} (the median score of round 1).",
+        "",
+        "| round | sampled from | prompts | mean score | distinct replies per sample | distinct replies at or above "
+        "the bar per sample | pairs trained |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for e in table:
+        pairs = ", ".join(f"{k} {v}" for k, v in (e.get("pairs_by_rule") or {}).items()) or "-"
+        lines.append(f"| {e['round']} | {e['samples']} | {e['prompts']} | {e['mean_score']:.4g} | "
+                     f"{e['unique_rate']:.3f} | {e['good_unique_rate']:.3f} | {pairs} |")  # fmt: skip
+    (folder / "rounds.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    _plot(table, folder / "rounds.png")
+
+
+def _plot(table, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    labels = [str(e["round"]) for e in table]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
+    left.plot(labels, [e["mean_score"] for e in table], marker="o")
+    left.set_title("reward model's mean score of the samples")
+    right.plot(labels, [e["good_unique_rate"] for e in table], marker="o", label="at or above the bar")
+    right.plot(labels, [e["unique_rate"] for e in table], marker="s", label="all")
+    right.set_title("distinct replies per sample")
+    right.legend(fontsize=8)
+    for axis in (left, right):
+        axis.set_xlabel("round (samples of the model entering it)")
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

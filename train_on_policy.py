@@ -1,0 +1,37 @@
+"""On-policy rounds in one command: sample replies from the model, score them with a reward model, choose pairs
+(DivPO's by rarity under that model), train; then again from the model just trained.
+
+    python train_on_policy.py                                  # configs/on_policy.yaml: ELYZA 8B, 2 rounds
+    python train_on_policy.py --config configs/demo_on_policy.yaml                      # the offline CPU demo
+    accelerate launch --multi_gpu --num_processes 8 train_on_policy.py                  # every stage on 8 GPUs
+    deepspeed --num_gpus=8 train_on_policy.py                                           # the same, DeepSpeed's launcher
+
+Settings are the fields of OnPolicyArguments (diversity_simpo/rounds.py), from the YAML and the command line as for
+the two other tools; each stage reads its own config (`candidates_config`, `train_config`), with `candidates` and
+`train` settings over them. Every stage runs in its own process, under the launcher this command runs under. The same
+command after a kill continues where it stopped. Mistakes end the run with a one-line `error:` and exit status 2,
+before anything is written.
+"""
+
+import sys
+from pathlib import Path
+
+from diversity_simpo import rounds, settings
+from diversity_simpo.data import DataError
+from diversity_simpo.settings import ConfigError
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "on_policy.yaml"
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    (args,) = settings.read_settings(argv, (rounds.OnPolicyArguments,), DEFAULT_CONFIG)
+    rounds.run(rounds.over_config(args, argv, DEFAULT_CONFIG))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
