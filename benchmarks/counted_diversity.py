@@ -40,7 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "demo"))
-OUT = ROOT / "output" / "counted"
+OUT = ROOT / "output" / os.environ.get("COUNTED_OUT", "counted")
 SEEDS = (1, 2, 3)
 
 SETS = {
@@ -72,6 +72,9 @@ SETTINGS = {  # label -> (pair rules, on-policy rounds)
     "best_vs_worst + divpo": (["best_vs_worst", "divpo"], 1),
     "trial: every good vs the most typical bad": (["every_good_vs_typical_bad"], 1),
     "trial: divpo, rejected from the bottom band": (["divpo_bottom_band"], 1),
+    "trial: rarest good vs worst": (["rarest_good_vs_worst"], 1),
+    "trial: best_vs_worst + rarest good vs typical good": (["best_vs_worst", "rarest_good_vs_typical_good"], 1),
+    "trial: best_vs_worst + rarest good vs worst": (["best_vs_worst", "rarest_good_vs_worst"], 1),
     "2 rounds of best_vs_worst": (["best_vs_worst"], 2),
     "2 rounds of divpo": (["divpo"], 2),
     "2 rounds of best_vs_worst + divpo": (["best_vs_worst", "divpo"], 2),
@@ -101,7 +104,34 @@ def divpo_bottom_band(scores, texts, logps, rho):
     return []
 
 
-TRIAL_RULES = {"every_good_vs_typical_bad": every_good_vs_typical_bad, "divpo_bottom_band": divpo_bottom_band}
+def rarest_good_vs_worst(scores, texts, logps, rho):
+    """DivPO's chosen reply against best_vs_worst's rejected one (the lowest score)."""
+    bar = max(scores) - rho * (max(scores) - min(scores))
+    for chosen in sorted((i for i in range(len(scores)) if scores[i] >= bar), key=lambda i: (logps[i], i)):
+        below = [i for i in range(len(scores)) if scores[i] < bar and texts[i] != texts[chosen]]
+        if below:
+            return [(chosen, min(below, key=lambda i: (scores[i], i)))]
+    return []
+
+
+def rarest_good_vs_typical_good(scores, texts, logps, rho):
+    """The rarest candidate at or above DivPO's bar against the most typical one also above it: mass moved within
+    the good replies only (with best_vs_worst beside it for quality)."""
+    bar = max(scores) - rho * (max(scores) - min(scores))
+    good = sorted((i for i in range(len(scores)) if scores[i] >= bar), key=lambda i: (logps[i], i))
+    for chosen in good:
+        others = [i for i in good if texts[i] != texts[chosen] and logps[i] > logps[chosen]]
+        if others:
+            return [(chosen, max(others, key=lambda i: (logps[i], -i)))]
+    return []
+
+
+TRIAL_RULES = {
+    "every_good_vs_typical_bad": every_good_vs_typical_bad,
+    "divpo_bottom_band": divpo_bottom_band,
+    "rarest_good_vs_worst": rarest_good_vs_worst,
+    "rarest_good_vs_typical_good": rarest_good_vs_typical_good,
+}
 
 
 def register_trial_rules():
@@ -242,7 +272,7 @@ def train(model, data, rules, steps, seed, output):
     argv = ["--config", str(ROOT / "configs" / "demo.yaml"), "--model_name_or_path", str(model)]
     argv += ["--dataset_name", str(data), "--output_dir", str(output), "--overwrite_output_dir", "true"]
     argv += ["--pair_selection", ",".join(rules), "--divpo_rho", "0.3", "--wrap_text_as_chat", "true"]
-    argv += ["--diversity_weight", "0", "--seed", str(seed), "--learning_rate", "3e-4"]
+    argv += ["--diversity_weight", "0", "--seed", str(seed), "--learning_rate", os.environ.get("COUNTED_LR", "3e-4")]
     argv += ["--max_steps", str(steps), "--per_device_train_batch_size", "8", "--warmup_steps", "0"]
     argv += ["--eval_strategy", "no", "--save_strategy", "no", "--diversity_eval_prompts", "0", "--report_to", "none"]
     argv += ["--logging_steps", "10", "--dataset_test_fraction", "0", "--max_length", "64", "--disable_tqdm", "true"]
