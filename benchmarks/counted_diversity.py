@@ -71,13 +71,12 @@ SETTINGS = {  # label -> (pair rules, on-policy rounds)
     "divpo": (["divpo"], 1),
     "best_vs_worst + divpo": (["best_vs_worst", "divpo"], 1),
     "trial: every good vs the most typical bad": (["every_good_vs_typical_bad"], 1),
-    "trial: divpo, rejected from the bottom band": (["divpo_bottom_band"], 1),
     "trial: rarest good vs worst": (["rarest_good_vs_worst"], 1),
-    "trial: best_vs_worst + rarest good vs typical good": (["best_vs_worst", "rarest_good_vs_typical_good"], 1),
     "trial: best_vs_worst + rarest good vs worst": (["best_vs_worst", "rarest_good_vs_worst"], 1),
     "2 rounds of best_vs_worst": (["best_vs_worst"], 2),
     "2 rounds of divpo": (["divpo"], 2),
     "2 rounds of best_vs_worst + divpo": (["best_vs_worst", "divpo"], 2),
+    "trial: 2 rounds of best_vs_worst + rarest good vs worst": (["best_vs_worst", "rarest_good_vs_worst"], 2),
 }
 
 
@@ -193,7 +192,14 @@ def build_start(skew, seed):
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
     )  # fmt: skip
     torch.manual_seed(seed)
-    model = warm_up(LlamaForCausalLM(config), tokenizer, rows, epochs=12, learning_rate=2e-3, seed=seed)
+    model = warm_up(
+        LlamaForCausalLM(config),
+        tokenizer,
+        rows,
+        epochs=int(os.environ.get("COUNTED_WARMUP", "12")),
+        learning_rate=2e-3,
+        seed=seed,
+    )
     tokenizer.save_pretrained(folder)
     model.save_pretrained(folder)
     return folder

@@ -23,9 +23,10 @@ def shard_name(index, count):
 
 
 def manifest_for(settings, prompts, shard_size):
-    """The manifest of a folder of `prompts` ({"prompt", ...} rows) in shards of `shard_size`, made with `settings`
-    (the values that decide what is written)."""
-    fingerprint = hashlib.sha256(json.dumps([p["prompt"] for p in prompts], ensure_ascii=False).encode()).hexdigest()
+    """The manifest of a folder of `prompts` ({"prompt", "replies"?, ...} rows) in shards of `shard_size`, made with
+    `settings` (the values that decide what is written); the fingerprint covers the prompts and any given replies."""
+    items = [[p["prompt"], p["replies"]] if "replies" in p else p["prompt"] for p in prompts]  # replies to score
+    fingerprint = hashlib.sha256(json.dumps(items, ensure_ascii=False).encode()).hexdigest()
     count = -(-len(prompts) // shard_size)
     shards = [shard_name(k, count) for k in range(count)]
     return {"settings": settings, "prompts": len(prompts), "prompts_sha256": fingerprint, "shards": shards}

@@ -333,15 +333,16 @@ def load_reward_model(args, device, dtype):
 
 
 def check_templates(prompts, tokenizer, reward_tokenizer, args):
-    """Every prompt through the model's chat template, and one prompt of each shape of conversation (which roles, in
-    which order) through the reward model's, before anything is written: a template that refuses a system turn, say,
-    is one line here, not a traceback after the first shard."""
+    """Every prompt through the model's chat template (when it samples), and one prompt of each shape of conversation
+    (which roles, in which order) through the reward model's, before anything is written: a template that refuses a
+    system turn, say, is one line here, not a traceback after the first shard."""
     shapes = {}
     for index, prompt in enumerate(prompts):
         shape = "text" if isinstance(prompt["prompt"], str) else tuple(m["role"] for m in prompt["prompt"])
         shapes.setdefault(shape, index)
         try:
-            prompt_token_ids(tokenizer, prompt["prompt"])
+            if tokenizer is not None:  # the policy's template, when it samples
+                prompt_token_ids(tokenizer, prompt["prompt"])
         except Exception as e:  # jinja2's TemplateError (a template's raise_exception), and whatever a template does
             raise ConfigError(
                 f"the chat template of {args.model_name_or_path} rejects prompt {index}: {first_line(e)}"
@@ -356,9 +357,10 @@ def check_templates(prompts, tokenizer, reward_tokenizer, args):
             ) from None
 
 
-def check_locations(args):
-    """The settings that name things: both models, the prompts, output_dir; one line each, nothing written."""
-    for setting in ("model_name_or_path", "reward_model"):
+def check_locations(args, sampling=True):
+    """The settings that name things: both models (the policy only when sampling), output_dir; one line each,
+    nothing written."""
+    for setting in ("model_name_or_path", "reward_model") if sampling else ("reward_model",):
         check_model_location(getattr(args, setting), setting)
     if args.num_candidates < 2:
         raise ConfigError(f"num_candidates={args.num_candidates}: a pair needs at least 2 replies per prompt")
@@ -370,15 +372,17 @@ def check_locations(args):
 
 def generate_candidates(args):
     """Sample, score and write the candidates of `args` (CandidateArguments), on this process's share of the
-    shards; every check is made before the first file is written."""
+    shards; every check is made before the first file is written. Rows that hold replies already (princeton-nlp's
+    layout without scores) are scored as they are, nothing sampled."""
     import datetime
 
     import torch
     from accelerate import PartialState
 
-    check_locations(args)
     counts = {}
     prompts = load_prompts(args, args.dataset_split, counts)
+    sampling = "replies" not in prompts[0]
+    check_locations(args, sampling)
     if args.max_prompts:
         prompts = prompts[: args.max_prompts]
     prompts = sliced(prompts, *args.slice)
@@ -396,16 +400,19 @@ def generate_candidates(args):
         say(f"{output}: all {len(prompts)} prompts already have candidates; nothing to do (--overwrite true samples "
             "again)")  # fmt: skip
         return
-    tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code, "model_name_or_path")
-    if any(is_conversation(p["prompt"]) for p in prompts) and tokenizer.chat_template is None:
-        raise ConfigError(
-            f"the prompts are conversations but the tokenizer of {args.model_name_or_path} has no chat template; "
-            "give an instruct model, or plain-text prompts (wrap_text_as_chat: false, no system_prompt)"
-        )
+    tokenizer = policy = None
+    if sampling:
+        tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code, "model_name_or_path")
+        if any(is_conversation(p["prompt"]) for p in prompts) and tokenizer.chat_template is None:
+            raise ConfigError(
+                f"the prompts are conversations but the tokenizer of {args.model_name_or_path} has no chat template; "
+                "give an instruct model, or plain-text prompts (wrap_text_as_chat: false, no system_prompt)"
+            )
     dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
     reward_model, reward_tokenizer = load_reward_model(args, state.device, dtype)
     check_templates(prompts, tokenizer, reward_tokenizer, args)
-    policy = load_policy(args, state.device, dtype, tokenizer)
+    if sampling:
+        policy = load_policy(args, state.device, dtype, tokenizer)
 
     if state.is_main_process:  # the first write: everything above checked out
         candidate_folder.start_folder(output, manifest, args.overwrite)
@@ -422,16 +429,19 @@ def generate_candidates(args):
         shard = _shard(prompts, k, args.shard_size)
         for start in range(0, len(shard), args.batch_size):
             batch = shard[start : start + args.batch_size]
-            replies, n_tokens, n_cut = sample(policy, tokenizer, [p["prompt"] for p in batch], args)
-            tokens, cut = tokens + n_tokens, cut + n_cut
+            if sampling:
+                replies, n_tokens, n_cut = sample(policy, tokenizer, [p["prompt"] for p in batch], args)
+                tokens, cut = tokens + n_tokens, cut + n_cut
+            else:
+                replies = [p["replies"] for p in batch]
             conversations = [conversation(p["prompt"], r) for p, rs in zip(batch, replies, strict=True) for r in rs]
-            scores = score(reward_model, reward_tokenizer, conversations, args.score_batch_size)
-            for i, (p, rs) in enumerate(zip(batch, replies, strict=True)):
-                n = args.num_candidates
-                rows.append({**p, "all_generated_responses": rs, "all_rm_scores": scores[i * n : (i + 1) * n]})
+            scores = iter(score(reward_model, reward_tokenizer, conversations, args.score_batch_size))
+            for p, rs in zip(batch, replies, strict=True):
+                row = {k: v for k, v in p.items() if k != "replies"}
+                rows.append(row | {"all_generated_responses": rs, "all_rm_scores": [next(scores) for _ in rs]})
             elapsed = time.perf_counter() - started
             progress.update(len(batch))
-            progress.set_postfix_str(f"{tokens / elapsed:.0f} tokens/s")
+            progress.set_postfix_str(f"{tokens / elapsed:.0f} tokens/s" if sampling else f"{len(rows)} rows scored")
         candidate_folder.write_shard(output, manifest, k, rows)
     progress.close()
     if state.num_processes > 1:
@@ -440,8 +450,9 @@ def generate_candidates(args):
         print(f"rank {state.process_index}: {cut} replies reached max_new_tokens={args.max_new_tokens} and are cut "
               "there", file=sys.stderr)  # fmt: skip
     state.wait_for_everyone()
-    say(f"Wrote {len(prompts)} prompts x {args.num_candidates} scored replies to {output} (train on it: "
-        f"dataset_name: {output})")  # fmt: skip
+    what = f"{len(prompts)} prompts x {args.num_candidates} scored replies" if sampling else f"{len(prompts)} rows' "
+    what += "" if sampling else "replies, scored"
+    say(f"Wrote {what} to {output} (train on it: dataset_name: {output})")
 
 
 def _shard(prompts, k, size):

@@ -77,7 +77,9 @@ def load_prompts(args, split, counts=None):
     will render them: a row's prompt is what `normalise` makes of it (a system turn from a `system` column or
     `system_prompt`, chat or plain text as the row's replies or `wrap_text_as_chat` decide), read from any layout
     training reads, or from a file of prompts alone (a `prompt` or `instruction` column: strings or conversations).
-    `counts` receives the rows read and the repeated prompts left out."""
+    Replies to score (princeton-nlp's `all_generated_responses` without `all_rm_scores`): every row, with "replies",
+    their texts (a reply given as a conversation must begin with the row's own prompt). `counts` receives the rows
+    read and the repeated prompts left out."""
     dataset = _read(args, split)
     if split not in dataset:
         raise DataError(
@@ -97,10 +99,14 @@ def load_prompts(args, split, counts=None):
             f"{source} has columns {sorted(columns)} and no prompts: give a prompt (or instruction) column, or "
             f"preference data in one of the layouts training reads ({LAYOUTS}); map other names with dataset_columns"
         )
+    to_score = "all_generated_responses" in columns and "all_rm_scores" not in columns
     keep = [c for c in (*MAPPABLE, "instruction") if c in columns]
     prompts, seen = [], set()
     for index, row in enumerate(dataset.select_columns(keep)):
         where = f"{source}: row {index}"
+        if to_score and prompt_key is None:
+            raise DataError(f"{source} has replies to score but no prompt column; map one with dataset_columns")
+        texts = _reply_texts(row["all_generated_responses"], row[prompt_key], where) if to_score else None
         if pairs:  # the prompt of the pair training would make of this row
             pair = _pair(row, args, where)
         else:  # a prompt alone, or scored candidates: the first candidate's form (string or message) decides
@@ -111,10 +117,10 @@ def load_prompts(args, split, counts=None):
         if pair is None:  # conversations that differ before the reply: training skips the row too
             continue
         key = json.dumps(pair["prompt"], ensure_ascii=False)
-        if key in seen:
+        if key in seen and not to_score:
             continue
         seen.add(key)
-        prompt = {"prompt": pair["prompt"]}
+        prompt = {"prompt": pair["prompt"]} | ({"replies": texts} if to_score else {})
         if "reference" in row:
             prompt["reference"] = _text(row["reference"], f"{where}: 'reference'")
         prompts.append(prompt)
@@ -127,6 +133,31 @@ def load_prompts(args, split, counts=None):
     if not prompts:
         raise DataError(f"{source}: no row has a prompt")
     return prompts
+
+
+def _reply_texts(replies, prompt, where):
+    """The text of each reply to score: a string, or a conversation's last (assistant) turn, whose earlier turns, if
+    any, must be the row's prompt (a reply to another prompt would be scored against the wrong one)."""
+    if not isinstance(replies, list) or not replies:
+        raise DataError(f"{where}: all_generated_responses must be a list of replies, not {_kind(replies)}")
+    turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else _messages(prompt, f"{where}: prompt")
+    texts = []
+    for i, reply in enumerate(replies):
+        if isinstance(reply, str):
+            texts.append(reply)
+            continue
+        messages = _messages(reply, f"{where}: reply {i}")
+        if messages[-1]["role"] != "assistant":
+            raise DataError(f"{where}: reply {i} does not end with an assistant turn")
+        if len(messages) > 1 and [m for m in messages[:-1] if m["role"] != "system"] != [
+            m for m in turns if m["role"] != "system"
+        ]:
+            raise DataError(
+                f"{where}: reply {i} is a conversation whose turns before the reply are not the row's prompt: give "
+                "the replies alone (strings), or conversations that begin with the row's own prompt"
+            )
+        texts.append(messages[-1]["content"])
+    return texts
 
 
 # --- reading -----------------------------------------------------------------------------------------------------

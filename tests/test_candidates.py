@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -254,6 +255,72 @@ def test_the_output_is_princeton_nlps_layout_with_every_reply_scored_by_the_rewa
             assert_close_at_scale(written_score, expected, abs(expected), "reward")
     replies = [reply for row in rows for reply in row["all_generated_responses"]]
     assert len(set(replies)) > len(rows)  # sampled, not one reply per prompt
+
+
+# --- replies sampled elsewhere: scored only ---------------------------------------------------------------------------
+
+
+def replies_sampled_elsewhere(path):
+    """princeton-nlp's layout without scores, as vLLM on another cluster writes it: string replies, and one row whose
+    replies are whole conversations that begin with its own prompt; two rows share a prompt (both are kept)."""
+    rows = [json.loads(line) for line in (DEMO_DATA / "test.jsonl").read_text(encoding="utf-8").splitlines()[:5]]
+    written_rows = []
+    for row in [*rows, rows[0]]:
+        question, reply = row["prompt"][0]["content"], row["chosen"][0]["content"]
+        written_rows.append({"prompt": question, "all_generated_responses": [reply, reply[::-1], "わかりません。"]})
+    question = written_rows[2]["prompt"]
+    written_rows[2]["all_generated_responses"] = [
+        [{"role": "user", "content": question}, {"role": "assistant", "content": r}]
+        for r in written_rows[2]["all_generated_responses"]
+    ]
+    write_rows(path, written_rows)
+    return written_rows
+
+
+def test_replies_sampled_elsewhere_are_scored_as_they_are_in_the_same_layout_and_shards(tmp_path):
+    """No policy model is needed; every row keeps its replies (as text) and gets the reward model's score of each,
+    against one unbatched pass per reply; training reads the output."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    source = replies_sampled_elsewhere(tmp_path / "sampled.jsonl")
+    args = candidate_args(tmp_path / "out", dataset_name=str(tmp_path / "sampled.jsonl"), dataset_split="train",
+                          model_name_or_path=None, wrap_text_as_chat=True, shard_size=4)  # fmt: skip
+    one_thread(generate_candidates, args)
+    rows, shards = written(tmp_path / "out")
+    assert list(shards) == ["train-00000-of-00002.jsonl", "train-00001-of-00002.jsonl"] and len(rows) == 6
+    model = AutoModelForSequenceClassification.from_pretrained(DEMO_REWARD).eval()
+    tokenizer = AutoTokenizer.from_pretrained(DEMO_REWARD)
+    for row, given in zip(rows, source, strict=True):
+        texts = [r if isinstance(r, str) else r[-1]["content"] for r in given["all_generated_responses"]]
+        assert (
+            row["prompt"] == [{"role": "user", "content": given["prompt"]}] and row["all_generated_responses"] == texts
+        )
+        for reply, written_score in zip(texts, row["all_rm_scores"], strict=True):
+            messages = conversation(row["prompt"], reply)
+            ids = tokenizer.apply_chat_template(messages, return_tensors="pt", return_dict=True)["input_ids"]
+            with torch.no_grad():
+                expected = model(input_ids=ids).logits[0, 0].item()
+            assert_close_at_scale(written_score, expected, abs(expected), "reward")
+    train, _ = load_preference_data(SimpleNamespace(**{**vars(settings()), "dataset_name": str(tmp_path / "out"),
+        "dataset_train_split": "train", "dataset_test_split": "test", "dataset_test_fraction": 0,
+        "dataset_config": None, "candidate_score": "overall_score"}), seed=0)  # fmt: skip
+    assert len(train) == 6 and all(len(row["candidates"]) == 3 for row in train)
+
+    (tmp_path / "out" / "train-00001-of-00002.jsonl").unlink()  # a killed run: the same command writes the rest
+    one_thread(generate_candidates, args)
+    assert written(tmp_path / "out")[1] == shards
+
+
+def test_a_reply_that_answers_another_prompt_is_one_line_with_nothing_written(tmp_path):
+    rows = replies_sampled_elsewhere(tmp_path / "sampled.jsonl")
+    rows[2]["all_generated_responses"][1][0]["content"] = "別の質問です。"
+    write_rows(tmp_path / "sampled.jsonl", rows)
+    result = run_cli("--dataset_name", tmp_path / "sampled.jsonl", "--output_dir", tmp_path / "out")
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "row 2: reply 1 is a conversation whose turns before the reply are not the row's " \
+        "prompt" in errors[0], result.stderr[-2000:]  # fmt: skip
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_reward_model_without_a_pad_token_scores_each_reply_where_it_reads_it_alone(tmp_path):

@@ -372,3 +372,44 @@ def test_a_resumed_divpo_run_trains_on_the_pairs_of_the_run_it_resumes(tmp_path)
     resumed = run_cli(*common, "--max_steps", 4, "--resume_from_checkpoint", "latest")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert json.loads(record.read_text(encoding="utf-8"))["data"]["rows"]["train"]["pairs_sha256"] == before
+
+
+def test_the_rarity_pass_runs_on_the_device_training_runs_on(tmp_path, monkeypatch):
+    """The pass asks for the training arguments' device (this rank's accelerator), not the device the model was
+    loaded on (the CPU, before the Trainer moves it). No GPU exists here: the training device is mocked as cuda:0,
+    and the pass stopped where it starts, with the device it was given."""
+    import train_diversity_simpo
+    from diversity_simpo import pair_selection
+    from diversity_simpo_trainer import DiversitySimPOConfig
+
+    class Asked(Exception):
+        pass
+
+    def record(model, tokenizer, rows, device, rows_per_forward):
+        raise Asked(device, next(model.parameters()).device, rows_per_forward)
+
+    monkeypatch.setattr(DiversitySimPOConfig, "device", property(lambda self: torch.device("cuda", 0)))
+    monkeypatch.setattr(pair_selection, "candidate_logps", record)
+    data = scored_demo_file(tmp_path / "scored.jsonl", rows=3)
+    argv = ["--config", ROOT / "configs" / "demo.yaml", "--dataset_name", data, "--pair_selection", "divpo"]
+    argv += ["--eval_strategy", "no", "--report_to", "none", "--output_dir", tmp_path / "out", "--use_cpu", "false"]
+    argv += ["--wrap_text_as_chat", "true", "--per_device_eval_batch_size", "3"]
+    with pytest.raises(Asked) as asked:
+        train_diversity_simpo.main(list(map(str, argv)))
+    device, loaded_on, rows_per_forward = asked.value.args
+    assert device == torch.device("cuda", 0) and loaded_on.type == "cpu" and rows_per_forward == 3
+
+
+def test_the_rarity_pass_moves_the_model_and_its_inputs_to_the_device_it_is_given():
+    """On the `meta` device (no data: the pass cannot finish there), the weights and every input go where asked."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(DEMO_MODEL), AutoTokenizer.from_pretrained(DEMO_MODEL)
+    seen = []
+    model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["input_ids"].device), with_kwargs=True
+    )
+    rows = [{"prompt": "富士山とは？", "candidates": ["山です。", "わかりません。"]}]
+    with pytest.raises((NotImplementedError, RuntimeError)):  # a meta tensor has no values to return
+        candidate_logps(model, tokenizer, rows, torch.device("meta"))
+    assert next(model.parameters()).device.type == "meta" and seen == [torch.device("meta")]
