@@ -23,7 +23,6 @@ from diversity_simpo import run_record, settings
 from diversity_simpo.curves import plot_training_curves
 from diversity_simpo.data import DataError, load_preference_data
 from diversity_simpo.health import SimPOHealthWarnings
-from diversity_simpo.pair_selection import select_pairs
 from diversity_simpo.rows import is_conversation
 from diversity_simpo.settings import (
     DEMO_HINT,
@@ -83,6 +82,7 @@ def main(argv=None):
 def train(script_args, training_args, model_args, train_dataset, eval_dataset, argv=(), counts=None):
     from trl import get_peft_config
 
+    from diversity_simpo.pair_selection import select_pairs
     from diversity_simpo.reply_diversity import DiversityEvalCallback
     from diversity_simpo_trainer import DiversitySimPOTrainer
 

@@ -3,6 +3,16 @@ time, and reward-model scoring replies/s in batches against one reply at a time,
 machines are noisy). Both paths are diversity_simpo/candidates.py's own `sample` and `score`; the batched and the
 one-at-a-time replies are compared too (the draws do not depend on the batch).
 
+Then the sampling paths transformers offers, each as tokens/s against today's in the same run:
+    dynamic          generate with a dynamic KV cache (cache_implementation: dynamic, the default)
+    static           generate with a static (preallocated) KV cache, not compiled
+    static+compile   the same with the forward compiled (torch.compile; what transformers does on a GPU by itself)
+    continuous       continuous batching (generate_batch, paged attention): its own sampler draws from torch's
+                     generator, so replies depend on the scheduling, not only on the prompt, index and seed
+For the generate paths the counted draws hold; "batch-invariant" says whether 16 prompts per call gave the replies of
+one prompt per call. The GPU shape also states the decoding limit: the weights' bytes read per decoding step over
+the GPU's memory bandwidth, times the sequences decoded per step.
+
     python benchmarks/bench_candidates.py                 # the CPU demo: tiny Llama and tiny reward model
     python benchmarks/bench_candidates.py --shape gpu     # 1.6B Llama (random, bf16, Llama-3 tokenizer) on CUDA
     python benchmarks/bench_candidates.py --shape smoke   # toy sizes of the GPU shape on the CPU (the tests)
@@ -36,6 +46,12 @@ SHAPES = {
     "smoke": {"prompts": 4, "num_candidates": 2, "max_new_tokens": 8, "batch_size": 4, "score_batch_size": 8,
               "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64},
 }  # fmt: skip
+PATHS = {
+    "demo": ("dynamic", "static", "static+compile", "continuous"),
+    "gpu": ("dynamic", "static+compile", "continuous"),
+    "smoke": ("dynamic", "static"),
+}
+BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}  # bytes/s of HBM (SXM parts), by the card's name
 
 
 def demo_models(device):
@@ -82,12 +98,83 @@ def timed(function, *args):
     return time.perf_counter() - start, result
 
 
-def sample_all(policy, tokenizer, prompts, settings, batch_size):
+def sample_all(policy, tokenizer, prompts, settings, batch_size, **options):
     replies, tokens = [], 0
     for start in range(0, len(prompts), batch_size):
-        batch_replies, batch_tokens, _ = sample(policy, tokenizer, prompts[start : start + batch_size], settings)
+        batch_replies, batch_tokens, _ = sample(
+            policy, tokenizer, prompts[start : start + batch_size], settings, **options
+        )
         replies, tokens = replies + batch_replies, tokens + batch_tokens
     return replies, tokens
+
+
+def path_options(path, settings):
+    """generate's settings of a sampling path (module docstring)."""
+    from transformers import CompileConfig
+
+    if path == "dynamic":
+        return settings, {}
+    static = SimpleNamespace(**{**vars(settings), "cache_implementation": "static"})
+    if path == "static":
+        return static, {"disable_compile": True}
+    compiled = CompileConfig()
+    compiled._compile_all_devices = True  # transformers compiles by itself on a GPU only; the CPU, to compare
+    return static, {"compile_config": compiled}
+
+
+def sample_continuous(policy, tokenizer, prompts, settings):
+    """Continuous batching: every prompt's replies in one generate_batch call, its own sampler; tokens generated."""
+    from transformers import GenerationConfig
+
+    from diversity_simpo.candidates import prompt_token_ids
+
+    config = GenerationConfig(max_new_tokens=settings.max_new_tokens, do_sample=True, temperature=settings.temperature,
+                              top_k=0, top_p=settings.top_p, num_return_sequences=settings.num_candidates,
+                              eos_token_id=policy.generation_config.eos_token_id,
+                              pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    outputs = policy.generate_batch([prompt_token_ids(tokenizer, p) for p in prompts], generation_config=config)
+    return sum(len(output.generated_tokens) for output in outputs.values())
+
+
+def sampling_paths(policy, tokenizer, prompts, settings, shape, paths, repeats):
+    """{path: (median tokens/s, batch-invariant or None)}, each path's runs alternating with the others'."""
+    runs = {path: [] for path in paths}
+    invariant = {}
+    for path in paths:  # a first, untimed run: compilation and the paged cache's allocation are not sampling speed
+        if path == "continuous":
+            policy.set_attn_implementation("paged|sdpa")
+            sample_continuous(policy, tokenizer, prompts[:2], settings)
+            policy.set_attn_implementation("sdpa")
+        else:
+            path_settings, options = path_options(path, settings)
+            batched, _ = sample_all(policy, tokenizer, prompts, path_settings, shape["batch_size"], **options)
+            if path != "static+compile":  # a shape per prompt length: a compile each; the contract holds in float32
+                invariant[path] = batched == sample_all(policy, tokenizer, prompts, path_settings, 1, **options)[0]
+    for _ in range(repeats):
+        for path in paths:
+            if path == "continuous":
+                policy.set_attn_implementation("paged|sdpa")
+                seconds, tokens = timed(sample_continuous, policy, tokenizer, prompts, settings)
+                policy.set_attn_implementation("sdpa")
+            else:
+                path_settings, options = path_options(path, settings)
+                seconds, (_, tokens) = timed(
+                    lambda s=path_settings, o=options: sample_all(
+                        policy, tokenizer, prompts, s, shape["batch_size"], **o
+                    )
+                )
+            runs[path].append(tokens / seconds)
+    return {path: (statistics.median(values), invariant.get(path)) for path, values in runs.items()}
+
+
+def decoding_limit(policy, shape):
+    """Tokens/s if every decoding step only had to read the weights once: sequences per step x bandwidth / bytes."""
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
+    bandwidth = next((b for card, b in BANDWIDTH.items() if card in name), None)
+    if bandwidth is None:
+        return None, name
+    weights = sum(p.numel() * p.element_size() for p in policy.parameters())
+    return shape["batch_size"] * shape["num_candidates"] * bandwidth / weights, f"{name}, {bandwidth / 1e12:.2f} TB/s"
 
 
 def main():
@@ -95,6 +182,7 @@ def main():
     parser.add_argument("--shape", choices=SHAPES, default="demo")
     parser.add_argument("--repeats", type=int, default=3, help="median of this many runs of each")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks")
+    parser.add_argument("--paths", help="sampling paths to compare, comma-separated (default: the shape's)")
     args = parser.parse_args()
     shape = SHAPES[args.shape]
     gpu = args.shape == "gpu"
@@ -107,8 +195,8 @@ def main():
         )
     rows = [json.loads(line) for line in (ROOT / "demo" / "data" / "train.jsonl").read_text("utf-8").splitlines()]
     prompts = [row["prompt"] for row in rows[: shape["prompts"]]]
-    settings = SimpleNamespace(num_candidates=shape["num_candidates"], temperature=1.0, top_p=1.0,
-                               max_new_tokens=shape["max_new_tokens"], seed=0)  # fmt: skip
+    settings = SimpleNamespace(num_candidates=shape["num_candidates"], temperature=1.0, top_p=1.0, seed=0,
+                               max_new_tokens=shape["max_new_tokens"], cache_implementation="dynamic")  # fmt: skip
 
     results = {"batched": [], "one": [], "score_batched": [], "score_one": []}
     same = True
@@ -147,6 +235,27 @@ def main():
         f"{median['score_batched']:.0f} | {median['score_one']:.0f} | "
         f"{median['score_batched'] / median['score_one']:.1f}x |",
     ]
+    paths = args.paths.split(",") if args.paths else PATHS[args.shape]
+    speeds = sampling_paths(policy, tokenizer, prompts, settings, shape, paths, args.repeats)
+    base = speeds["dynamic"][0] if "dynamic" in speeds else None
+    report += ["", "| sampling path | tokens/s | against dynamic | batch-invariant |", "|---|---|---|---|"]
+    for path, (speed, invariant) in speeds.items():
+        same = (
+            {None: "not checked", True: "yes", False: "NO"}[invariant]
+            if path != "continuous"
+            else "no (its own sampler)"
+        )
+        report.append(
+            f"| {path} | {speed:.0f} | {speed / base:.2f}x | {same} |"
+            if base
+            else f"| {path} | {speed:.0f} | | {same} |"
+        )
+    limit, card = decoding_limit(policy, shape)
+    if limit:
+        billions = sum(p.numel() for p in policy.parameters()) / 1e9
+        report += ["", f"Decoding limit on {card}: {limit:,.0f} tokens/s ({shape['batch_size']} prompts x "
+                   f"{shape['num_candidates']} replies per step, {billions:.2f}B bf16 weights read once per step); the "
+                   f"fastest path reaches {max(v for v, _ in speeds.values()) / limit:.0%} of it."]  # fmt: skip
     section = ("gpu" if gpu else "cpu") + "-candidates" + ("-smoke" if args.shape == "smoke" else "")
     write_section(args.output / "RESULTS.md", section, "\n".join(report), "Step benchmark")
     print("\n".join(report))

@@ -4,8 +4,9 @@ Each prompt asks for one member of a known set in Japanese (a prefecture, a seas
 "好きな季節を一つ答えてください。"), and a reply is "<answer>です。". A reply is *valid* exactly when its answer is in
 the prompt's set, and the variety of the valid answers is counted, not estimated. No judge, no embedding.
 
-    start       per seed, a tiny Llama (character tokenizer) warmed up on replies drawn from a skewed distribution: in
-                each set the k-th answer weighs skew(k), and 30% of the replies name a member of another set
+    start       per seed, a tiny Llama (character tokenizer) warmed up (24 epochs) on replies drawn from a skewed
+                distribution: in each set the k-th answer weighs skew(k), and 30% of the replies name a member of
+                another set
                 (imperfect: wrong answers to remove; concentrated: rare answers to keep)
     candidates  per seed, 8 replies per row sampled from the start model (generate_candidates' counted sampler,
                 temperature 1), scored by the checker (1 if valid) plus the reward variant's bias: 240 rows of
@@ -13,14 +14,16 @@ the prompt's set, and the variety of the valid answers is counted, not estimated
     variants    the reward: validity alone; + 0.1 x the reply's mean token log-probability under the model that
                 sampled it (a reward model's preference for fluent, typical text); + 0.3 x the answer's share of its
                 set in the warm-up data. The skew: geometric (0.5^k) or Zipf (1/(k+1)). Six variants
-    settings    each pair rule, the list [best_vs_worst, divpo], and two on-policy rounds (30 steps on 120 rows; 120
-                new rows sampled and scored from that model, pairs by rarity under it; 30 steps) of a rule or list;
-                every one trained by the training CLI's own `main` (configs/demo.yaml, 60 steps of 8 pairs, lr 3e-4)
+    settings    each pair rule, the lists [best_vs_worst, divpo] and [best_vs_worst, rarest_vs_worst], a rule tried
+                and not kept (every good reply against the most typical bad one: registered here only), and two
+                on-policy rounds (30 steps on 120 rows; 120 new rows sampled and scored from that model, pairs by
+                rarity under it; 30 steps) of a rule or a list; every one trained by the training CLI's own `main`
+                (configs/demo.yaml, 60 steps of 8 pairs, lr 5e-4, no diversity term)
     measured    on held-out phrasings, 64 samples per prompt: validity (share of valid replies), the normalised
                 entropy of the valid answers (entropy / log of the set's size: 1 is uniform over the whole set) and
                 coverage (distinct valid answers / set size), each the mean over prompts
 
-    python benchmarks/counted_diversity.py --jobs 2    # make counted: about 90 minutes on 2 CPU cores
+    python benchmarks/counted_diversity.py --jobs 2    # make counted: about 40 minutes on 2 CPU cores
 
 Writes one table per variant and a frontier figure (validity against answer entropy, every setting, every variant)
 into benchmarks/DIVERSITY.md (between its `counted` markers) and benchmarks/counted_frontier.png; every run's figures
@@ -40,7 +43,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "demo"))
-OUT = ROOT / "output" / os.environ.get("COUNTED_OUT", "counted")
+OUT = ROOT / "output" / "counted"
 SEEDS = (1, 2, 3)
 
 SETS = {
@@ -69,15 +72,16 @@ VARIANTS = [(reward, skew) for skew in SKEWS for reward in REWARDS]
 SETTINGS = {  # label -> (pair rules, on-policy rounds)
     "best_vs_worst": (["best_vs_worst"], 1),
     "divpo": (["divpo"], 1),
+    "rarest_vs_worst": (["rarest_vs_worst"], 1),
     "best_vs_worst + divpo": (["best_vs_worst", "divpo"], 1),
+    "best_vs_worst + rarest_vs_worst": (["best_vs_worst", "rarest_vs_worst"], 1),
     "trial: every good vs the most typical bad": (["every_good_vs_typical_bad"], 1),
-    "trial: rarest good vs worst": (["rarest_good_vs_worst"], 1),
-    "trial: best_vs_worst + rarest good vs worst": (["best_vs_worst", "rarest_good_vs_worst"], 1),
     "2 rounds of best_vs_worst": (["best_vs_worst"], 2),
     "2 rounds of divpo": (["divpo"], 2),
     "2 rounds of best_vs_worst + divpo": (["best_vs_worst", "divpo"], 2),
-    "trial: 2 rounds of best_vs_worst + rarest good vs worst": (["best_vs_worst", "rarest_good_vs_worst"], 2),
+    "2 rounds of best_vs_worst + rarest_vs_worst": (["best_vs_worst", "rarest_vs_worst"], 2),
 }
+RECOMMENDED = "2 rounds of best_vs_worst + rarest_vs_worst"  # the README's setting for diversity
 
 
 def every_good_vs_typical_bad(scores, texts, logps, rho):
@@ -91,46 +95,7 @@ def every_good_vs_typical_bad(scores, texts, logps, rho):
     return pairs
 
 
-def divpo_bottom_band(scores, texts, logps, rho):
-    """DivPO's chosen reply against the most typical of the replies near the lowest score, s <= min + rho * range
-    (Meta's fairseq2 draws the rejected reply from that band)."""
-    high, low = max(scores), min(scores)
-    bar, floor = high - rho * (high - low), low + rho * (high - low)
-    for chosen in sorted((i for i in range(len(scores)) if scores[i] >= bar), key=lambda i: (logps[i], i)):
-        band = [i for i in range(len(scores)) if scores[i] <= floor and scores[i] < bar and texts[i] != texts[chosen]]
-        if band:
-            return [(chosen, min(band, key=lambda i: (-logps[i], i)))]
-    return []
-
-
-def rarest_good_vs_worst(scores, texts, logps, rho):
-    """DivPO's chosen reply against best_vs_worst's rejected one (the lowest score)."""
-    bar = max(scores) - rho * (max(scores) - min(scores))
-    for chosen in sorted((i for i in range(len(scores)) if scores[i] >= bar), key=lambda i: (logps[i], i)):
-        below = [i for i in range(len(scores)) if scores[i] < bar and texts[i] != texts[chosen]]
-        if below:
-            return [(chosen, min(below, key=lambda i: (scores[i], i)))]
-    return []
-
-
-def rarest_good_vs_typical_good(scores, texts, logps, rho):
-    """The rarest candidate at or above DivPO's bar against the most typical one also above it: mass moved within
-    the good replies only (with best_vs_worst beside it for quality)."""
-    bar = max(scores) - rho * (max(scores) - min(scores))
-    good = sorted((i for i in range(len(scores)) if scores[i] >= bar), key=lambda i: (logps[i], i))
-    for chosen in good:
-        others = [i for i in good if texts[i] != texts[chosen] and logps[i] > logps[chosen]]
-        if others:
-            return [(chosen, max(others, key=lambda i: (logps[i], -i)))]
-    return []
-
-
-TRIAL_RULES = {
-    "every_good_vs_typical_bad": every_good_vs_typical_bad,
-    "divpo_bottom_band": divpo_bottom_band,
-    "rarest_good_vs_worst": rarest_good_vs_worst,
-    "rarest_good_vs_typical_good": rarest_good_vs_typical_good,
-}
+TRIAL_RULES = {"every_good_vs_typical_bad": every_good_vs_typical_bad}
 
 
 def register_trial_rules():
@@ -196,7 +161,7 @@ def build_start(skew, seed):
         LlamaForCausalLM(config),
         tokenizer,
         rows,
-        epochs=int(os.environ.get("COUNTED_WARMUP", "12")),
+        epochs=24,
         learning_rate=2e-3,
         seed=seed,
     )
@@ -219,7 +184,14 @@ def write_candidates(model_folder, variant, seed, rows, path):
     model = load_policy(argparse.Namespace(model_name_or_path=str(model_folder), trust_remote_code=False), "cpu",
                         torch.float32, tokenizer)  # fmt: skip
     prompts = training_prompts()
-    settings = argparse.Namespace(num_candidates=CANDIDATES, seed=seed, temperature=1.0, top_p=1.0, max_new_tokens=10)
+    settings = argparse.Namespace(
+        num_candidates=CANDIDATES,
+        seed=seed,
+        temperature=1.0,
+        top_p=1.0,
+        max_new_tokens=10,
+        cache_implementation="dynamic",
+    )
     lines = []
     for start in range(rows.start, rows.stop, 20):
         batch = [(r, *prompts[r % len(prompts)]) for r in range(start, min(start + 20, rows.stop))]
@@ -278,7 +250,7 @@ def train(model, data, rules, steps, seed, output):
     argv = ["--config", str(ROOT / "configs" / "demo.yaml"), "--model_name_or_path", str(model)]
     argv += ["--dataset_name", str(data), "--output_dir", str(output), "--overwrite_output_dir", "true"]
     argv += ["--pair_selection", ",".join(rules), "--divpo_rho", "0.3", "--wrap_text_as_chat", "true"]
-    argv += ["--diversity_weight", "0", "--seed", str(seed), "--learning_rate", os.environ.get("COUNTED_LR", "3e-4")]
+    argv += ["--diversity_weight", "0", "--seed", str(seed), "--learning_rate", "5e-4"]
     argv += ["--max_steps", str(steps), "--per_device_train_batch_size", "8", "--warmup_steps", "0"]
     argv += ["--eval_strategy", "no", "--save_strategy", "no", "--diversity_eval_prompts", "0", "--report_to", "none"]
     argv += ["--logging_steps", "10", "--dataset_test_fraction", "0", "--max_length", "64", "--disable_tqdm", "true"]
@@ -368,6 +340,13 @@ def report(results):
             )
             cells = " | ".join(cell(runs, key) for key in ("validity", "entropy", "coverage"))
             lines.append(f"| {label} | {cells} | {delta or ' | '} |")
+        if RECOMMENDED in settings:
+            validity, entropy = (mean(settings[RECOMMENDED], k) - mean(base, k) for k in ("validity", "entropy"))
+            lines.append(
+                f"\n{RECOMMENDED}: validity {validity:+.3f} against best_vs_worst "
+                f"({'met' if validity >= -0.01 else 'missed'}: within 0.01 or above), answer entropy {entropy:+.3f} "
+                f"({'met' if entropy >= 0.15 else 'missed'}: at least +0.15)."
+            )
         lines.append("")
     seeds = ", ".join(map(str, SEEDS))
     lines.append(f"Mean ± standard deviation over seeds {seeds} (each seed its own start model and candidates); 10 "

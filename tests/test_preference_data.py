@@ -439,6 +439,35 @@ def test_a_utf8_file_with_a_byte_order_mark_loads_like_one_without(tmp_path, suf
     assert train["chosen"] == load_file(plain)[0]["chosen"] == [r["chosen"] for r in rows]
 
 
+@pytest.mark.parametrize("compress", ["gz", "bz2", "xz"])
+def test_a_compressed_file_loads_the_rows_of_the_plain_one(tmp_path, compress):
+    """gzip, bzip2 and xz, as `datasets` reads them; each file's text is checked (UTF-8, JSON lines) decompressed."""
+    import bz2
+    import lzma
+
+    rows = rows_of("standard", 5)
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
+    path = tmp_path / f"pairs.jsonl.{compress}"
+    path.write_bytes({"gz": gzip.compress, "bz2": bz2.compress, "xz": lzma.compress}[compress](text))
+    train, _ = load_file(path)
+    assert train["chosen"] == [r["chosen"] for r in rows]
+    broken = tmp_path / f"broken.jsonl.{compress}"
+    broken.write_bytes({"gz": gzip.compress, "bz2": bz2.compress, "xz": lzma.compress}[compress](b'{"prompt": 1,\n'))
+    with pytest.raises(DataError, match=rf"broken.jsonl.{compress}: invalid JSON at line 2"):
+        load_file(broken)
+
+
+def test_a_zstd_file_without_the_zstandard_package_is_one_line_naming_the_fix(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("zstandard") is not None:
+        pytest.skip("zstandard is installed here: the file is read")
+    path = tmp_path / "pairs.jsonl.zst"
+    path.write_bytes(b"\x28\xb5\x2f\xfd")  # zstd's magic number
+    with pytest.raises(DataError, match=r"zstd-compressed, which needs the zstandard package: pip install zstandard"):
+        load_file(path)
+
+
 @pytest.mark.parametrize(
     "encoding, named, iconv",
     [("cp932", "Shift_JIS (cp932)", "iconv -f CP932 -t UTF-8"), ("euc_jp", "EUC-JP", "iconv -f EUC-JP -t UTF-8")],
