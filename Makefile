@@ -22,14 +22,13 @@ demo: setup
 	$(PY) train_diversity_simpo.py --config configs/demo.yaml --overwrite_output_dir true
 	$(PY) demo/generate.py output/demo
 
-# The on-policy loop on the demo, offline: the tiny Llama samples 4 replies per training prompt, the tiny reward model
-# scores them (generate_candidates.py), training makes DivPO pairs of them, and the trained model answers a prompt
+# The on-policy loop on the demo, offline, two rounds (configs/demo_on_policy.yaml): the tiny Llama samples 4 replies
+# per prompt of the round's slice, the tiny reward model scores them, training chooses the pairs and trains; round 2
+# samples from round 1's model; the figures of each round in output/demo-on-policy/rounds.md; the last model answers
 demo-on-policy: setup
-	$(PY) generate_candidates.py --config configs/demo_candidates.yaml --overwrite true
-	$(PY) train_diversity_simpo.py --config configs/demo.yaml --dataset_name output/demo-candidates \
-		--pair_selection divpo --dataset_test_fraction 0.1 --max_steps 80 --eval_steps 40 --save_steps 40 \
-		--output_dir output/demo-on-policy --run_name demo-on-policy --overwrite_output_dir true
-	$(PY) demo/generate.py output/demo-on-policy --prompt 富士山とは何ですか？
+	rm -rf output/demo-on-policy
+	$(PY) train_on_policy.py --config configs/demo_on_policy.yaml
+	$(PY) demo/generate.py output/demo-on-policy/round-2/model --prompt 富士山とは何ですか？
 
 test: setup
 	$(VENV)/bin/ruff check .

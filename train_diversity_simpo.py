@@ -172,9 +172,10 @@ def train(script_args, training_args, model_args, train_dataset, eval_dataset, a
     # tool's model card, the curves and the record are beside the model (below), so the Hub gets them too
     trainer.save_model(training_args.output_dir, _internal_call=True)
     trainer.save_state()  # trainer_state.json: the whole log history, next to the model
+    curves = False
     if trainer.is_world_process_zero():  # the global rank 0: one writer, also across nodes
         output_dir = Path(training_args.output_dir)
-        plot_training_curves(trainer.state.log_history, output_dir / "training_curves.png")
+        curves = plot_training_curves(trainer.state.log_history, output_dir / "training_curves.png")
         if script_args.merge_adapter:
             merge_adapter(output_dir, trainer.processing_class, training_args.trust_remote_code)
         run_record.end(output_dir, "finished", trainer.state.global_step)
@@ -182,8 +183,8 @@ def train(script_args, training_args, model_args, train_dataset, eval_dataset, a
     if training_args.push_to_hub:  # every rank calls it (it saves once more); the global rank 0 uploads the folder
         trainer.push_to_hub()
     trainer.accelerator.print(
-        f"Saved the model, tokenizer, model card, resolved_config.yaml, run_record.json and training_curves.png to "
-        f"{training_args.output_dir}"
+        f"Saved the model, tokenizer, model card, resolved_config.yaml, run_record.json"
+        f"{' and training_curves.png' if curves else ''} to {training_args.output_dir}"
         + (
             f", and the adapter merged into its base model to {training_args.output_dir}/merged"
             if script_args.merge_adapter

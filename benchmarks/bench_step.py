@@ -260,7 +260,7 @@ def verdict(value, limit):
 
 
 def targets(times, memory, gpu):
-    """The issues' targets, each with its measured value and whether it was met."""
+    """The performance targets, each with its measured value and whether it was met."""
     lines = []
     if "naive" in times:
         extra_share = (times["ours"] - times["trl"]) / (times["naive"] - times["trl"])
@@ -318,8 +318,8 @@ FLEX = ("both+fused+flex",)  # GPUs only: PyTorch has no FlexAttention backward 
 
 
 def layout_shapes(gpu, toy=False):
-    """(name, shape): the issue's target shape, the prompt-to-reply ratio sweep, and a batch of realistic lengths;
-    `toy`: the same batches on a model of hidden 32 and 1 layer (the GPU check's CPU smoke run)."""
+    """(name, shape): the target shape (prompts ~600, replies 200-300), the prompt-to-reply ratio sweep, and a batch
+    of realistic lengths; `toy`: the same batches on a model of hidden 32 and 1 layer (the GPU check's smoke run)."""
     base = dict(vocab=4096, hidden=512, layers=4, device="cpu", dtype="float32", checkpointing=False, chunk=None)
     if toy:
         base |= dict(hidden=32, layers=1)

@@ -130,7 +130,7 @@ mean token entropy and `KL` each pair's mean KL over shared positions, both aver
 
 {chr(10).join(sampled)}
 
-![training curves](training_curves.png)
+{"![training curves](training_curves.png)" if (folder / "training_curves.png").is_file() else ""}
 
 ## Training environment
 
