@@ -20,7 +20,7 @@ Checks, each a row of the report (pass, FAIL, or missed: it ran and a target was
   on-policy    the loop at the 1.6B shape through the real CLIs: 5 replies sampled for 64 prompts, scored by a reward
                model of the same shape, DivPO pairs (the rarity pass on the GPU), 5 training steps: tokens/s,
                replies/s, the pass's rows/s, peak memory, and what that means per 1,000 prompts for ELYZA 8B
-  train        20 steps of configs/config_diversity_simpo.yaml (bf16, sdpa, activation checkpointing, fused head,
+  train        20 steps of configs/config_diversity_simpo.yaml with the term on (bf16, sdpa, checkpointing, fused head,
                a 4-prompt diversity eval) on a random model shaped like Llama-3-8B cut to 4 layers, with the real
                Llama-3 tokenizer and chat template, on the demo data: once as `python train_diversity_simpo.py
                --deepspeed ""`, once as `deepspeed --num_gpus=1 train_diversity_simpo.py` (ZeRO-2 from the config);
@@ -428,6 +428,7 @@ def train(report, gpu, work, launcher):
     args += ["--max_steps", steps, "--gradient_accumulation_steps", 4, "--logging_steps", 1, "--save_strategy", "no"]
     args += ["--eval_steps", steps // 2, "--report_to", "none", "--run_name", f"gpu-check-{launcher}"]
     args += ["--diversity_eval_prompts", 4, "--diversity_eval_samples", 4, "--diversity_eval_max_new_tokens", 32]
+    args += ["--diversity_weight", 0.05]  # the term on (the config turns it off), so that its path runs on the GPU
     if not gpu:
         args += ["--bf16", "false", "--dtype", "float32", "--use_cpu", "true", "--per_device_eval_batch_size", 2]
     if launcher == "python":
