@@ -209,7 +209,7 @@ def candidates(report, gpu, work):
         *(table or ["```", output[-3000:], "```"]),
         "",
     ]
-    rows = [line.strip("| ").split(" | ") for line in table if line.startswith(("| sampling", "| scoring"))]
+    rows = [line.strip("| ").split(" | ") for line in table if line.startswith(("| sampling, ", "| scoring, "))]
     figures = [f"{name.split(' (')[0]}: {batched} batched ({ratio} one at a time)" for name, batched, _, ratio in rows]
     report.check("candidates", code == 0, "; ".join(figures) or f"exit {code}")
 
