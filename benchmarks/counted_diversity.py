@@ -364,12 +364,16 @@ def plot(results, path):
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    figure, axes = plt.subplots(2, 3, figsize=(15, 8.5), sharex=True, sharey=True)
+    figure, axes = plt.subplots(2, 3, figsize=(15, 9.5), sharex=True, sharey=True)
+    colours = plt.get_cmap("tab20").colors
     for axis, (variant, settings) in zip(axes.flat, results.items(), strict=False):
         for i, (label, runs) in enumerate(settings.items()):
             x, y = [r["entropy"] for r in runs], [r["validity"] for r in runs]
-            axis.scatter(x, y, s=14, alpha=0.35, color=f"C{i}")  # each seed
-            axis.scatter([statistics.mean(x)], [statistics.mean(y)], s=60, marker="DosP^v*X"[i % 8], color=f"C{i}",
+            colour = colours[
+                (2 * i) % 20 + (2 * i) // 20
+            ]  # the dark shade of each pair: 10 distinct colours, then 10 more
+            axis.scatter(x, y, s=12, alpha=0.3, color=colour)  # each seed
+            axis.scatter([statistics.mean(x)], [statistics.mean(y)], s=60, marker="DosP^v*XhH<>"[i % 12], color=colour,
                          label=label)  # fmt: skip
         axis.set_title(variant, fontsize=10)
         axis.grid(alpha=0.3)
@@ -377,9 +381,11 @@ def plot(results, path):
         axis.set_xlabel("normalised entropy of the valid answers")
     for axis in axes[:, 0]:
         axis.set_ylabel("validity")
-    axes.flat[0].legend(fontsize=7, loc="lower left")
-    figure.suptitle("Counted testbeds: quality against diversity of whole replies (up and right is better)")
-    figure.tight_layout()
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=4, fontsize=8)
+    figure.suptitle("Counted testbeds: quality against diversity of whole replies (up and right is better; small "
+                    "points: each seed)")  # fmt: skip
+    figure.tight_layout(rect=(0, 0.08, 1, 1))
     figure.savefig(path, dpi=110)
 
 
