@@ -26,7 +26,9 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "on_policy.yaml"
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     (args,) = settings.read_settings(argv, (rounds.OnPolicyArguments,), DEFAULT_CONFIG)
-    rounds.run(rounds.over_config(args, argv, DEFAULT_CONFIG))
+    from diversity_simpo_trainer import DiversitySimPOConfig  # the training stage's settings, checked up front
+
+    rounds.run(rounds.over_config(args, argv, DEFAULT_CONFIG), DiversitySimPOConfig)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,11 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from diversity_simpo import candidate_folder, run_record
+import yaml
+
+from diversity_simpo import candidate_folder, run_record, settings
+from diversity_simpo.candidates import CandidateArguments
+from diversity_simpo.checkpoints import newest_complete_checkpoint
 from diversity_simpo.settings import ConfigError, check_model_location, check_writable, json_mapping
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -83,7 +87,6 @@ class OnPolicyArguments:
 def over_config(args, argv, default_config):
     """`--train` and `--candidates` on the command line add to (and override) the YAML's mappings of the same name,
     as a flag overrides one setting: `--train '{"learning_rate": 1e-6}'` keeps the YAML's other training settings."""
-    import yaml
 
     config = Path(argv[argv.index("--config") + 1]) if "--config" in argv else Path(default_config)
     from_yaml = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
@@ -144,14 +147,11 @@ def stages(args, start_model, seed):
     return out
 
 
-def check(args):
-    """Every stage's settings read and checked by the stage's own reader, and the start model and output_dir, before
+def check(args, training_config_class):
+    """Every stage's settings read and checked by the stage's own reader (training's with `training_config_class`,
+    which the entry point hands over: the package imports no entry point), and the start model and output_dir, before
     anything is written or sampled: a typo in the training config is one line now, not after round 1's sampling.
     Returns (the start model, the candidates' seed)."""
-    from diversity_simpo import settings
-    from diversity_simpo.candidates import CandidateArguments
-    from diversity_simpo_trainer import DiversitySimPOConfig
-
     environment = dict(os.environ)  # reading a DeepSpeed config sets process-wide variables: not for the stages,
     for name in LAUNCHER_VARIABLES:  # and nothing here may join the launcher's process group: only the stages do
         os.environ.pop(name, None)
@@ -160,7 +160,7 @@ def check(args):
         if args.model_name_or_path:
             train_argv += ["--model_name_or_path", args.model_name_or_path]
         script, training, model_args = _as_stage(
-            args.train_config, settings.parse_args, train_argv, DiversitySimPOConfig
+            args.train_config, settings.parse_args, train_argv, training_config_class
         )
         start = model_args.model_name_or_path
         check_model_location(start, "model_name_or_path")
@@ -187,10 +187,10 @@ def _as_stage(config, reader, *arguments):
         raise ConfigError(f"{config}: {e}") from None
 
 
-def run(args):
+def run(args, training_config_class):
     """Every stage of `args` in order (module docstring), each a process of its own; a stage that fails ends the run
     with its exit status, after its own message."""
-    start, seed = check(args)
+    start, seed = check(args, training_config_class)
     main = int(os.environ.get("RANK", "0")) == 0
     for name, script, argv, folder in stages(args, start, seed):
         if script == "train_diversity_simpo.py":
@@ -218,8 +218,6 @@ def _finished(folder):
 
 
 def _has_checkpoint(folder):
-    from diversity_simpo.checkpoints import newest_complete_checkpoint
-
     return Path(folder).is_dir() and newest_complete_checkpoint(Path(folder))[0] is not None
 
 
