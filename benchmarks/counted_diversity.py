@@ -81,7 +81,7 @@ SETTINGS = {  # label -> (pair rules, on-policy rounds)
     "2 rounds of best_vs_worst + divpo": (["best_vs_worst", "divpo"], 2),
     "2 rounds of best_vs_worst + rarest_vs_worst": (["best_vs_worst", "rarest_vs_worst"], 2),
 }
-RECOMMENDED = "2 rounds of best_vs_worst + rarest_vs_worst"  # the README's setting for diversity
+RECOMMENDED = "2 rounds of best_vs_worst + rarest_vs_worst"  # what README.md and the configs use for diversity
 
 
 def every_good_vs_typical_bad(scores, texts, logps, rho):

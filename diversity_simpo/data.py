@@ -5,7 +5,7 @@ prompt conversation (a list of `{"role", "content"}`, system turn first) with on
 rejected. TRL then applies the chat template to the prompt and appends each reply, so the labels are exactly the
 final assistant reply and earlier turns are prompt. `row_id` is the row's index in its split (errors name it).
 
-Layouts (the README's table has an example row of each):
+Layouts (docs/data.md has an example row of each):
     standard        prompt, chosen, rejected: strings
     conversational  chosen, rejected: conversations ending in the assistant's reply; the prompt is their shared
                     leading turns, or the `prompt` column (a string or a conversation) when they hold the reply alone

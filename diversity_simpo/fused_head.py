@@ -14,7 +14,7 @@ into per-token online statistics; with `lse = log sum_v exp z_v`, `p = softmax(z
     KL(r || c)     = sum_v p_r,v (z_r,v - z_c,v) - lse_r + lse_c
 
 KL pairs position t of chosen row b with position t of rejected row b + B, where both are response positions (the
-README's definition); the two rows of a pair share a tile, so the cross term needs no extra projection. Backward
+docs/method.md's definition); the two rows of a pair share a tile, so the cross term needs no extra projection. Backward
 recomputes each tile and turns it into dLoss/dz in place, then accumulates `grad_h += dz W`, `grad_W += dz^T h` in
 float32:
 

@@ -12,7 +12,7 @@ final-samples/    with `final_samples`, the last model sampled and scored on rou
 
 Every stage is a process of its own (its accelerator memory is free again for the next one), started with this
 process's environment: run this file under `deepspeed` or `accelerate launch` and each rank starts each stage as
-that rank, so every stage runs under the user's launcher. A stage that is done is passed over (a finished training
+that rank, so every stage runs under the launcher you chose. A stage that is done is passed over (a finished training
 run), or continues where it stopped (a candidates folder samples only its missing shards; a training run resumes
 from its newest complete checkpoint): the same command after a kill continues the loop.
 

@@ -69,16 +69,17 @@ class ScriptArguments:
         default_factory=lambda: ["best_vs_worst"],
         metadata={
             "help": "Rows of scored candidates (prompt, all_generated_responses, all_rm_scores; or UltraFeedback's "
-            "completions): the rule, or a list of rules (best_vs_worst,divpo), that choose the pairs; each row gives "
-            "one pair per rule. best_vs_worst: highest score against lowest; divpo: DivPO's rarest good reply "
-            "against the most typical one below the bar (diversity_simpo/pair_selection.py)."
+            "completions): the rule, or a list of rules (best_vs_worst,rarest_vs_worst), that choose the pairs; each "
+            "row gives one pair per rule. best_vs_worst: highest score against lowest; divpo: DivPO's rarest good "
+            "reply against the most typical one below the bar; rarest_vs_worst: the rarest good reply against the "
+            "lowest score (diversity_simpo/pair_selection.py)."
         },
     )
     divpo_rho: float = field(
         default=0.3,
         metadata={
-            "help": "DivPO's quality bar, a fraction of each row's score range: replies scoring >= max - rho * (max - "
-            "min) are good enough to be chosen; 0 keeps only the best-scored."
+            "help": "The quality bar of divpo and rarest_vs_worst, a fraction of each row's score range: replies "
+            "scoring >= max - rho * (max - min) are good enough to be chosen; 0 keeps only the best-scored."
         },
     )
     candidate_score: str = field(

@@ -49,22 +49,27 @@ def test_yaml_values_are_loaded_and_command_line_overrides_them():
 
 def test_without_config_flag_the_real_config_is_used():
     # no GPU here for the real config's bf16; no DeepSpeed in this process (it would set up a process group)
-    _, training, model = parse_args(["--bf16", "false", "--deepspeed", ""])
+    script, training, model = parse_args(["--bf16", "false", "--deepspeed", ""])
     assert model.model_name_or_path == "elyza/Llama-3-ELYZA-JP-8B"
     assert training.output_dir == "output/diversity-simpo-trained-model"
     assert (training.loss_type, training.cpo_alpha, training.simpo_gamma) == ("simpo", 0.0, 0.7)
-    assert (training.diversity_weight, training.diversity_alpha) == (0.05, 1.0)  # entropy only: benchmarks/DIVERSITY.md
+    # the term off, entropy only if turned on; varied replies from the pair rules (benchmarks/DIVERSITY.md)
+    assert (training.diversity_weight, training.diversity_alpha) == (0.0, 1.0)
+    assert script.pair_selection == ["best_vs_worst", "rarest_vs_worst"]
     real = yaml.safe_load((ROOT / "configs" / "config_diversity_simpo.yaml").read_text(encoding="utf-8"))
     assert real["deepspeed"] == "configs/ds_config.json"  # `deepspeed --num_gpus=4 train_diversity_simpo.py`: ZeRO-2
 
 
-def test_plain_simpo_config_differs_only_in_weight_output_and_run_name():
-    _, diverse, _ = parse_args(["--bf16", "false", "--deepspeed", ""])
+def test_plain_simpo_config_differs_only_in_pair_rules_output_and_run_name():
+    diverse_script, diverse, _ = parse_args(["--bf16", "false", "--deepspeed", ""])
     plain_config = str(ROOT / "configs" / "config_cpo.yaml")
-    _, plain, _ = parse_args(["--config", plain_config, "--bf16", "false", "--deepspeed", ""])
+    plain_script, plain, _ = parse_args(["--config", plain_config, "--bf16", "false", "--deepspeed", ""])
     assert plain.diversity_weight == 0.0 and plain.output_dir == "output/simpo-trained-model"
     differing = {k for k, v in diverse.to_dict().items() if plain.to_dict()[k] != v}
-    assert differing == {"diversity_weight", "output_dir", "run_name"}
+    differing |= {k for k, v in vars(diverse_script).items() if vars(plain_script)[k] != v}
+    assert differing == {"pair_selection", "output_dir", "run_name"} and plain_script.pair_selection == [
+        "best_vs_worst"
+    ]
 
 
 def test_misspelled_yaml_key_names_the_key_and_the_closest_field(tmp_path):

@@ -1,6 +1,6 @@
 """The documentation (README.md, CONTRIBUTING.md, docs/*.md) says nothing the code contradicts.
 
-- every relative link and image resolves to a file of the repository;
+- every relative link and image resolves to a file of the repository, and a link's #anchor to a heading there;
 - every `configs/`, `demo/` and `benchmarks/` path written in code exists;
 - every `make X` written in code is a target of the Makefile;
 - every `--flag` given to an entry point in code (also through `deepspeed` or `accelerate launch`) is an option of
@@ -65,6 +65,21 @@ def parts(path):
         prose.append(CODE_SPAN.sub("code", line))  # link texts may hold code: `[`x`](y)` stays a link
     assert block is None, f"{path.name}: a code block is never closed"
     return "\n".join(prose), code
+
+
+@functools.cache
+def anchors(path):
+    """The #anchors of a Markdown file's headings, as GitHub makes them: lower case, punctuation but `-` and `_`
+    dropped, spaces as hyphens; a repeated heading gets -1, -2, ..."""
+    seen, found, in_code = {}, set(), False
+    for line in path.read_text(encoding="utf-8").splitlines():
+        in_code ^= bool(FENCE.match(line))
+        heading = None if in_code else re.match(r"#{1,6}\s+(.*?)\s*#*\s*$", line)
+        if heading:
+            slug = re.sub(r"[^\w\- ]", "", heading[1].lower()).replace(" ", "-")
+            found.add(f"{slug}-{seen[slug]}" if slug in seen else slug)
+            seen[slug] = seen.get(slug, 0) + 1
+    return found
 
 
 def doc_id(path):
@@ -137,12 +152,13 @@ def test_every_relative_link_resolves_to_a_file(doc):
     targets = LINK.findall(prose) + REFERENCE_LINK.findall(prose) + HTML_LINK.findall(prose)
     broken = []
     for target in targets:
-        if SCHEME.match(target) or target.startswith("#"):
-            continue  # a web address, or a heading of this page
-        path = unquote(target.split("#", 1)[0].split("?", 1)[0])
-        if not (doc.parent / path).exists():
+        if SCHEME.match(target):
+            continue  # a web address
+        path, _, anchor = unquote(target.split("?", 1)[0]).partition("#")
+        file = (doc.parent / path) if path else doc
+        if not file.exists() or (anchor and file.suffix == ".md" and anchor not in anchors(file.resolve())):
             broken.append(target)
-    assert not broken, f"{doc_id(doc)} links to files that do not exist: {broken}"
+    assert not broken, f"{doc_id(doc)} links to files or headings that do not exist: {broken}"
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=doc_id)
@@ -250,5 +266,9 @@ def test_every_settings_file_passes_its_tools_settings_check(path, environment):
     assert accepted is not None, f"{config} passes no tool's settings check: {refusals}"
     if tool == "on-policy":  # its stages read their own configs with the loop's settings over them, as rounds does
         (loop,) = accepted
-        read_as("training", ["--config", loop.train_config, *rounds.flags(loop.train)])
-        read_as("candidates", ["--config", loop.candidates_config, *rounds.flags(loop.candidates)])
+        stages = (("training", loop.train_config, loop.train), ("candidates", loop.candidates_config, loop.candidates))
+        for stage, stage_config, over in stages:
+            try:
+                read_as(stage, ["--config", stage_config, *rounds.flags(over)])
+            except ConfigError as e:
+                pytest.fail(f"{config}: its {stage} stage ({stage_config} with {over}) fails its check: {e}")
