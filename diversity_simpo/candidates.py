@@ -106,7 +106,7 @@ class CandidateArguments:
 
     def __post_init__(self):
         self.dataset_columns = json_mapping("dataset_columns", self.dataset_columns)
-        self.slice = prompt_slice(self.prompt_slice)
+        prompt_slice(self.prompt_slice)  # checked now: a mistake is one line before anything runs
 
 
 def prompt_slice(value):
@@ -395,7 +395,7 @@ def generate_candidates(args):
     check_locations(args, sampling)
     if args.max_prompts:
         prompts = prompts[: args.max_prompts]
-    prompts = sliced(prompts, *args.slice)
+    prompts = sliced(prompts, *prompt_slice(args.prompt_slice))
     if not prompts:
         raise ConfigError(
             f"prompt_slice={args.prompt_slice} of {counts['prompts']} prompts holds none: use fewer slices"
