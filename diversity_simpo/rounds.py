@@ -192,7 +192,7 @@ def run(args, training_config_class):
     with its exit status, after its own message."""
     start, seed = check(args, training_config_class)
     main = int(os.environ.get("RANK", "0")) == 0
-    for name, script, argv, folder in stages(args, start, seed):
+    for index, (name, script, argv, folder) in enumerate(stages(args, start, seed)):
         if script == "train_diversity_simpo.py":
             if _finished(folder):
                 if main:
@@ -202,7 +202,8 @@ def run(args, training_config_class):
                 argv = [*argv, "--resume_from_checkpoint", "latest"]
         if main:
             print(f"{name}: python {script} {' '.join(argv)}", file=sys.stderr, flush=True)
-        code = subprocess.run([sys.executable, str(ROOT / script), *argv], cwd=ROOT).returncode
+        code = subprocess.run([sys.executable, str(ROOT / script), *argv], cwd=ROOT, env=stage_environment(index))
+        code = code.returncode
         if code:
             sys.exit(code)
         if main:
@@ -210,6 +211,18 @@ def run(args, training_config_class):
     if main:
         print(f"Wrote {args.rounds} rounds to {args.output_dir}; the last model is {Path(args.output_dir)}/round-"
               f"{args.rounds}/model; figures in {args.output_dir}/rounds.md", file=sys.stderr)  # fmt: skip
+
+
+def stage_environment(index):
+    """This process's environment for stage `index`: under a launcher of several ranks, a rendezvous of the stage's
+    own. Its rank 0 serves a new store on MASTER_PORT + 1 + index (the same on every rank and on resume), not the
+    launcher's: torchrun's agent keeps one store for the whole job, where each stage's process group would find the
+    addresses the previous stage's ranks published and connect to processes that have exited."""
+    environment = dict(os.environ)
+    if int(environment.get("WORLD_SIZE", "1")) > 1 and "MASTER_PORT" in environment:
+        environment["MASTER_PORT"] = str(int(environment["MASTER_PORT"]) + 1 + index)
+        environment["TORCHELASTIC_USE_AGENT_STORE"] = "False"
+    return environment
 
 
 def _finished(folder):

@@ -169,7 +169,7 @@ def test_diversity_eval_numbers_do_not_depend_on_the_number_of_ranks(tmp_path, g
     one, two = (json.loads((tmp_path / d / "eval_results.json").read_text()) for d in ("one", "two"))
     keys = [k for k in one if k.startswith("diversity_eval/") and k != "diversity_eval/runtime"]
     assert {"diversity_eval/distinct_2", "diversity_eval/embedding_distance"} <= set(keys)
-    assert len(one["diversity_eval/examples"]) == 5
+    assert len(one["diversity_eval/samples"]) == 5
     for key in keys:
         # the same sampled tokens on 1 and 2 ranks: text scores are exact; the entropy and embedding scores are float32
         # per reply (a few ulps, 1e-6 ~ 8 ulps), averaged in float64

@@ -134,7 +134,7 @@ def test_eval_only_scores_a_saved_model_without_training(tmp_path):
     assert 0 <= results["eval_rewards/accuracies"] <= 1
     for key in ("distinct_1", "distinct_2", "self_bleu", "token_entropy"):
         assert 0 <= results[f"diversity_eval/{key}"] < 10
-    assert len(results["diversity_eval/examples"]) == 3
+    assert len(results["diversity_eval/samples"]) == 3
     assert not (tmp_path / "model.safetensors").exists()
 
 

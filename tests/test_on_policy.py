@@ -142,17 +142,23 @@ def test_a_killed_loop_continues_to_the_figures_of_the_uninterrupted_loop(tmp_pa
 
 
 @pytest.mark.distributed
-def test_every_stage_runs_on_the_ranks_of_the_launcher_the_loop_runs_under(tmp_path):
+@pytest.mark.parametrize("launcher", ["accelerate", "deepspeed"])
+def test_every_stage_runs_on_the_ranks_of_the_launcher_the_loop_runs_under(tmp_path, launcher):
+    """Three stages (candidates, training, final samples), each a rendezvous of its own on the same two ranks."""
     bin_dir = Path(sys.executable).parent
-    launch = [bin_dir / "accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
-    result = loop(tmp_path / "out", "--rounds", "1", "--final_samples", "false", launch=launch, start_new_session=True)
+    launch = {
+        "accelerate": [bin_dir / "accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                       "--mixed_precision", "no", "--dynamo_backend", "no"],
+        "deepspeed": [bin_dir / "deepspeed", "--num_gpus=2"],
+    }[launcher]  # fmt: skip
+    result = loop(tmp_path / "out", "--rounds", "1", launch=launch, start_new_session=True)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     # the candidates stage: 12 prompts in 3 shards, shard k sampled by rank k mod 2
     assert "rank 0: sampled 2 of the 3 shards to write" in result.stderr
     assert "rank 1: sampled 1 of the 3 shards to write" in result.stderr
     record = json.loads((tmp_path / "out" / "round-1" / "model" / "run_record.json").read_text())
     assert record["command"]["world_size"] == 2 and record["status"] == "finished"
+    assert manifest(tmp_path / "out" / "final-samples")["prompts"] == 12
 
 
 @pytest.mark.parametrize(
