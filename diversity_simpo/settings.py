@@ -140,7 +140,8 @@ def json_mapping(name, value):
     try:
         return json.loads(value)
     except json.JSONDecodeError:
-        raise ValueError(f'{name}={value!r} is not a JSON object such as \'{{"prompt": "input"}}\'') from None
+        example = '{"prompt": "input"}' if name == "dataset_columns" else '{"learning_rate": 1e-6}'
+        raise ValueError(f"{name}={value!r} is not a JSON object such as '{example}' (keys in double quotes)") from None
 
 
 def _positive(v):
