@@ -458,9 +458,9 @@ def generate_candidates(args):
     progress.close()
     seconds = time.perf_counter() - started
     if mine:  # this rank's speed: each rank samples and scores on its own
-        speed = f"{tokens:,} tokens sampled in {seconds - scoring:.1f} s ({tokens / max(seconds - scoring, 1e-9):,.0f} "
-        speed = speed + "tokens/s); " if sampling else ""
-        print(f"rank {state.process_index}: {speed}{scored:,} replies scored in {scoring:.1f} s "
+        sampled = seconds - scoring
+        speed = f"{tokens:,} tokens sampled in {sampled:.1f} s ({tokens / max(sampled, 1e-9):,.0f} tokens/s); "
+        print(f"rank {state.process_index}: {speed if sampling else ''}{scored:,} replies scored in {scoring:.1f} s "
               f"({scored / max(scoring, 1e-9):,.0f} replies/s)", file=sys.stderr)  # fmt: skip
     if state.num_processes > 1:
         print(f"rank {state.process_index}: sampled {len(mine)} of the {len(todo)} shards to write", file=sys.stderr)
@@ -468,8 +468,11 @@ def generate_candidates(args):
         print(f"rank {state.process_index}: {cut} replies reached max_new_tokens={args.max_new_tokens} and are cut "
               "there", file=sys.stderr)  # fmt: skip
     state.wait_for_everyone()
-    what = f"{len(prompts)} prompts x {args.num_candidates} scored replies" if sampling else f"{len(prompts)} rows' "
-    what += "" if sampling else "replies, scored"
+    what = (
+        f"{len(prompts)} prompts x {args.num_candidates} scored replies"
+        if sampling
+        else f"the replies of {len(prompts)} rows, scored"
+    )
     say(f"Wrote {what} to {output} (train on it: dataset_name: {output})")
 
 

@@ -128,7 +128,7 @@ def load_prompts(args, split, counts=None):
             prompt["reference"] = _text(row["reference"], f"{where}: 'reference'")
         prompts.append(prompt)
     if len({isinstance(p["prompt"], str) for p in prompts}) > 1:  # as `one_kind`: string prompts join chat ones
-        prompts = [p | {"prompt": as_chat({**p, "chosen": "", "rejected": ""})["prompt"]} for p in prompts]
+        prompts = [p | {"prompt": as_chat(p)["prompt"]} for p in prompts]
     if counts is not None:
         counts.update(
             read=len(dataset), prompts=len(prompts), skipped_repeated_or_diverging=len(dataset) - len(prompts)

@@ -24,6 +24,17 @@ DEMO_MODEL = ROOT / "demo" / "tiny-llama-ja"
 DEMO_DATA = ROOT / "demo" / "data"
 
 
+def two_rank_launcher(launcher):
+    """The command that starts a script on 2 CPU ranks: accelerate's torchrun launcher (--multi_gpu; with --cpu it
+    would start 1 process; the scripts' use_cpu keeps the ranks on the CPU), or DeepSpeed's."""
+    bin_dir = Path(sys.executable).parent
+    return {
+        "accelerate": [bin_dir / "accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                       "--mixed_precision", "no", "--dynamo_backend", "no"],
+        "deepspeed": [bin_dir / "deepspeed", "--num_gpus=2"],
+    }[launcher]  # fmt: skip
+
+
 def pytest_configure(config):
     config.addinivalue_line(
         "markers", "distributed: launches DeepSpeed with several CPU ranks (deselect: -m 'not distributed')"

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import DEMO_DATA, DEMO_MODEL, ROOT
+from conftest import DEMO_DATA, DEMO_MODEL, ROOT, two_rank_launcher
 from precision import assert_close_at_scale
 from test_preference_data import LAYOUTS, assistant, rows_of, settings, tiny_llama3, user, write_rows
 
@@ -425,13 +425,7 @@ def test_overwrite_deletes_exactly_the_files_of_the_run_it_replaces(tmp_path, re
 @pytest.mark.parametrize("launcher", ["accelerate", "deepspeed"])
 def test_two_ranks_write_the_candidates_and_scores_of_one_process(tmp_path, reference_run, launcher):
     """Shards 0 and 1 are sampled by ranks 0 and 1; the folder holds what the one-process run writes."""
-    bin_dir = Path(sys.executable).parent
-    launch = {
-        # --multi_gpu is accelerate's torchrun launcher (CPU ranks here: use_cpu); with --cpu it starts 1 process
-        "accelerate": [bin_dir / "accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                       "--mixed_precision", "no", "--dynamo_backend", "no"],
-        "deepspeed": [bin_dir / "deepspeed", "--num_gpus=2"],
-    }[launcher]  # fmt: skip
+    launch = two_rank_launcher(launcher)
     args = cli_args(candidate_args(tmp_path / "ranks"))
     result = subprocess.run(
         [*map(str, launch), "generate_candidates.py", *args], cwd=ROOT, env=ENV, capture_output=True, text=True,

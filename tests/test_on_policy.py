@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import DEMO_MODEL, ROOT
+from conftest import DEMO_MODEL, ROOT, two_rank_launcher
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 # two rounds at toy sizes: 12 prompts (6 per round), 3 replies of up to 12 tokens, 3 training steps per round
@@ -29,11 +29,14 @@ TRAIN = {
 TRAIN |= {"pair_selection": ["best_vs_worst", "divpo"], "dataset_test_fraction": 0.0, "logging_steps": 1}
 
 
-def loop(output, *extra, launch=(sys.executable,), timeout=900, **kwargs):
+def loop_command(output, launch=(sys.executable,)):
     command = [*map(str, launch), "train_on_policy.py", "--config", "configs/demo_on_policy.yaml"]
-    command += ["--candidates", json.dumps(CANDIDATES), "--train", json.dumps(TRAIN), "--output_dir", str(output)]
-    return subprocess.run([*command, *map(str, extra)], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                          timeout=timeout, **kwargs)  # fmt: skip
+    return [*command, "--candidates", json.dumps(CANDIDATES), "--train", json.dumps(TRAIN), "--output_dir", str(output)]
+
+
+def loop(output, *extra, launch=(sys.executable,), timeout=900, **kwargs):
+    return subprocess.run([*loop_command(output, launch), *map(str, extra)], cwd=ROOT, env=ENV, capture_output=True,
+                          text=True, timeout=timeout, **kwargs)  # fmt: skip
 
 
 def manifest(folder):
@@ -112,10 +115,8 @@ def test_a_killed_loop_continues_to_the_figures_of_the_uninterrupted_loop(tmp_pa
     round 1 and ends where the uninterrupted loop ended. Then round 2's training cut back to its checkpoint-2 (what a
     kill during it leaves): the loop resumes it from there, to the same end."""
     output = tmp_path / "out"
-    command = [sys.executable, "train_on_policy.py", "--config", "configs/demo_on_policy.yaml", "--candidates",
-               json.dumps(CANDIDATES), "--train", json.dumps(TRAIN), "--output_dir", str(output)]  # fmt: skip
-    process = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)  # fmt: skip
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    process = subprocess.Popen(loop_command(output), cwd=ROOT, env=ENV, start_new_session=True, **quiet)
     deadline = time.time() + 600
     while not (output / "round-2" / "candidates" / "candidates.yaml").is_file():
         assert process.poll() is None and time.time() < deadline, "the loop ended before round 2 began"
@@ -145,13 +146,7 @@ def test_a_killed_loop_continues_to_the_figures_of_the_uninterrupted_loop(tmp_pa
 @pytest.mark.parametrize("launcher", ["accelerate", "deepspeed"])
 def test_every_stage_runs_on_the_ranks_of_the_launcher_the_loop_runs_under(tmp_path, launcher):
     """Three stages (candidates, training, final samples), each a rendezvous of its own on the same two ranks."""
-    bin_dir = Path(sys.executable).parent
-    launch = {
-        "accelerate": [bin_dir / "accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                       "--mixed_precision", "no", "--dynamo_backend", "no"],
-        "deepspeed": [bin_dir / "deepspeed", "--num_gpus=2"],
-    }[launcher]  # fmt: skip
-    result = loop(tmp_path / "out", "--rounds", "1", launch=launch, start_new_session=True)
+    result = loop(tmp_path / "out", "--rounds", "1", launch=two_rank_launcher(launcher), start_new_session=True)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     # the candidates stage: 12 prompts in 3 shards, shard k sampled by rank k mod 2
     assert "rank 0: sampled 2 of the 3 shards to write" in result.stderr
