@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from diversity_simpo import rounds, settings
+from diversity_simpo.candidates import CandidateArguments
 from diversity_simpo.data import DataError
 from diversity_simpo.settings import ConfigError
 
@@ -24,10 +25,16 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "on_policy.yaml"
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    (args,) = settings.read_settings(argv, (rounds.OnPolicyArguments,), DEFAULT_CONFIG)
+    from trl import ModelConfig
+
     from diversity_simpo_trainer import DiversitySimPOConfig  # the training stage's settings, checked up front
 
+    argv = sys.argv[1:] if argv is None else argv
+    stages = {
+        "train": (settings.ScriptArguments, DiversitySimPOConfig, ModelConfig),
+        "candidates": (CandidateArguments,),
+    }
+    (args,) = settings.read_settings(argv, (rounds.OnPolicyArguments,), DEFAULT_CONFIG, nested=stages)
     rounds.run(rounds.over_config(args, argv, DEFAULT_CONFIG), DiversitySimPOConfig)
 
 

@@ -240,10 +240,11 @@ def parse_args(argv, config_class):
     return script, training, model
 
 
-def read_settings(argv, dataclass_types, default_config):
+def read_settings(argv, dataclass_types, default_config, nested=None):
     """One instance of each of `dataclass_types` from the YAML config (`--config`, default `default_config`)
     overridden by command-line flags: every key a field (else the closest one is named), every value of its field's
-    type, finite, within LIMITS and CHOICES. Any tool of this project reads its settings this way."""
+    type, finite, within LIMITS and CHOICES. Any tool of this project reads its settings this way. `nested` ({mapping
+    field: dataclasses}) names, for an unknown key, the mapping of another tool's settings it belongs under."""
     import yaml
 
     argv = [str(a) for a in argv]
@@ -277,12 +278,14 @@ def read_settings(argv, dataclass_types, default_config):
         )
     for key in config:
         if key != "env" and key not in names:
-            raise ConfigError(f"{config_path}: unknown key {key!r}{_closest(str(key), names)}")
+            hint = _nested(str(key), nested) or _closest(str(key), names)
+            raise ConfigError(f"{config_path}: unknown key {key!r}{hint}")
     options = set(parser._option_string_actions)
     for arg in argv:
         flag = arg.split("=", 1)[0]
         if flag.startswith("--") and flag != "--config" and flag not in options:
-            raise ConfigError(f"unknown option {flag}{_closest(flag[2:], names)}")
+            hint = _nested(flag[2:], nested, on_command_line=True) or _closest(flag[2:], names)
+            raise ConfigError(f"unknown option {flag}{hint}")
     for flag, value in itertools.pairwise(argv):  # before the dataclasses, which would overflow on them
         if flag.startswith("--") and value.strip().lower().lstrip("+-") in ("nan", "inf", "infinity"):
             raise ConfigError(f"{flag[2:]}={value} must be a finite number (the command line)")
@@ -303,6 +306,16 @@ def read_settings(argv, dataclass_types, default_config):
     for instance in parsed:  # the merged values: types were checked above (YAML) or by argparse (flags)
         check_values(vars(instance), [type(instance)], None, types=False)
     return parsed
+
+
+def _nested(name, nested, on_command_line=False):
+    """Where a setting of another tool belongs, for a tool that passes settings on (`nested`: {mapping field: the
+    dataclasses of its settings}), or "" when it is none of theirs."""
+    for field_name, classes in (nested or {}).items():
+        if any(name in {f.name for f in fields(cls)} for cls in classes):
+            where = f"--{field_name} '{{\"{name}\": ...}}'" if on_command_line else f"under {field_name}: in the YAML"
+            return f"; it is a setting of the {field_name} stage: give it {where}"
+    return ""
 
 
 def check_training_settings(script, training, model):

@@ -163,6 +163,8 @@ def test_every_stage_runs_on_the_ranks_of_the_launcher_the_loop_runs_under(tmp_p
         (["--candidates", '{"num_candidates": 1}'], "num_candidates=1 is out of range"),
         (["--train", '{"eval_strategy": "steps", "dataset_test_fraction": 0}'], "candidates have no test split"),
         (["--rounds", "0"], "rounds=0 is out of range"),
+        (["--learning_rate", "1e-6"], "--learning_rate; it is a setting of the train stage: give it --train '{"),
+        (["--num_candidates", "8"], "it is a setting of the candidates stage: give it --candidates '{"),
         (["--round_prompts", "new"], "round_prompts='new' is not one of fresh, same"),
         (["--model_name_or_path", "./demo/no-such-model"], "model folder ./demo/no-such-model not found"),
         (["--train_config", "configs/nothing.yaml"], "config file configs/nothing.yaml not found"),
