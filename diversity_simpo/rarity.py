@@ -40,10 +40,11 @@ def tokenised_candidates(tokenizer, row):
     return sequences
 
 
-def candidate_logps(model, tokenizer, rows, device, rows_per_forward=1):
+def candidate_logps(model, tokenizer, rows, device, rows_per_forward=1, shared=True):
     """Each candidate's mean token log-probability under `model`, a list per row of `rows` ({prompt, candidates}),
-    computed on `device` (module docstring); every rank returns every row's values."""
-    world, rank = _world()
+    computed on `device` (module docstring). `shared`: the groups are spread over the ranks and every rank returns
+    every row's values; else this process scores all of `rows` alone (a candidates shard, which one rank writes)."""
+    world, rank = _world() if shared else (1, 0)
     groups = range(0, len(rows), rows_per_forward)
     mine = [start for g, start in enumerate(groups) if g % world == rank]
     partitioned = any(hasattr(p, "ds_id") for p in model.parameters())
@@ -55,30 +56,33 @@ def candidate_logps(model, tokenizer, rows, device, rows_per_forward=1):
         gather = contextlib.nullcontext()
         model.to(device)
     started, results = time.perf_counter(), {}
-    was_training, patched = model.training, "forward" in vars(model)
-    forward = model.forward
-    add_fused_lm_head(model)  # `fused_lm_head=True` returns per-token log-probabilities; the plain forward is kept
+    # A PEFT model (a LoRA round's adapter) wraps the transformers model, whose layers hold the adapter in place: the
+    # fused head goes on that model, whose forward returns hidden states to it (PeftModel's returns logits)
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    was_training, patched = model.training, "forward" in vars(causal_lm)
+    forward = causal_lm.forward
+    add_fused_lm_head(causal_lm)  # `fused_lm_head=True` returns per-token log-probabilities; the plain forward is kept
     model.eval()
     try:
         with gather, torch.no_grad():
             for start in mine:
                 group = rows[start : start + rows_per_forward]
                 sequences = [s for row in group for s in tokenised_candidates(tokenizer, row)]
-                means = iter(_mean_logps(model, sequences, tokenizer.pad_token_id or 0, device))
+                means = iter(_mean_logps(causal_lm, sequences, tokenizer.pad_token_id or 0, device))
                 for index, row in enumerate(group, start):
                     results[index] = [next(means) for _ in row["candidates"]]
     finally:
         model.train(was_training)
         if patched:
-            model.forward = forward
+            causal_lm.forward = forward
         else:
-            del model.forward
+            del causal_lm.forward
     if world > 1:
         gathered = [None] * world
         torch.distributed.all_gather_object(gathered, results)
         results = {k: v for part in gathered for k, v in part.items()}
     seconds = time.perf_counter() - started
-    if rank == 0:
+    if rank == 0 and shared:
         candidates = sum(len(row["candidates"]) for row in rows)
         print(f"rarity pass: {len(rows)} rows ({candidates} candidates) on {device} x {world} in {seconds:.1f} s "
               f"({len(rows) / max(seconds, 1e-9):.1f} rows/s)", file=sys.stderr)  # fmt: skip

@@ -66,7 +66,10 @@ class OnPolicyArguments:
     )
     train: dict | str | None = field(
         default=None,
-        metadata={"help": "Settings over the training config, e.g. {pair_selection: [best_vs_worst, divpo]}."},
+        metadata={
+            "help": "Settings over the training config, e.g. {learning_rate: 5.0e-7}; on one GPU {use_peft: true, "
+            'deepspeed: "", gradient_accumulation_steps: 64} (LoRA). A JSON object on the command line.'
+        },
     )
     output_dir: str = field(default="output/on-policy", metadata={"help": "Every round's candidates and model."})
     final_samples: bool = field(
@@ -96,121 +99,181 @@ def over_config(args, argv, default_config):
     return args
 
 
-# --- the stages, as command lines ------------------------------------------------------------------------------------
+# --- the stages: each a settings file of its own ---------------------------------------------------------------------
+
+# Settings the loop decides for each stage, over anything the stage's config file says: the model of the round, the
+# folders, the slice and seed of the prompts, and the training stage's data (the round's candidates folder: its one
+# split, its own column names, its prompts rendered once already, system turn and all).
+LOOP_CANDIDATES = ("model_name_or_path", "output_dir", "prompt_slice", "overwrite")
+LOOP_TRAINING = ("model_name_or_path", "output_dir", "dataset_name", "dataset_config", "dataset_train_split",
+                 "dataset_test_split", "dataset_columns", "system_prompt", "wrap_text_as_chat",
+                 "resume_from_checkpoint", "overwrite_output_dir")  # fmt: skip
 
 
-def flags(settings):
-    """`--name value` for each setting: lists joined by commas, mappings as JSON, booleans as true/false."""
-    argv = []
-    for name, value in settings.items():
-        if isinstance(value, (list, tuple)):
-            value = ",".join(map(str, value))
-        elif isinstance(value, dict):
-            value = json.dumps(value, ensure_ascii=False)
-        elif isinstance(value, bool):
-            value = str(value).lower()
-        argv += [f"--{name}", str(value)]
-    return argv
+@dataclass
+class Stage:
+    name: str
+    script: str  # the entry point that runs it
+    settings: dict  # every setting, as the script's own reader takes them from its YAML
+    folder: Path  # what it writes
+
+    @property
+    def settings_file(self):
+        """The stage's settings, written beside its folder: round-1/model.settings.yaml for round-1/model/."""
+        return self.folder.with_name(self.folder.name + ".settings.yaml")
 
 
-def stages(args, start_model, seed):
-    """[(name, script, argv, folder)] of every stage in order."""
+def base_settings(args):
+    """(candidates, training): each stage's settings before the loop's own, its config file's with the loop's mapping
+    over them; a setting the loop decides, given in a mapping, is one line."""
+    out = []
+    for name, config, mapping, owned in (("candidates", args.candidates_config, args.candidates, LOOP_CANDIDATES),
+                                         ("train", args.train_config, args.train, LOOP_TRAINING)):  # fmt: skip
+        given = [key for key in owned if key in mapping]
+        if given:
+            decided = "model_name_or_path at the loop's top level" if given[0] == "model_name_or_path" else None
+            raise ConfigError(
+                f"{name}: {given[0]} is decided by the loop for every round (each round's model, folders and "
+                f"data are its own); {'set ' + decided if decided else 'remove it'}"
+            )
+        if not Path(config).is_file():
+            raise ConfigError(f"config file {config} not found ({name}_config); give a settings YAML of that stage")
+        out.append({**settings.load_config_file(config), **mapping})
+    return tuple(out)
+
+
+def stages(args, start_model, seed, candidates, training):
+    """[Stage] of every stage in order (module docstring), from the base settings of each (`base_settings`)."""
     folder = Path(args.output_dir)
     out, model, k = [], start_model, args.rounds
+    chat = bool(candidates.get("wrap_text_as_chat"))
     for r in range(1, k + 1):
         here = folder / f"round-{r}"
-        sampled = [
-            *flags(args.candidates),
-            "--model_name_or_path",
-            str(model),
-            "--output_dir",
-            str(here / "candidates"),
-        ]
-        sampled += [
-            "--prompt_slice",
-            f"{r}/{k}" if args.round_prompts == "fresh" else "1/1",
-            "--seed",
-            str(seed + r - 1),
-        ]
-        out.append((f"round {r}: candidates", "generate_candidates.py", ["--config", args.candidates_config, *sampled],
-                    here / "candidates"))  # fmt: skip
-        trained = ["--config", args.train_config, *flags(args.train), "--model_name_or_path", str(model)]
-        trained += ["--dataset_name", str(here / "candidates"), "--output_dir", str(here / "model")]
-        out.append((f"round {r}: training", "train_diversity_simpo.py", trained, here / "model"))
+        sampled = {**candidates, "model_name_or_path": str(model), "output_dir": str(here / "candidates"),
+                   "prompt_slice": f"{r}/{k}" if args.round_prompts == "fresh" else "1/1", "seed": seed + r - 1,
+                   "overwrite": False}  # fmt: skip
+        out.append(Stage(f"round {r}: candidates", "generate_candidates.py", sampled, here / "candidates"))
+        data = {"dataset_name": str(here / "candidates"), "dataset_config": None, "dataset_train_split": "train",
+                "dataset_test_split": "test", "dataset_columns": None, "system_prompt": None,
+                "wrap_text_as_chat": chat}  # fmt: skip
+        trained = {**training, "model_name_or_path": str(model), "output_dir": str(here / "model"), **data}
+        out.append(Stage(f"round {r}: training", "train_diversity_simpo.py", trained, here / "model"))
         model = here / "model"
     if args.final_samples:
-        sampled = [*flags(args.candidates), "--model_name_or_path", str(model)]
-        sampled += ["--output_dir", str(folder / "final-samples"), "--seed", str(seed)]
-        sampled += ["--prompt_slice", f"1/{k}" if args.round_prompts == "fresh" else "1/1"]
-        out.append(("final samples", "generate_candidates.py", ["--config", args.candidates_config, *sampled],
-                    folder / "final-samples"))  # fmt: skip
+        sampled = {**candidates, "model_name_or_path": str(model), "output_dir": str(folder / "final-samples"),
+                   "seed": seed, "prompt_slice": f"1/{k}" if args.round_prompts == "fresh" else "1/1",
+                   "overwrite": False}  # fmt: skip
+        out.append(Stage("final samples", "generate_candidates.py", sampled, folder / "final-samples"))
     return out
 
 
+def settings_text(values):
+    """A stage's settings as YAML that reads back equal: None, lists, mappings, booleans and floats as they are."""
+    return yaml.safe_dump(values, allow_unicode=True, sort_keys=False)
+
+
 def check(args, training_config_class):
-    """Every stage's settings read and checked by the stage's own reader (training's with `training_config_class`,
-    which the entry point hands over: the package imports no entry point), and the start model and output_dir, before
-    anything is written or sampled: a typo in the training config is one line now, not after round 1's sampling.
-    Returns (the start model, the candidates' seed)."""
+    """Every stage's settings (`read_stages`), the start model, the prompts and output_dir, checked before anything
+    is written or sampled: a typo in the training config is one line now, not after round 1's sampling.
+    Returns (the start model, the candidates' seed, the candidates' base settings, the training's)."""
+    from diversity_simpo.data import load_prompts
+
+    candidates, training = base_settings(args)
+    start = args.model_name_or_path or training.get("model_name_or_path")
+    check_model_location(start, "model_name_or_path")
+    script, training_args, sampling = read_stages(args, training_config_class, start, candidates, training)
+    if training_args.eval_strategy != "no" and not script.dataset_test_fraction:
+        raise ConfigError(
+            f"{args.train_config}: eval_strategy is {training_args.eval_strategy.value!r}, and a round's candidates "
+            "have no test split: set train: {dataset_test_fraction: 0.05} (held out of each round's rows), or "
+            "train: {eval_strategy: 'no'}"
+        )
+    if args.round_prompts == "fresh":
+        prompts = len(load_prompts(sampling, sampling.dataset_split))
+        if sampling.max_prompts:
+            prompts = min(prompts, sampling.max_prompts)
+        if prompts < args.rounds:
+            raise ConfigError(
+                f"round_prompts: fresh gives each of the {args.rounds} rounds its own slice of the prompts, and "
+                f"{sampling.dataset_name} has {prompts}: use fewer rounds, more prompts, or round_prompts: same"
+            )
+    check_writable(Path(args.output_dir))
+    return start, sampling.seed, candidates, training
+
+
+def read_stages(args, training_config_class, start, candidates, training):
+    """Round 1's stages' settings as their own readers take them (training's with `training_config_class`, which the
+    entry point hands over: the package imports no entry point), from the very settings files the stages will read,
+    written to a temporary folder. Returns (ScriptArguments, the training config, CandidateArguments)."""
+    import tempfile
+
     environment = dict(os.environ)  # reading a DeepSpeed config sets process-wide variables: not for the stages,
     for name in LAUNCHER_VARIABLES:  # and nothing here may join the launcher's process group: only the stages do
         os.environ.pop(name, None)
     try:
-        train_argv = ["--config", args.train_config, *flags(args.train)]
-        if args.model_name_or_path:
-            train_argv += ["--model_name_or_path", args.model_name_or_path]
-        script, training, model_args = _as_stage(
-            args.train_config, settings.parse_args, train_argv, training_config_class
-        )
-        start = model_args.model_name_or_path
-        check_model_location(start, "model_name_or_path")
-        sampled = ["--config", args.candidates_config, *flags(args.candidates), "--model_name_or_path", start]
-        (candidates,) = _as_stage(args.candidates_config, settings.read_settings, sampled, (CandidateArguments,),
-                                  ROOT / "configs" / "candidates.yaml")  # fmt: skip
+        first_sampled, first_trained = stages(args, start, 0, candidates, training)[:2]  # round 1's, seed aside
+        with tempfile.TemporaryDirectory() as scratch:
+            written = {}
+            for stage, what in ((first_sampled, "candidates"), (first_trained, "train")):
+                written[what] = Path(scratch) / stage.settings_file.name
+                written[what].write_text(settings_text(stage.settings), encoding="utf-8")
+            label = f"the training settings ({args.train_config} with the loop's train: over it)"
+            script, training_args, _ = settings.parse_args(["--config", written["train"]], training_config_class,
+                                                           label=label)  # fmt: skip
+            label = f"the candidates settings ({args.candidates_config} with the loop's candidates: over it)"
+            (sampling,) = settings.read_settings(["--config", written["candidates"]], (CandidateArguments,),
+                                                 ROOT / "configs" / "candidates.yaml", label=label)  # fmt: skip
     finally:
         os.environ.clear()
         os.environ.update(environment)
-    if training.eval_strategy != "no" and not script.dataset_test_fraction:
-        raise ConfigError(
-            f"{args.train_config}: eval_strategy is {training.eval_strategy.value!r}, and a round's candidates have "
-            "no test split: set train: {dataset_test_fraction: 0.05} (held out of each round's rows), or "
-            "train: {eval_strategy: 'no'}"
-        )
-    check_writable(Path(args.output_dir))
-    return start, candidates.seed
-
-
-def _as_stage(config, reader, *arguments):
-    try:
-        return reader(*arguments)
-    except ConfigError as e:
-        raise ConfigError(f"{config}: {e}") from None
+    return script, training_args, sampling
 
 
 def run(args, training_config_class):
-    """Every stage of `args` in order (module docstring), each a process of its own; a stage that fails ends the run
-    with its exit status, after its own message."""
-    start, seed = check(args, training_config_class)
+    """Every stage of `args` in order (module docstring), each a process of its own that reads the settings file the
+    loop writes beside its folder; a stage that is done is passed over; a stage that fails ends the run with its exit
+    status, after its own message."""
+    start, seed, candidates, training = check(args, training_config_class)
     main = int(os.environ.get("RANK", "0")) == 0
-    for index, (name, script, argv, folder) in enumerate(stages(args, start, seed)):
-        if script == "train_diversity_simpo.py":
-            if _finished(folder):
+    for index, stage in enumerate(stages(args, start, seed, candidates, training)):
+        if stage.script == "train_diversity_simpo.py":
+            if _finished(stage.folder):
                 if main:
-                    print(f"{name}: done ({folder})", file=sys.stderr)
+                    print(f"{stage.name}: done ({stage.folder})", file=sys.stderr)
                 continue
-            if _has_checkpoint(folder):
-                argv = [*argv, "--resume_from_checkpoint", "latest"]
+            if _has_checkpoint(stage.folder):
+                stage.settings["resume_from_checkpoint"] = "latest"
+            elif (stage.folder / run_record.RECORD).is_file():  # its own run, stopped before its first checkpoint
+                stage.settings["overwrite_output_dir"] = True  # (or after saving the model): trained again
+        stage.folder.parent.mkdir(parents=True, exist_ok=True)
+        # every rank writes the same file whole (a node of its own may not share the file system)
+        candidate_folder.write_whole(stage.settings_file, settings_text(stage.settings))
+        if stage.script == "generate_candidates.py" and _sampled(stage):
+            if main:
+                print(f"{stage.name}: done ({stage.folder})", file=sys.stderr)
+            continue
+        argv = ["--config", str(stage.settings_file)]
         if main:
-            print(f"{name}: python {script} {' '.join(argv)}", file=sys.stderr, flush=True)
-        code = subprocess.run([sys.executable, str(ROOT / script), *argv], cwd=ROOT, env=stage_environment(index))
-        code = code.returncode
-        if code:
-            sys.exit(code)
+            print(f"{stage.name}: python {stage.script} {' '.join(argv)}", file=sys.stderr, flush=True)
+        code = subprocess.run([sys.executable, str(ROOT / stage.script), *argv], env=stage_environment(index))
+        if code.returncode:
+            sys.exit(code.returncode)
         if main:
             write_figures(Path(args.output_dir), args.rounds)
     if main:
         print(f"Wrote {args.rounds} rounds to {args.output_dir}; the last model is {Path(args.output_dir)}/round-"
               f"{args.rounds}/model; figures in {args.output_dir}/rounds.md", file=sys.stderr)  # fmt: skip
+
+
+def _sampled(stage):
+    """A candidates folder that holds every shard of exactly these settings: nothing left to sample."""
+    from diversity_simpo.candidates import DECIDING
+
+    manifest = candidate_folder.read_manifest(stage.folder)
+    if manifest is None or candidate_folder.missing_shards(stage.folder)[0]:
+        return False
+    (sampling,) = settings.read_settings(["--config", stage.settings_file], (CandidateArguments,), stage.settings_file)
+    return manifest["settings"] == {k: getattr(sampling, k) for k in DECIDING}
 
 
 def stage_environment(index):

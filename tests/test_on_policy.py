@@ -159,7 +159,14 @@ def test_every_stage_runs_on_the_ranks_of_the_launcher_the_loop_runs_under(tmp_p
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--train", '{"learning_rat": 1e-4}'], "configs/demo.yaml: unknown option --learning_rat; did you mean"),
+        (
+            ["--train", '{"learning_rat": 1e-4}'],
+            "configs/demo.yaml with the loop's train: over it): unknown key "
+            "'learning_rat'; did you mean 'learning_rate'?",
+        ),
+        (["--train", '{"dataset_name": "my/data"}'], "train: dataset_name is decided by the loop for every round"),
+        (["--candidates", '{"model_name_or_path": "x"}'], "set model_name_or_path at the loop's top level"),
+        (["--candidates", '{"max_prompts": 1}'], "each of the 2 rounds its own slice of the prompts, and"),
         (["--candidates", '{"num_candidates": 1}'], "num_candidates=1 is out of range"),
         (["--train", '{"eval_strategy": "steps", "dataset_test_fraction": 0}'], "candidates have no test split"),
         (["--rounds", "0"], "rounds=0 is out of range"),
@@ -167,7 +174,7 @@ def test_every_stage_runs_on_the_ranks_of_the_launcher_the_loop_runs_under(tmp_p
         (["--num_candidates", "8"], "it is a setting of the candidates stage: give it --candidates '{"),
         (["--round_prompts", "new"], "round_prompts='new' is not one of fresh, same"),
         (["--model_name_or_path", "./demo/no-such-model"], "model folder ./demo/no-such-model not found"),
-        (["--train_config", "configs/nothing.yaml"], "config file configs/nothing.yaml not found"),
+        (["--train_config", "configs/nothing.yaml"], "config file configs/nothing.yaml not found (train_config)"),
     ],
 )
 def test_a_mistake_in_the_loop_or_in_either_stage_is_one_line_before_anything_is_written(tmp_path, flags, message):
@@ -176,3 +183,70 @@ def test_a_mistake_in_the_loop_or_in_either_stage_is_one_line_before_anything_is
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert lines[-1].startswith("error: ") and message in lines[-1], lines[-1]
     assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
+
+
+# --- each stage's settings: a file its own reader takes, every value as given ---------------------------------------
+
+
+def loop_args(tmp_path, train, candidates, **fields):
+    from diversity_simpo.rounds import OnPolicyArguments
+
+    paths = {"candidates_config": "configs/demo_candidates.yaml", "train_config": "configs/demo.yaml"}
+    return OnPolicyArguments(**(paths | fields), train=train, candidates=candidates, output_dir=str(tmp_path / "out"))
+
+
+def test_every_kind_of_setting_reaches_each_stage_equal_to_what_was_given(tmp_path, monkeypatch):
+    """None, lists, mappings, booleans, floats and strings given in the loop's mappings are what each stage's own
+    reader reads from the settings file the loop writes for it (a flag per setting would turn None into "None" and
+    join lists with commas)."""
+    from diversity_simpo import rounds, settings
+    from diversity_simpo.candidates import CandidateArguments
+    from diversity_simpo_trainer import DiversitySimPOConfig
+
+    monkeypatch.chdir(ROOT)
+    train = {"max_completion_length": None, "lora_target_modules": ["q_proj", "v_proj"], "use_peft": True,
+             "report_to": ["wandb", "tensorboard"], "lr_scheduler_kwargs": {"min_lr_rate": 0.1},
+             "learning_rate": 3.5e-07, "run_name": "ラウンド: 1, 2", "pair_selection": ["best_vs_worst", "divpo"]}  # fmt: skip
+    candidates = {"system_prompt": None, "dataset_columns": {"prompt": "prompt"}, "temperature": 0.7,
+                  "top_p": 1.0, "dataset_split": "train", "wrap_text_as_chat": True}  # fmt: skip
+    args = loop_args(tmp_path, train, candidates)
+    base = rounds.base_settings(args)
+    for stage in rounds.stages(args, str(DEMO_MODEL.relative_to(ROOT)), 7, *base)[:2]:
+        stage.settings_file.parent.mkdir(parents=True, exist_ok=True)
+        stage.settings_file.write_text(rounds.settings_text(stage.settings), encoding="utf-8")
+        argv = ["--config", str(stage.settings_file)]
+        if stage.script == "generate_candidates.py":
+            (read,) = settings.read_settings(argv, (CandidateArguments,), stage.settings_file)
+            given = candidates
+        else:
+            read = settings.parse_args([*argv, "--bf16", "false"], DiversitySimPOConfig)
+            given = train
+        values = {k: v for part in (read if isinstance(read, tuple) else (read,)) for k, v in vars(part).items()}
+        for key, value in given.items():
+            assert values[key] == value, f"{stage.name}: {key}"
+            assert type(values[key]) is type(value), f"{stage.name}: {key} is {type(values[key])}"
+
+
+def test_the_training_stage_trains_on_the_rounds_candidates_whatever_its_config_says_of_the_source_prompts(
+    tmp_path, monkeypatch
+):
+    """A training config written for a Hub dataset of pairs (its split, configuration, columns and system turn) is
+    still the config of every round: the loop gives its training stage the round's candidates folder as they are."""
+    from diversity_simpo import rounds
+
+    monkeypatch.chdir(ROOT)
+    config = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text(encoding="utf-8"))
+    config |= {"dataset_train_split": "train_prefs", "dataset_test_split": "test_prefs", "dataset_config": "ja",
+               "dataset_columns": {"prompt": "instruction"}, "system_prompt": "あなたは誠実なアシスタントです。"}  # fmt: skip
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(config, allow_unicode=True), encoding="utf-8")
+    args = loop_args(tmp_path, {}, {"wrap_text_as_chat": True}, train_config=str(tmp_path / "train.yaml"))
+    trained = [s for s in rounds.stages(args, "m", 7, *rounds.base_settings(args)) if s.script.startswith("train")]
+    for r, stage in enumerate(trained, 1):
+        assert {k: stage.settings[k] for k in rounds.LOOP_TRAINING if k in stage.settings} == {
+            "model_name_or_path": "m" if r == 1 else str(tmp_path / "out" / f"round-{r - 1}" / "model"),
+            "output_dir": str(tmp_path / "out" / f"round-{r}" / "model"),
+            "dataset_name": str(tmp_path / "out" / f"round-{r}" / "candidates"),
+            "dataset_config": None, "dataset_train_split": "train", "dataset_test_split": "test",
+            "dataset_columns": None, "system_prompt": None, "wrap_text_as_chat": True,
+        }  # fmt: skip
+        assert stage.settings["learning_rate"] == config["learning_rate"]  # the rest is the config's

@@ -151,16 +151,22 @@ def json_text(reply):
 # --- a candidate's rarity: the mean log-probability of what TRL trains --------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["text", "chat"])
+@pytest.mark.parametrize("kind", ["text", "chat", "lora"])
 def test_rarity_is_the_mean_log_probability_of_the_labels_trl_trains_on(tmp_path, kind):
     """Against TRL's own tokenisation of each candidate as a chosen reply (a real trainer's dataset: BOS once, the
     end-of-turn token, the prompt's last token moved into the reply when they merge) scored in float64 one sequence
-    at a time; the pass batches 2 rows of unequal lengths per forward (padding) through TRL's fused head."""
+    at a time; the pass batches 2 rows of unequal lengths per forward (padding) through TRL's fused head. `lora`: chat
+    rows under a PEFT model whose adapter changes the logits (a LoRA round's model), against its own float64 logits."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from diversity_simpo_trainer import DiversitySimPOConfig, DiversitySimPOTrainer
 
     model = AutoModelForCausalLM.from_pretrained(DEMO_MODEL).eval()
+    if kind == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+        model.eval()
     tokenizer = AutoTokenizer.from_pretrained(DEMO_MODEL)
     questions = ["富士山について教えてください。", "日本で一番長い川は何ですか。その長さも教えてください。", "桜とは？"]
     replies = [
@@ -168,8 +174,8 @@ def test_rarity_is_the_mean_log_probability_of_the_labels_trl_trains_on(tmp_path
         ["信濃川です。", "利根川", "知りません。ごめんなさい。"],
     ]
     replies.append(["春に咲く花です。", "桜は花です。"])
-    as_message = (lambda t: [{"role": "assistant", "content": t}]) if kind == "chat" else (lambda t: t)
-    as_prompt = (lambda q: [{"role": "user", "content": q}]) if kind == "chat" else (lambda q: q)
+    as_message = (lambda t: [{"role": "assistant", "content": t}]) if kind != "text" else (lambda t: t)
+    as_prompt = (lambda q: [{"role": "user", "content": q}]) if kind != "text" else (lambda q: q)
     rows = [
         {"prompt": as_prompt(q), "candidates": [as_message(r) for r in rs]}
         for q, rs in zip(questions, replies, strict=True)
