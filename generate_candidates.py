@@ -1,8 +1,8 @@
 """Sample replies from the model, score them with a reward model, and write them for training (on-policy data).
 
     python generate_candidates.py --config configs/candidates.yaml          # N replies per prompt, scored
-    accelerate launch --multi_gpu --num_processes 8 generate_candidates.py --config configs/candidates.yaml   # 8 GPUs
-    python train_diversity_simpo.py --dataset_name output/candidates --pair_selection divpo       # then train
+    deepspeed --num_gpus=4 generate_candidates.py --config configs/candidates.yaml          # 4 GPUs, a share each
+    deepspeed --num_gpus=4 train_diversity_simpo.py --dataset_name output/candidates        # then train on them
 
 Settings are the fields of CandidateArguments (diversity_simpo/candidates.py), from the YAML and the command line as
 for training. The output folder holds princeton-nlp's layout (prompt, all_generated_responses, all_rm_scores) in

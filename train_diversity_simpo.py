@@ -1,8 +1,8 @@
 """Fine-tune a causal language model with SimPO plus a diversity term.
 
-    python train_diversity_simpo.py                                    # configs/config_diversity_simpo.yaml
-    python train_diversity_simpo.py --config configs/demo.yaml --max_steps 10
-    deepspeed --num_gpus=4 train_diversity_simpo.py                    # ZeRO-2, from the config's `deepspeed` key
+    deepspeed --num_gpus=4 train_diversity_simpo.py    # configs/config_diversity_simpo.yaml, ZeRO-2 (its deepspeed)
+    python train_diversity_simpo.py --use_peft true --deepspeed "" --gradient_accumulation_steps 64    # one GPU: LoRA
+    python train_diversity_simpo.py --config configs/demo.yaml --max_steps 10    # the offline demo, on the CPU
 
 Every field of the YAML can be overridden on the command line (`--diversity_weight 0.1`). Mistakes in the config, the
 paths or the data end the run with a one-line `error:` and exit status 2, before anything is written

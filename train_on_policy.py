@@ -1,16 +1,16 @@
 """On-policy rounds in one command: sample replies from the model, score them with a reward model, choose pairs
-(DivPO's by rarity under that model), train; then again from the model just trained.
+(by score, and by rarity under that model), train; then again from the model just trained.
 
-    python train_on_policy.py                                  # configs/on_policy.yaml: ELYZA 8B, 2 rounds
+    deepspeed --num_gpus=4 train_on_policy.py                  # configs/on_policy.yaml: ELYZA 8B, 2 rounds, 4 GPUs
+    python train_on_policy.py --train '{"use_peft": true, "deepspeed": "", "gradient_accumulation_steps": 64}'  # 1 GPU
     python train_on_policy.py --config configs/demo_on_policy.yaml                      # the offline CPU demo
-    accelerate launch --multi_gpu --num_processes 8 train_on_policy.py                  # every stage on 8 GPUs
-    deepspeed --num_gpus=8 train_on_policy.py                                           # the same, DeepSpeed's launcher
 
 Settings are the fields of OnPolicyArguments (diversity_simpo/rounds.py), from the YAML and the command line as for
-the two other tools; each stage reads its own config (`candidates_config`, `train_config`), with `candidates` and
-`train` settings over them. Every stage runs in its own process, under the launcher this command runs under. The same
-command after a kill continues where it stopped. Mistakes end the run with a one-line `error:` and exit status 2,
-before anything is written.
+the two other tools. Each round runs two stages, each a process of its own under the launcher this command runs
+under: sampling and scoring (generate_candidates.py, its settings from `candidates_config` with the `candidates`
+mapping over them), then training (train_diversity_simpo.py, from `train_config` and `train`). The same command after
+a kill continues the loop: finished stages are passed over, a training stage resumes from its newest checkpoint.
+Mistakes end the run with a one-line `error:` and exit status 2, before anything is written.
 """
 
 import sys

@@ -86,7 +86,7 @@ class CandidateArguments:
         default="dynamic",
         metadata={
             "help": "generate's KV cache: dynamic, or static (preallocated; on a GPU transformers compiles the "
-            "forward for it). Both keep the counted draws; benchmarks/bench_candidates.py measures them."
+            "forward for it). Both give the same replies; benchmarks/bench_candidates.py measures their speed."
         },
     )
     score_batch_size: int = field(default=16, metadata={"help": "Replies per reward-model forward pass."})

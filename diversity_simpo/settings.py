@@ -203,24 +203,112 @@ LIMITS = {
 }
 
 
-def make_parser(dataclass_types, default_config=None):
-    """TRL's parser of `dataclass_types` (training: ScriptArguments, the trainer's config, ModelConfig); its --help
-    begins with where the settings come from."""
+# The settings a user edits first: --help lists those of the tool's fields in this order, before all the others
+MOST_EDITED = (
+    "rounds",
+    "train_config",
+    "candidates_config",
+    "train",
+    "candidates",
+    "model_name_or_path",
+    "reward_model",
+    "dataset_name",
+    "dataset_columns",
+    "system_prompt",
+    "wrap_text_as_chat",
+    "output_dir",
+    "num_candidates",
+    "max_prompts",
+    "max_new_tokens",
+    "batch_size",
+    "pair_selection",
+    "diversity_weight",
+    "diversity_alpha",
+    "beta",
+    "simpo_gamma",
+    "learning_rate",
+    "num_train_epochs",
+    "max_steps",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "max_length",
+    "use_peft",
+    "merge_adapter",
+    "deepspeed",
+    "eval_steps",
+    "save_steps",
+    "report_to",
+    "resume_from_checkpoint",
+)
+# Help of library fields whose own text does not say what this tool does with them
+HELP = {
+    "use_peft": "true: train LoRA adapters (lora_r, lora_alpha, lora_target_modules) instead of all weights: the "
+    "way to train an 8B model on one GPU.",
+    "deepspeed": "A DeepSpeed JSON: configs/ds_config.json (ZeRO-2), ds_config_zero3.json, "
+    'ds_config_zero3_offload.json; or "" for none.',
+    "resume_from_checkpoint": "latest: continue from the newest complete checkpoint in output_dir (one cut short by a "
+    "kill is passed over); or a checkpoint folder, output_dir/checkpoint-N.",
+}
+
+
+def shown(value):
+    """A setting's value as --help shows it: as it is written after its flag (lists space-separated, mappings as
+    JSON, booleans as true/false)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, Enum):
+        return str(value.value)
+    if isinstance(value, (list, tuple)):
+        return " ".join(map(str, value)) if value else "[]"
+    if isinstance(value, dict):
+        return json.dumps(value, ensure_ascii=False)
+    return str(value)
+
+
+def make_parser(dataclass_types, default_config=None, config=None, config_path=None, nested=None):
+    """TRL's parser of `dataclass_types` (training: ScriptArguments, the trainer's config, ModelConfig). Its --help
+    begins with where the settings come from, lists the MOST_EDITED fields first, and shows as each field's default
+    the value a plain run uses: `config`'s (the YAML read from `config_path`) where it sets the field, else the
+    field's own. `nested` (read_settings') names the mappings that hold other tools' settings."""
+    import argparse
+
     from trl import TrlParser
 
     class Parser(TrlParser):
         def error(self, message):  # argparse would print the whole usage (hundreds of options) and exit
             raise ConfigError(f"{message} (see --help)")
 
-    where = Path(default_config).resolve() if default_config else None
-    if where is not None and where.is_relative_to(Path.cwd()):
-        where = where.relative_to(Path.cwd())
-    description = (
-        f"Settings are read from {where} unless --config FILE names another YAML file; any field below is a key "
-        "there, and a flag (--field value) overrides it."
-        if where
-        else None
-    )
+        def format_help(self):
+            saved = {action: action.default for action in self._actions}
+            try:
+                for action in self._actions:
+                    if action.default is not argparse.SUPPRESS:
+                        action.default = shown((config or {}).get(action.dest, action.default))
+                return super().format_help()
+            finally:
+                for action, default in saved.items():
+                    action.default = default
+
+    def relative(path):  # a path as the user would type it from the repository root (or a label, as it is)
+        if not Path(path).exists():
+            return path
+        path = Path(path).resolve()
+        return path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path
+
+    where = relative(default_config) if default_config else None
+    description = None
+    if where:
+        read = relative(config_path) if config_path else where
+        description = (
+            f"Settings are read from {where} unless --config FILE names another YAML file; any field below is a key "
+            f"there, and a flag (--field value) overrides it. Each default shown is what a run with {read} uses: "
+            "its value where the file sets the field, the built-in one elsewhere."
+        )
+        if nested:
+            description += (
+                f" The {' and '.join(nested)} mappings hold settings over each stage's own YAML file; the --help of "
+                "train_diversity_simpo.py or generate_candidates.py with --config FILE shows what that file sets."
+            )
     parser = Parser(
         tuple(dataclass_types), usage="%(prog)s [--config FILE] [--field value ...]", description=description
     )
@@ -235,6 +323,16 @@ def parse_args(argv, config_class):
     (`--config`, default DEFAULT_CONFIG) overridden by command-line flags; every value checked (module docstring)."""
     from trl import ModelConfig
 
+    by_name = {action.dest: action for action in parser._actions}
+    for name in HELP.keys() & by_name.keys():
+        by_name[name].help = HELP[name]
+    first = parser.add_argument_group("most edited settings")
+    for name in (n for n in ("help", *MOST_EDITED) if n in by_name):
+        parser._optionals._group_actions.remove(by_name[name])
+        first._group_actions.append(by_name[name])
+    parser._action_groups.remove(first)
+    parser._action_groups.insert(parser._action_groups.index(parser._optionals), first)
+    parser._optionals.title = "all other settings"
     script, training, model = read_settings(argv, (ScriptArguments, config_class, ModelConfig), DEFAULT_CONFIG)
     check_training_settings(script, training, model)
     return script, training, model
@@ -268,7 +366,7 @@ def read_settings(argv, dataclass_types, default_config, nested=None):
     if not isinstance(config, dict):
         raise ConfigError(f"{config_path} must be a YAML mapping of `field: value` lines")
 
-    parser = make_parser(dataclass_types, default_config)
+    parser = make_parser(dataclass_types, default_config, config, config_path, nested)
     names = {action.dest for action in parser._actions} - {"help"}
     deepspeed_only = {"zero_optimization", "train_micro_batch_size_per_gpu"} & set(config)
     if deepspeed_only:  # JSON is YAML: a DeepSpeed config given as the settings file parses, and every key is unknown

@@ -13,6 +13,7 @@
 Offline and quick: nothing here loads a model or reads a dataset.
 """
 
+import dataclasses
 import functools
 import os
 import re
@@ -266,9 +267,242 @@ def test_every_settings_file_passes_its_tools_settings_check(path, environment):
     assert accepted is not None, f"{config} passes no tool's settings check: {refusals}"
     if tool == "on-policy":  # its stages read their own configs with the loop's settings over them, as rounds does
         (loop,) = accepted
-        stages = (("training", loop.train_config, loop.train), ("candidates", loop.candidates_config, loop.candidates))
-        for stage, stage_config, over in stages:
-            try:
-                read_as(stage, ["--config", stage_config, *rounds.flags(over)])
-            except ConfigError as e:
-                pytest.fail(f"{config}: its {stage} stage ({stage_config} with {over}) fails its check: {e}")
+        from diversity_simpo_trainer import DiversitySimPOConfig
+
+        try:  # the settings files the loop writes for round 1's stages, through each stage's own reader
+            if NO_GPU:  # as for a training file
+                loop.train = {**loop.train, "bf16": False}
+            candidates, training = rounds.base_settings(loop)
+            start = loop.model_name_or_path or training.get("model_name_or_path")
+            rounds.read_stages(loop, DiversitySimPOConfig, start, candidates, training)
+        except ConfigError as e:
+            pytest.fail(f"{config}: a stage's settings fail their check: {e}")
+
+
+# --- --help ---------------------------------------------------------------------------------------------------------
+
+HELP_CASES = [  # (entry point, the --config given or None, the YAML it then reads)
+    ("train_diversity_simpo.py", None, "configs/config_diversity_simpo.yaml"),
+    ("train_diversity_simpo.py", "configs/demo.yaml", "configs/demo.yaml"),
+    ("generate_candidates.py", None, "configs/candidates.yaml"),
+    ("generate_candidates.py", "configs/demo_candidates.yaml", "configs/demo_candidates.yaml"),
+    ("train_on_policy.py", None, "configs/on_policy.yaml"),
+    ("train_on_policy.py", "configs/demo_on_policy.yaml", "configs/demo_on_policy.yaml"),
+]
+
+
+def help_of(script, config, capsys, monkeypatch):
+    """{field: (its help line, the default it prints)} and the whole text of `script --help` (with `--config`)."""
+    import importlib
+
+    monkeypatch.setenv("COLUMNS", "100000")  # one line per option's help: nothing wrapped
+    argv = [*(["--config", config] if config else []), "--help"]
+    with pytest.raises(SystemExit) as stop:
+        importlib.import_module(script.removesuffix(".py")).main(argv)
+    assert stop.value.code == 0
+    text = capsys.readouterr().out
+    fields, name = {}, None
+    for line in text.splitlines():
+        option = re.match(r"\s{2}--(\w+).*?(?:\s{2,}(.*))?$", line)  # the option, and its help if on the same line
+        if option:
+            name = option[1]
+            fields.setdefault(name, option[2] or "")
+        elif name and line.startswith(" " * 10):
+            fields[name] += " " + line.strip()
+        else:
+            name = None
+    defaults = {k: (v, re.search(r"\(default: (.*)\)$", v)) for k, v in fields.items()}
+    return {k: (v, m[1] if m else None) for k, (v, m) in defaults.items()}, text
+
+
+def printed_equals(printed, value):
+    """Whether the default --help printed is `value` (a YAML value), read back as the command line reads it."""
+    import json
+
+    if isinstance(value, bool):
+        return printed == str(value).lower()
+    if value is None:
+        return printed == "None"
+    if isinstance(value, list):
+        return printed.split() == [str(v) for v in value] or (printed == "[]" and not value)
+    if isinstance(value, dict):
+        return json.loads(printed) == value
+    if isinstance(value, (int, float)):
+        return float(printed) == float(value)
+    return printed == str(value)
+
+
+@pytest.mark.parametrize(("script", "config", "yaml_file"), HELP_CASES, ids=lambda v: str(v))
+def test_help_shows_as_default_what_a_run_with_that_config_uses(script, config, yaml_file, capsys, monkeypatch,
+                                                                environment):  # fmt: skip
+    import yaml
+
+    shown, text = help_of(script, config, capsys, monkeypatch)
+    values = yaml.safe_load((ROOT / yaml_file).read_text(encoding="utf-8"))
+    wrong = {
+        key: (shown.get(key, (None, "not listed"))[1], value)
+        for key, value in values.items()
+        if key != "env" and not (key in shown and shown[key][1] is not None and printed_equals(shown[key][1], value))
+    }
+    assert not wrong, f"{script} --help prints defaults other than {yaml_file}'s: {wrong} (printed, YAML)"
+    assert f"what a run with {yaml_file} uses" in " ".join(text.split())
+
+
+@pytest.mark.parametrize("script", ENTRY_POINTS)
+def test_help_lists_the_most_edited_settings_first(script, capsys, monkeypatch, environment):
+    shown, text = help_of(script, None, capsys, monkeypatch)
+    groups = [line for line in text.splitlines() if re.match(r"^\S.*:$", line)]
+    assert groups[:2] == ["most edited settings:", "all other settings:"], groups
+    first = text.split("all other settings:")[0]
+    for name in ("model_name_or_path", "output_dir"):
+        assert f"--{name} " in first, f"{script} --help does not list {name} among the most edited settings"
+    if script == "train_diversity_simpo.py":
+        assert "latest" in shown["resume_from_checkpoint"][0]
+        for name in ("dataset_name", "system_prompt", "diversity_weight", "use_peft", "gradient_accumulation_steps"):
+            assert f"--{name} " in first, name
+
+
+# --- recipes: every command that trains the 8B model fits the GPUs it names and keeps the global batch -------------
+
+GLOBAL_BATCH = 128  # pairs per optimizer step (the README): per device x accumulation x GPUs
+GPU_GB, PARAMETERS = 80, 8.0e9  # the README's GPUs; ELYZA 8B
+LAUNCHERS = ("python", "deepspeed", "accelerate", "torchrun")
+ENTRY_DEFAULTS = {
+    "train_diversity_simpo.py": "configs/config_diversity_simpo.yaml",
+    "generate_candidates.py": "configs/candidates.yaml",
+    "train_on_policy.py": "configs/on_policy.yaml",
+}
+
+
+def entry_point_help_texts():
+    """(where, text) of every help text: each entry point's docstring and each field's help."""
+    import importlib
+
+    from trl import ModelConfig
+
+    from diversity_simpo.candidates import CandidateArguments
+    from diversity_simpo.rounds import OnPolicyArguments
+    from diversity_simpo.settings import ScriptArguments
+    from diversity_simpo_trainer import DiversitySimPOConfig
+
+    for script in ENTRY_POINTS:
+        yield script, importlib.import_module(script.removesuffix(".py")).__doc__
+    for cls in (ScriptArguments, DiversitySimPOConfig, ModelConfig, CandidateArguments, OnPolicyArguments):
+        for f in dataclasses.fields(cls):
+            yield f"{cls.__name__}.{f.name}", f.metadata.get("help", "")
+
+
+def recipes():
+    """(where, the line as written, its words) of every command that runs an entry point: in the documentation's code,
+    the comments of configs/*.yaml (`\\` continues a line) and the help texts."""
+    found = []
+    for doc in DOCS:
+        for piece in parts(doc)[1]:
+            found += [(doc_id(doc), " ".join(words), words) for words in commands(piece)]
+    for path in SETTINGS_FILES:
+        comment = ""
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if not line.startswith("#"):
+                continue
+            comment += line.lstrip("#").strip()
+            if comment.endswith("\\"):
+                comment = comment[:-1] + " "
+                continue
+            found += [(path.name, comment, words) for words in commands(re.split(r"\s{2,}\(", comment)[0])]
+            comment = ""
+    for where, text in entry_point_help_texts():
+        found += [(where, line, words) for line in (text or "").splitlines() for words in commands(line)]
+    out = []
+    for where, line, words in found:
+        index = next((i for i, w in enumerate(words) if Path(w).name in ENTRY_POINTS), None)
+        start = next((i for i, w in enumerate(words[: index or 0]) if w in LAUNCHERS), None)
+        if start is not None and "--help" not in words:  # a command, not a file's name in a sentence
+            out.append((where, line, words[start:]))
+    return out
+
+
+def gpus(launcher):
+    """The number of processes a launcher's words start, or None when they do not say (a hostfile alone)."""
+    option = {}
+    for i, word in enumerate(launcher):
+        if word.startswith("--"):
+            name, _, value = word.partition("=")
+            option[name] = value or (launcher[i + 1] if i + 1 < len(launcher) else "")
+    if not launcher or launcher[0] == "python":
+        return 1
+    if launcher[0] == "deepspeed":
+        if "--num_gpus" not in option:
+            return None
+        return int(option["--num_gpus"]) * int(option.get("--num_nodes", 1))
+    if launcher[0] == "accelerate":
+        return int(option["--num_processes"]) if "--num_processes" in option else None
+    return int(option.get("--nproc_per_node", 1)) * int(option.get("--nnodes", 1))
+
+
+def training_settings(script, argv, tmp_path):
+    """(ScriptArguments, DiversitySimPOConfig, ModelConfig) that `script argv` trains with: for the loop, its training
+    settings (its train_config with the YAML's `train` mapping and --train over them)."""
+    import json
+
+    import yaml
+
+    from diversity_simpo import settings
+    from diversity_simpo.rounds import OnPolicyArguments
+    from diversity_simpo_trainer import DiversitySimPOConfig
+
+    if script == "train_diversity_simpo.py":
+        return settings.parse_args([*argv, *NO_GPU], DiversitySimPOConfig)
+    config = argv[argv.index("--config") + 1] if "--config" in argv else ENTRY_DEFAULTS[script]
+    (loop,) = settings.read_settings(argv, (OnPolicyArguments,), config)
+    loop_yaml = yaml.safe_load((ROOT / config).read_text(encoding="utf-8"))
+    given = json.loads(argv[argv.index("--train") + 1]) if "--train" in argv else {}
+    train = yaml.safe_load((ROOT / loop.train_config).read_text(encoding="utf-8"))
+    train.update({**(loop_yaml.get("train") or {}), **given})
+    if loop.model_name_or_path:
+        train["model_name_or_path"] = loop.model_name_or_path
+    merged = tmp_path / "train.yaml"
+    merged.write_text(yaml.safe_dump(train, allow_unicode=True), encoding="utf-8")
+    return settings.parse_args(["--config", str(merged), *NO_GPU], DiversitySimPOConfig)
+
+
+def state_gb_per_gpu(script, training, model, world):
+    """The bytes of weights, gradients and AdamW's state on each GPU, before activations (docs/distributed.md)."""
+    import json
+
+    if script.eval_only:
+        return 2 * PARAMETERS / 1e9
+    if model.use_peft:
+        return 2 * PARAMETERS / 1e9  # the frozen bf16 weights; the adapter's share is small
+    zero = {}
+    if training.deepspeed:
+        zero = json.loads((ROOT / training.deepspeed).read_text(encoding="utf-8")).get("zero_optimization", {})
+    stage, offload = zero.get("stage", 0), "offload_optimizer" in zero
+    per_parameter = {0: 16, 1: 4 + 12 / world, 2: 2 + 14 / world, 3: 16 / world}[stage]
+    return (0 if offload and stage == 3 else per_parameter) * PARAMETERS / 1e9
+
+
+def test_every_recipe_fits_the_gpus_it_names_and_keeps_the_global_batch(environment, tmp_path):
+    from diversity_simpo.settings import ConfigError
+
+    checked, wrong = 0, []
+    for where, line, words in recipes():
+        index = next(i for i, w in enumerate(words) if Path(w).name in ENTRY_POINTS)
+        script, argv, world = Path(words[index]).name, words[index + 1 :], gpus(words[:index])
+        if script == "generate_candidates.py" or world is None:
+            continue  # sampling holds the bf16 weights of two 8B models, 32 GB
+        try:
+            script_args, training, model = training_settings(script, argv, tmp_path)
+        except ConfigError as e:
+            wrong.append(f"{where}: `{line}` fails the settings check: {e}")
+            continue
+        if training.use_cpu or "8B" not in str(model.model_name_or_path):
+            continue  # the demo
+        checked += 1
+        batch = training.per_device_train_batch_size * training.gradient_accumulation_steps * world
+        if batch != GLOBAL_BATCH and not script_args.eval_only:
+            wrong.append(f"{where}: `{line}` updates on {batch} pairs on {world} GPU(s), not {GLOBAL_BATCH}")
+        needed = state_gb_per_gpu(script_args, training, model, world)
+        if needed > 0.75 * GPU_GB and "does not fit" not in line:
+            wrong.append(f"{where}: `{line}` needs {needed:.0f} GB per GPU before activations on {world} GPU(s)")
+    assert checked > 10, f"only {checked} recipes found"
+    assert not wrong, "\n".join(wrong)
