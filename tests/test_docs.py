@@ -325,10 +325,13 @@ def printed_equals(printed, value):
         return printed == "None"
     if isinstance(value, list):
         return printed.split() == [str(v) for v in value] or (printed == "[]" and not value)
-    if isinstance(value, dict):
-        return json.loads(printed) == value
-    if isinstance(value, (int, float)):
-        return float(printed) == float(value)
+    try:
+        if isinstance(value, dict):
+            return json.loads(printed) == value
+        if isinstance(value, (int, float)):
+            return float(printed) == float(value)
+    except ValueError:  # printed is not a number or a JSON object at all
+        return False
     return printed == str(value)
 
 
@@ -506,3 +509,175 @@ def test_every_recipe_fits_the_gpus_it_names_and_keeps_the_global_batch(environm
             wrong.append(f"{where}: `{line}` needs {needed:.0f} GB per GPU before activations on {world} GPU(s)")
     assert checked > 10, f"only {checked} recipes found"
     assert not wrong, "\n".join(wrong)
+
+
+# --- what the documentation quotes: sections, defaults, messages, metrics, results ----------------------------------
+
+SECTION_NAMED = re.compile(r"\]\(([^)\s#]+\.md)\),? section \"([^\"]+)\"|\]\(([^)\s#]+\.md)\)'s \"([^\"]+)\" section")
+ANCHOR_IN_COMMENT = re.compile(r"([\w./-]+\.md)#([\w-]+)")
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=doc_id)
+def test_every_section_named_beside_a_link_exists(doc):
+    """`[GPU.md](../benchmarks/GPU.md), section "On-policy loop"` names a heading that must be there."""
+    prose, _ = parts(doc)
+    missing = []
+    for match in SECTION_NAMED.finditer(" ".join(prose.split())):
+        target, heading = (match[1], match[2]) if match[1] else (match[3], match[4])
+        file = (doc.parent / target).resolve()
+        slug = re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+        if not file.exists() or slug not in anchors(file):
+            missing.append(f"{target}: {heading}")
+    assert not missing, f"{doc_id(doc)} names sections that do not exist: {missing}"
+
+
+@pytest.mark.parametrize("path", SETTINGS_FILES, ids=lambda p: p.name)
+def test_every_section_a_config_comment_points_to_exists(path):
+    comments = " ".join(line for line in path.read_text(encoding="utf-8").splitlines() if line.lstrip().startswith("#"))
+    missing = [
+        f"{target}#{anchor}"
+        for target, anchor in ANCHOR_IN_COMMENT.findall(comments)
+        if not (ROOT / target).exists() or anchor not in anchors(ROOT / target)
+    ]
+    assert not missing, f"{path.name} points to sections that do not exist: {missing}"
+
+
+def built_in_defaults():
+    """{field: its dataclass default} over the settings of all three tools."""
+    from trl import ModelConfig
+
+    from diversity_simpo.candidates import CandidateArguments
+    from diversity_simpo.rounds import OnPolicyArguments
+    from diversity_simpo.settings import ScriptArguments
+    from diversity_simpo_trainer import DiversitySimPOConfig
+
+    out = {}
+    for cls in (ScriptArguments, DiversitySimPOConfig, ModelConfig, CandidateArguments, OnPolicyArguments):
+        for f in dataclasses.fields(cls):
+            if f.default is not dataclasses.MISSING:
+                out.setdefault(f.name, f.default)
+            elif f.default_factory is not dataclasses.MISSING:
+                out.setdefault(f.name, f.default_factory())
+    return out
+
+
+def tables(doc):
+    """Each Markdown table of `doc` as (header cells, [row cells])."""
+    found, rows = [], []
+    for line in [*doc.read_text(encoding="utf-8").splitlines(), ""]:
+        if line.startswith("|"):
+            rows.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+        elif rows:
+            found.append((rows[0], [r for r in rows[2:]]))
+            rows = []
+    return found
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=doc_id)
+def test_every_default_in_a_table_is_the_configs_or_the_built_in_one(doc):
+    """A table whose column is headed by a settings file shows that file's values; one headed "built in", the value a
+    config that leaves the field out gets."""
+    import yaml
+
+    built_in, wrong = built_in_defaults(), []
+    for header, rows in tables(doc):
+        sources = {}
+        for index, cell in enumerate(header):
+            config = re.search(r"`(configs/[\w.-]+\.yaml)`", cell)
+            if config:
+                sources[index] = (config[1], yaml.safe_load((ROOT / config[1]).read_text(encoding="utf-8")))
+            elif cell.startswith("built in"):
+                sources[index] = ("built in", built_in)
+        for row in rows:
+            name = re.fullmatch(r"`(\w+)`", row[0])
+            for index, (source, values) in sources.items() if name else ():
+                expected = values.get(name[1], built_in.get(name[1]))
+                if not printed_equals(row[index].split()[0], expected):
+                    wrong.append(f"{name[1]}: {row[index]!r} under {source}, which has {expected!r}")
+    assert not wrong, f"{doc_id(doc)} quotes defaults other than the settings': {wrong}"
+
+
+QUOTED_SETTING = re.compile(r"`((\w+)=('?[^`':, ]+'?)[^`]*)`")  # the message, the setting, its value
+
+
+def test_every_quoted_setting_message_is_the_one_the_tool_prints(environment, tmp_path):
+    """`name=value ...` quoted in troubleshooting.md is what the tool that has the setting says to that value in its
+    YAML file (the demo's, with that one value changed)."""
+    import yaml
+    from trl import ModelConfig
+
+    from diversity_simpo import settings
+    from diversity_simpo.candidates import CandidateArguments
+    from diversity_simpo.rounds import OnPolicyArguments
+    from diversity_simpo.settings import ConfigError
+    from diversity_simpo_trainer import DiversitySimPOConfig
+
+    tools = [  # (the demo's settings file, the tool's dataclasses, how the tool reads them)
+        ("configs/demo.yaml", (settings.ScriptArguments, DiversitySimPOConfig, ModelConfig), "training"),
+        ("configs/demo_candidates.yaml", (CandidateArguments,), "candidates"),
+        ("configs/demo_on_policy.yaml", (OnPolicyArguments,), "on-policy"),
+    ]
+    checked, wrong = 0, []
+    for quoted, name, value in QUOTED_SETTING.findall((ROOT / "docs" / "troubleshooting.md").read_text("utf-8")):
+        if "..." in value:
+            continue
+        config, _, tool = next(t for t in tools if name in {f.name for c in t[1] for f in dataclasses.fields(c)})
+        values = yaml.safe_load((ROOT / config).read_text(encoding="utf-8"))
+        values[name] = yaml.safe_load(value.strip("'")) if not value.startswith("'") else value.strip("'")
+        changed = tmp_path / f"{checked}.yaml"
+        changed.write_text(yaml.safe_dump(values, allow_unicode=True), encoding="utf-8")
+        try:
+            read_as(tool, ["--config", str(changed)])
+            wrong.append(f"{name}={value}: accepted")
+        except ConfigError as e:
+            message, position = str(e), 0
+            for fragment in (f.strip() for f in quoted.split("...") if f.strip()):
+                found = message.find(fragment, position)
+                if found < 0:
+                    wrong.append(f"`{quoted}`: the tool says {message!r}")
+                    break
+                position = found + len(fragment)
+        checked += 1
+    assert checked >= 4, checked
+    assert not wrong, "\n".join(wrong)
+
+
+def test_every_metric_that_needs_a_reference_says_so_where_it_is_named():
+    """The quality-gated diversity figures exist only for eval data with a `reference` column: every paragraph or
+    table row that names one says so."""
+    from diversity_simpo.reply_diversity import quality_gated
+
+    gated = set(quality_gated(["富士山", "山"], "山"))
+    unsaid = []
+    for doc in DOCS:
+        text = doc.read_text(encoding="utf-8")
+        for block in re.split(r"\n\s*\n|\n(?=\|)", text):
+            named = {m for m in re.findall(r"diversity_eval/(\w+)", block) if m in gated}
+            named |= {m for m in re.findall(r"`(\w+)`", block) if m in gated and "diversity_eval/" in block}
+            if named and "reference" not in block.replace("diversity_eval/reference_rate", ""):
+                unsaid.append(f"{doc_id(doc)}: {sorted(named)} in {block.strip()[:80]!r}")
+    assert not unsaid, "\n".join(unsaid)
+
+
+RESULT_ROW = re.compile(r"^\| [^|]+ \| pass \| (.*) \|$", re.MULTILINE)
+TARGET = re.compile(r"([\d.]+)x? \(<= ([\d.]+)x?")
+
+
+def test_no_results_row_marked_pass_misses_its_target():
+    wrong = []
+    for path in sorted((ROOT / "benchmarks").glob("*.md")):
+        for detail in RESULT_ROW.findall(path.read_text(encoding="utf-8")):
+            wrong += [f"{path.name}: {v} (<= {t})" for v, t in TARGET.findall(detail) if float(v) > float(t)]
+    assert not wrong, f"rows marked pass beside a missed target: {wrong}"
+
+
+def test_the_performance_page_names_the_versions_the_gpu_figures_ran_with_where_they_are_not_the_pins():
+    ran = re.search(r"Packages that ran: (.*)", (ROOT / "benchmarks" / "GPU.md").read_text(encoding="utf-8"))[1]
+    ran = dict(item.split() for item in ran.split(", "))
+    pins = dict(re.findall(r"^([\w-]+)==(\S+)", (ROOT / "requirements.txt").read_text(encoding="utf-8"), re.MULTILINE))
+    other = {f"{name} {version}" for name, version in ran.items() if name in pins and pins[name] != version}
+    text = " ".join((ROOT / "docs" / "performance.md").read_text(encoding="utf-8").split())
+    unsaid = {v for v in other if v not in text}
+    assert not unsaid, f"docs/performance.md does not say that the GPU figures ran {sorted(unsaid)}"
+    if not other:
+        assert "versions other than the pins" not in text, "the GPU figures now ran the pinned versions: say so"
