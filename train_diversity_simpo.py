@@ -82,7 +82,8 @@ def main(argv=None):
 def train(script_args, training_args, model_args, train_dataset, eval_dataset, argv=(), counts=None):
     from trl import get_peft_config
 
-    from diversity_simpo.pair_selection import select_pairs
+    from diversity_simpo.pair_selection import keep_pairs, select_pairs, stored_logps_apply
+    from diversity_simpo.rarity import candidate_logps
     from diversity_simpo.reply_diversity import DiversityEvalCallback
     from diversity_simpo_trainer import DiversitySimPOTrainer
 
@@ -94,14 +95,26 @@ def train(script_args, training_args, model_args, train_dataset, eval_dataset, a
         deepspeed.init_distributed()
     model, tokenizer = load_model_and_tokenizer(model_args, training_args)
     counts, splits = {} if counts is None else counts, {"train": train_dataset, "eval": eval_dataset}
-    for split, data in splits.items():  # scored candidates: each rule's pairs (DivPO's by rarity under this model)
+    choice = {
+        "pair_selection": script_args.pair_selection,
+        "divpo_rho": script_args.divpo_rho,
+        "allow_cut_replies": script_args.allow_cut_replies,
+        "model_name_or_path": model_args.model_name_or_path,
+    }
+    kept = []  # scored candidates: each rule's pairs, chosen once (DivPO's by rarity under this model) and kept
+    for split, data in splits.items():
         if data is not None and "candidates" in data.column_names:
-            rules, rho = script_args.pair_selection, script_args.divpo_rho
-            splits[split] = select_pairs(
-                data, rules, rho, model, tokenizer, device=training_args.device,
-                rows_per_forward=training_args.per_device_eval_batch_size, counts=counts.setdefault(split, {}),
-                source=f"{script_args.dataset_name} [{split}]",
+            stored = "logps" in data.column_names and stored_logps_apply(
+                script_args.dataset_name, choice["model_name_or_path"]
+            )
+            splits[split], keep = select_pairs(
+                data, split, {**choice, "stored_logps": stored},
+                lambda rows: candidate_logps(model, tokenizer, rows, training_args.device,
+                                             training_args.per_device_eval_batch_size),
+                counts.setdefault(split, {}), f"{script_args.dataset_name} [{split}]", training_args.output_dir,
+                resuming=bool(training_args.resume_from_checkpoint),
             )  # fmt: skip
+            kept += [keep] if keep else []
     train_dataset, eval_dataset = splits.values()
     if is_conversation(train_dataset[0]["prompt"]) and tokenizer.chat_template is None:
         raise ConfigError(
@@ -154,6 +167,8 @@ def train(script_args, training_args, model_args, train_dataset, eval_dataset, a
         save_resolved_config(Path(training_args.output_dir) / "resolved_config.yaml", script_args, model_args,
                              training_args)  # fmt: skip
         run_record.start(training_args.output_dir, argv, training_args, script_args.dataset_name, counts or {})
+        for pairs in kept:  # beside the checkpoints: a resumed run trains these
+            keep_pairs(training_args.output_dir, pairs)
     try:
         trainer.train(resume_from_checkpoint=resume_target(training_args.resume_from_checkpoint))
     except BaseException as e:  # recorded, then raised as before (a NaN loss: one line; our bugs: a traceback)
@@ -316,10 +331,16 @@ def use_wandb_offline_without_login(training_args):
 
 
 def eval_prompts(dataset, count):
-    """The first `count` prompts of the (normalised) eval set, and their references if the data has them."""
+    """The first `count` distinct prompts of the (normalised) eval set, and their references if the data has them: a
+    row of scored candidates gives a pair per rule, side by side, and each prompt is sampled once."""
     if dataset is None or count == 0:
         return {"prompts": []}
-    rows = dataset.select(range(min(count, len(dataset))))
+    first = {}
+    for index, prompt in enumerate(dataset["prompt"]):
+        first.setdefault(json.dumps(prompt, ensure_ascii=False), index)
+        if len(first) == count:
+            break
+    rows = dataset.select(list(first.values()))
     return {"prompts": rows["prompt"], "references": rows["reference"] if "reference" in rows.column_names else None}
 
 

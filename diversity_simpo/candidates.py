@@ -23,7 +23,12 @@ Output. `output_dir/train-00000-of-0000K.jsonl`: shards of `shard_size` prompts 
 sampled by rank k mod world_size, each written whole (a temporary file renamed into place), and `candidates.yaml`,
 the settings that decide the output and the prompts' fingerprint. Started again with the same settings, a run samples
 only the shards that are missing, so a run killed at any moment loses at most the shards it was writing, and no
-prompt is written twice. Training refuses a folder with a shard missing (data._check_candidates_complete).
+prompt is written twice. Training refuses a folder with a shard missing (data._check_candidates_complete). Each
+sampled row also holds `all_mean_logps`, each reply's mean token log-probability under the model that sampled it
+(tokenised as training tokenises a pair: the rarity DivPO's rules read, so training needs no pass of its own when it
+starts from that model), and `all_cut`: for each reply, whether it reached max_new_tokens before its end of turn.
+Training appends the end-of-turn token to every reply it trains, so a cut reply would be taught as a finished answer:
+it is never chosen (unless `allow_cut_replies`), and may still be rejected.
 """
 
 import hashlib
@@ -36,7 +41,7 @@ from pathlib import Path
 
 from diversity_simpo import candidate_folder
 from diversity_simpo.data import load_prompts
-from diversity_simpo.rows import is_conversation
+from diversity_simpo.rows import as_chat, is_conversation
 from diversity_simpo.settings import ConfigError, check_model_location, check_writable, first_line, json_mapping
 
 
@@ -182,8 +187,9 @@ class CountedSampler:
 
 
 def sample(model, tokenizer, prompts, args, **generate_options):
-    """(replies per prompt, tokens generated, replies cut at max_new_tokens) for `prompts`, in one generate call
-    (`generate_options`: more of generate's settings, as benchmarks/bench_candidates.py compares them)."""
+    """(replies per prompt, tokens generated, per prompt whether each reply was cut at max_new_tokens, before its end
+    of turn) for `prompts`, in one generate call (`generate_options`: more of generate's settings, as
+    benchmarks/bench_candidates.py compares them)."""
     import torch
 
     ids = [prompt_token_ids(tokenizer, p) for p in prompts]
@@ -212,14 +218,15 @@ def sample(model, tokenizer, prompts, args, **generate_options):
             **generate_options,
         )
     stops = set(_ids(model.generation_config.eos_token_id))
-    replies, tokens, cut = [], 0, 0
+    replies, tokens, cut = [], 0, []
     for row in sequences[:, width:].tolist():
         end = next((i for i, token in enumerate(row) if token in stops), None)
-        cut += end is None
+        cut.append(end is None)
         reply = row if end is None else row[:end]
         tokens += len(reply) + (end is not None)
         replies.append(tokenizer.decode(reply, skip_special_tokens=True))
-    return [replies[i * n : (i + 1) * n] for i in range(len(prompts))], tokens, cut
+    per_prompt = range(len(prompts))
+    return [replies[i * n : (i + 1) * n] for i in per_prompt], tokens, [cut[i * n : (i + 1) * n] for i in per_prompt]
 
 
 def _ids(value):
@@ -440,17 +447,21 @@ def generate_candidates(args):
         for start in range(0, len(shard), args.batch_size):
             batch = shard[start : start + args.batch_size]
             if sampling:
-                replies, n_tokens, n_cut = sample(policy, tokenizer, [p["prompt"] for p in batch], args)
-                tokens, cut = tokens + n_tokens, cut + n_cut
+                replies, n_tokens, cut_replies = sample(policy, tokenizer, [p["prompt"] for p in batch], args)
+                tokens, cut = tokens + n_tokens, cut + sum(map(sum, cut_replies))
             else:
-                replies = [p["replies"] for p in batch]
+                replies, cut_replies = [p["replies"] for p in batch], None
             conversations = [conversation(p["prompt"], r) for p, rs in zip(batch, replies, strict=True) for r in rs]
             scoring -= time.perf_counter()
             scores = iter(score(reward_model, reward_tokenizer, conversations, args.score_batch_size))
             scoring, scored = scoring + time.perf_counter(), scored + len(conversations)
-            for p, rs in zip(batch, replies, strict=True):
+            rarity = mean_logps(policy, tokenizer, batch, replies, state.device) if sampling else None
+            for index, (p, rs) in enumerate(zip(batch, replies, strict=True)):
                 row = {k: v for k, v in p.items() if k != "replies"}
-                rows.append(row | {"all_generated_responses": rs, "all_rm_scores": [next(scores) for _ in rs]})
+                row |= {"all_generated_responses": rs, "all_rm_scores": [next(scores) for _ in rs]}
+                if sampling:
+                    row |= {"all_cut": cut_replies[index], "all_mean_logps": rarity[index]}
+                rows.append(row)
             elapsed = time.perf_counter() - started
             progress.update(len(batch))
             progress.set_postfix_str(f"{tokens / elapsed:.0f} tokens/s" if sampling else f"{len(rows)} rows scored")
@@ -465,8 +476,8 @@ def generate_candidates(args):
     if state.num_processes > 1:
         print(f"rank {state.process_index}: sampled {len(mine)} of the {len(todo)} shards to write", file=sys.stderr)
     if cut:
-        print(f"rank {state.process_index}: {cut} replies reached max_new_tokens={args.max_new_tokens} and are cut "
-              "there", file=sys.stderr)  # fmt: skip
+        print(f"rank {state.process_index}: {cut} replies reached max_new_tokens={args.max_new_tokens} before their "
+              "end and are cut there (marked in all_cut: training never chooses them)", file=sys.stderr)  # fmt: skip
     state.wait_for_everyone()
     what = (
         f"{len(prompts)} prompts x {args.num_candidates} scored replies"
@@ -474,6 +485,17 @@ def generate_candidates(args):
         else f"the replies of {len(prompts)} rows, scored"
     )
     say(f"Wrote {what} to {output} (train on it: dataset_name: {output})")
+
+
+def mean_logps(policy, tokenizer, batch, replies, device):
+    """Each reply's mean token log-probability under the model that sampled it, tokenised as training tokenises a
+    pair (diversity_simpo/rarity.py), in one padded forward for the batch: what DivPO's rarity reads, stored so that
+    training chooses its pairs without a pass of its own."""
+    from diversity_simpo.rarity import candidate_logps
+
+    rows = [{"prompt": p["prompt"], "candidates": rs} for p, rs in zip(batch, replies, strict=True)]
+    rows = [row if isinstance(row["prompt"], str) else as_chat(row) for row in rows]  # replies as training has them
+    return candidate_logps(policy, tokenizer, rows, device, rows_per_forward=len(rows), shared=False)
 
 
 def _shard(prompts, k, size):

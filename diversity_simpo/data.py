@@ -375,8 +375,10 @@ def normalise(dataset, args, source, counts=None):
 
 
 def _scored_candidates(dataset, args, source, counts):
-    """Rows of scored candidates as {prompt, candidates, scores, row_id, reference?}: each candidate a reply in the
-    form training uses (a string, or an assistant message list), with a finite score. `pair_selection.choose_pairs`
+    """Rows of scored candidates as {prompt, candidates, scores, row_id, reference?, cut?, logps?}: each candidate a
+    reply in the form training uses (a string, or an assistant message list), with a finite score, and (given the
+    `all_cut` and `all_mean_logps` columns that generate_candidates.py writes) whether it was cut at max_new_tokens
+    and its mean token log-probability under the model that sampled it. `pair_selection.choose_pairs`
     makes the pairs of them once the model training starts from is loaded. Candidates without a finite score or
     without text are left out with a count; rows with fewer than two, or whose scores are all equal, are skipped
     with a count. The `chosen`/`rejected` columns such data also carries are ignored."""
@@ -395,8 +397,9 @@ def _scored_candidates(dataset, args, source, counts):
             f"{source} has all_generated_responses but no all_rm_scores: each candidate needs its score (map other "
             "names with dataset_columns: {all_rm_scores: <column>})"
         )
-    keep = (prompt_key, "system", "reference", "all_generated_responses", "all_rm_scores", "completions")
-    rows, unscored, few, no_preference = [], 0, 0, 0
+    keep = (prompt_key, "system", "reference", "all_generated_responses", "all_rm_scores", "completions", "all_cut",
+            "all_mean_logps")  # fmt: skip
+    rows, unscored, few, no_preference, cut = [], 0, 0, 0, 0
     for index, row in enumerate(dataset.select_columns([c for c in keep if c in columns])):
         where = f"{source}: row {index}"
         if ultrafeedback:
@@ -414,6 +417,12 @@ def _scored_candidates(dataset, args, source, counts):
                     "all_rm_scores; each reply needs its own score"
                 )
         context = {k: row[k] for k in ("system",) if k in row}
+        marks = row.get("all_cut") or [False] * len(replies)  # generate_candidates.py: reached max_new_tokens
+        if len(marks) != len(replies) or not all(isinstance(m, bool) for m in marks):
+            raise DataError(f"{where}: all_cut must be a list of true/false, one for each reply")
+        rarity = row.get("all_mean_logps") or [0.0] * len(replies)  # generate_candidates.py: under the sampler
+        if len(rarity) != len(replies) or not all(is_score(v) for v in rarity):
+            raise DataError(f"{where}: all_mean_logps must be a list of finite numbers, one for each reply")
         candidates = []
         for i, (reply, score) in enumerate(zip(replies, scores, strict=True)):
             if score is not None and (isinstance(score, bool) or not isinstance(score, (int, float))):
@@ -427,16 +436,21 @@ def _scored_candidates(dataset, args, source, counts):
             pair = _pair({**context, "prompt": row[prompt_key], "chosen": reply, "rejected": reply}, args, where)
             if pair is None:
                 raise DataError(f"{where}: candidate {i} is a conversation that does not continue the prompt")
-            candidates.append((pair, float(score)))
+            candidates.append((pair, float(score), marks[i], rarity[i]))
         if len(candidates) < 2:
             few += 1
             continue
-        scores = [score for _, score in candidates]
+        scores = [c[1] for c in candidates]
         if max(scores) == min(scores):
             no_preference += 1
             continue
-        out = {"prompt": candidates[0][0]["prompt"], "candidates": [pair["chosen"] for pair, _ in candidates]}
+        out = {"prompt": candidates[0][0]["prompt"], "candidates": [c[0]["chosen"] for c in candidates]}
         out |= {"scores": scores, "row_id": index}
+        if "all_cut" in columns:
+            out["cut"] = [c[2] for c in candidates]
+            cut += sum(out["cut"])
+        if "all_mean_logps" in columns:
+            out["logps"] = [c[3] for c in candidates]
         if "reference" in row:
             out["reference"] = _text(row["reference"], f"{where}: 'reference'")
         rows.append(out)
@@ -445,6 +459,8 @@ def _scored_candidates(dataset, args, source, counts):
         layout = "UltraFeedback completions" if ultrafeedback else "scored candidates (princeton-nlp)"
         counts.update(read=len(dataset), layout=f"{layout}{score}", scored_rows=len(rows))
         counts.update(skipped_few_candidates=few, skipped_no_preference=no_preference, unscored_candidates=unscored)
+        if "all_cut" in columns:
+            counts["cut_candidates"] = cut
     skipped = (
         (few, "rows with fewer than two scored candidates"),
         (no_preference, "rows whose candidates all score the same (no preference)"),

@@ -23,6 +23,11 @@ the (chosen, rejected) index pairs it trains; each takes the scores, the replies
                    best_vs_worst beside it (`[best_vs_worst, rarest_vs_worst]`) each row pushes up its best reply and
                    its rarest good one against its worst (benchmarks/DIVERSITY.md).
 
+A candidate cut at max_new_tokens when it was sampled (`cut`, from generate_candidates.py's `all_cut`) is never
+chosen: training appends the end-of-turn token to a chosen reply and would teach the cut text as a finished answer.
+Each rule chooses among the others (`eligible`), its bar still set by every score; a cut reply may be rejected.
+`allow_cut_replies: true` lets every candidate be chosen.
+
 A rejected candidate whose text equals its chosen one is passed over (the same reply sampled twice is normal for short
 answers; under divpo, if every reply below the bar is a copy of the rarest good one, the next rarest is chosen). With
 several rules a row gives each rule's pairs, a pair two rules both make once. A row no rule makes a pair of is skipped
@@ -36,62 +41,71 @@ import hashlib
 import json
 import sys
 from collections import Counter
+from pathlib import Path
 
 from datasets import Dataset
 
+from diversity_simpo.candidate_folder import read_manifest, write_whole
 from diversity_simpo.data import DataError
-from diversity_simpo.rarity import candidate_logps
 from diversity_simpo.rows import one_kind
+from diversity_simpo.settings import ConfigError
 
 
-def best_vs_worst(scores, texts, logps, rho):
+def best_vs_worst(scores, texts, logps, rho, eligible=None):
     """The highest-scored candidate against the lowest: the first of tied ones, a rejected reply differing from the
-    chosen one ([] when none differs)."""
-    chosen = max(range(len(scores)), key=lambda i: (scores[i], -i))
+    chosen one ([] when none differs); the chosen one among `eligible` (every candidate by default)."""
+    chosen = max(_all(scores, eligible), key=lambda i: (scores[i], -i))
     below = [i for i in range(len(scores)) if scores[i] < scores[chosen] and texts[i] != texts[chosen]]
     return [(chosen, min(below, key=lambda i: (scores[i], i)))] if below else []
 
 
-def divpo(scores, texts, logps, rho):
+def divpo(scores, texts, logps, rho, eligible=None):
     """DivPO, the rarest candidate that meets the quality bar against the most typical one below it: the module
-    docstring; ties go to the first candidate."""
+    docstring; ties go to the first candidate; the chosen one among `eligible`."""
     high, low = max(scores), min(scores)
     bar = high - rho * (high - low)
-    for chosen in sorted((i for i in range(len(scores)) if scores[i] >= bar), key=lambda i: (logps[i], i)):
+    for chosen in sorted((i for i in _all(scores, eligible) if scores[i] >= bar), key=lambda i: (logps[i], i)):
         below = [i for i in range(len(scores)) if scores[i] < bar and texts[i] != texts[chosen]]
         if below:  # else every reply below the bar is this one again: the next rarest good reply
             return [(chosen, min(below, key=lambda i: (-logps[i], i)))]
     return []
 
 
-def rarest_vs_worst(scores, texts, logps, rho):
+def rarest_vs_worst(scores, texts, logps, rho, eligible=None):
     """The rarest candidate that meets DivPO's quality bar against the lowest-scored one: DivPO's chosen reply with
-    best_vs_worst's rejected reply; ties go to the first candidate."""
+    best_vs_worst's rejected reply; ties go to the first candidate; the chosen one among `eligible`."""
     high, low = max(scores), min(scores)
     bar = high - rho * (high - low)
-    for chosen in sorted((i for i in range(len(scores)) if scores[i] >= bar), key=lambda i: (logps[i], i)):
+    for chosen in sorted((i for i in _all(scores, eligible) if scores[i] >= bar), key=lambda i: (logps[i], i)):
         below = [i for i in range(len(scores)) if scores[i] < bar and texts[i] != texts[chosen]]
         if below:
             return [(chosen, min(below, key=lambda i: (scores[i], i)))]
     return []
 
 
+def _all(scores, eligible):
+    return range(len(scores)) if eligible is None else eligible
+
+
 RULES = {"best_vs_worst": best_vs_worst, "divpo": divpo, "rarest_vs_worst": rarest_vs_worst}
 NEEDS_LOGPS = {"divpo", "rarest_vs_worst"}
 
 
-def choose_pairs(rows, rules, rho, logps=None, counts=None):
+def choose_pairs(rows, rules, rho, logps=None, counts=None, allow_cut=False):
     """The pairs `rules` make of `rows` ({prompt, candidates, scores, row_id, reference?}, from data.py), as
     {prompt, chosen, rejected, row_id, reference?} dicts in row order, each row's pairs in the order of `rules`;
-    `logps[i]` the candidates' mean token log-probabilities of row i, for the rules that need them. `counts`, a dict
+    `logps[i]` the candidates' mean token log-probabilities of row i, for the rules that need them; a candidate
+    marked `cut` in its row is never chosen unless `allow_cut`. `counts`, a dict
     if given, receives the rules, the pairs each made, the rows left without a pair, and `pairs_sha256`: the
     fingerprint of every pair's row, chosen text and rejected text, the same on any number of ranks and on resume."""
     pairs, made, unpaired = [], Counter(), 0
     for index, row in enumerate(rows):
         texts = [json.dumps(reply, ensure_ascii=False) for reply in row["candidates"]]
-        seen = set()
+        seen, cut = set(), row.get("cut") if not allow_cut else None
+        eligible = [i for i in range(len(texts)) if not (cut and cut[i])]
         for name in rules:
-            for chosen, rejected in RULES[name](row["scores"], texts, logps[index] if logps else None, rho):
+            rarity = logps[index] if logps else None
+            for chosen, rejected in RULES[name](row["scores"], texts, rarity, rho, eligible) if eligible else ():
                 if (texts[chosen], texts[rejected]) in seen:  # another rule's pair already
                     continue
                 seen.add((texts[chosen], texts[rejected]))
@@ -112,17 +126,68 @@ def fingerprint(pairs):
     return hashlib.sha256(json.dumps(items, ensure_ascii=False).encode()).hexdigest()
 
 
-def select_pairs(dataset, rules, rho, model, tokenizer, device, rows_per_forward, counts, source):
-    """The training pairs of a split of scored rows: the candidates' log-probabilities under `model` (on `device`)
-    if a rule needs them, then `choose_pairs`; a Dataset of one kind (string rows join chat rows)."""
+KEPT = "pairs"  # output_dir/pairs/: the pairs a run trains, chosen when it starts
+
+
+def select_pairs(dataset, split, choice, logps_of, counts, source, output_dir=None, resuming=False):
+    """The training pairs of a split of scored rows, chosen once per run: (a Dataset of one kind, what to keep).
+
+    `choice`: {pair_selection, divpo_rho, allow_cut_replies, model_name_or_path, stored_logps}. The rarity the rules
+    read (if they read it) is the rows' own `logps` when `stored_logps` (generate_candidates.py stored them under the
+    model this run starts from), else `logps_of(rows)`: the pass under that model. A run that resumes, and kept
+    the pairs it started with in output_dir/pairs/, trains exactly those, without a pass, once it has checked that
+    the rows and the settings that chose them are the same: a difference is one line and nothing trained."""
     rows = dataset.to_list()
-    logps = None
+    choice = {**choice, "rows_sha256": _sha256(rows)}
+    if not NEEDS_LOGPS & set(choice["pair_selection"]) or choice["stored_logps"]:
+        choice.pop("model_name_or_path")  # the model plays no part in the choice
+    folder = Path(output_dir or ".") / KEPT
+    if resuming and (folder / f"{split}.json").is_file():
+        kept = json.loads((folder / f"{split}.json").read_text(encoding="utf-8"))
+        if kept["choice"] != choice:
+            what = next(k for k in choice.keys() | kept["choice"].keys() if choice.get(k) != kept["choice"].get(k))
+            what = "the scored rows (the dataset changed)" if what == "rows_sha256" else what
+            raise ConfigError(
+                f"{source}: the run being resumed chose its pairs with other {what} ({folder / split}.json); resume "
+                "with the data and settings it started with, or start a new output_dir"
+            )
+        pairs = [json.loads(line) for line in (folder / f"{split}.jsonl").open(encoding="utf-8")]
+        if fingerprint(pairs) != kept["counts"]["pairs_sha256"]:
+            raise ConfigError(f"{folder / split}.jsonl is not the file the run wrote (its fingerprint differs)")
+        counts.update(kept["counts"])
+        print(f"resume: training the {len(pairs)} pairs chosen when the run started ({folder / split}.jsonl)",
+              file=sys.stderr)  # fmt: skip
+        return Dataset.from_list(pairs), None
+    rules, logps = choice["pair_selection"], None
     if NEEDS_LOGPS & set(rules):
-        logps = candidate_logps(model, tokenizer, rows, device, rows_per_forward)
-    pairs = choose_pairs(rows, rules, rho, logps, counts)
+        logps = [row["logps"] for row in rows] if choice["stored_logps"] else logps_of(rows)
+    pairs = one_kind(choose_pairs(rows, rules, choice["divpo_rho"], logps, counts, choice["allow_cut_replies"]))
     if counts["skipped_no_pair"]:
         print(f"warning: {source}: {counts['skipped_no_pair']} of {len(rows)} rows make no pair by "
-              f"{', '.join(rules)} (every reply below the bar is the chosen one again)", file=sys.stderr)  # fmt: skip
+              f"{', '.join(rules)} (every reply below the bar is the chosen one again, or every good one was cut at "
+              "max_new_tokens)", file=sys.stderr)  # fmt: skip
     if not pairs:
         raise DataError(f"{source}: no row makes a pair by {', '.join(rules)}")
-    return Dataset.from_list(one_kind(pairs))
+    return Dataset.from_list(pairs), {"split": split, "choice": choice, "counts": dict(counts), "pairs": pairs}
+
+
+def keep_pairs(output_dir, kept):
+    """output_dir/pairs/{split}.jsonl and {split}.json (what chose them, and their fingerprint), each written whole:
+    what a resumed run trains."""
+    folder = Path(output_dir) / KEPT
+    folder.mkdir(parents=True, exist_ok=True)
+    text = "".join(json.dumps(pair, ensure_ascii=False) + "\n" for pair in kept["pairs"])
+    write_whole(folder / f"{kept['split']}.jsonl", text)
+    record = {"choice": kept["choice"], "counts": kept["counts"]}
+    write_whole(folder / f"{kept['split']}.json", json.dumps(record, ensure_ascii=False, indent=1))
+
+
+def stored_logps_apply(dataset_name, model_name_or_path):
+    """Whether the log-probabilities stored with the candidates in `dataset_name` are those of the model a run
+    starts from: a folder generate_candidates.py wrote by sampling from that same model."""
+    manifest = read_manifest(dataset_name) if dataset_name and Path(dataset_name).is_dir() else None
+    return bool(manifest) and manifest["settings"].get("model_name_or_path") == model_name_or_path
+
+
+def _sha256(rows):
+    return hashlib.sha256(json.dumps(rows, ensure_ascii=False, sort_keys=True).encode()).hexdigest()

@@ -9,6 +9,7 @@ Written by the global rank 0 when training starts (status `running`) and complet
     environment  Python, the platform, the pinned packages' versions, the accelerator and how many
     data         the dataset (Hub id or files with their SHA-256), and per split the rows read, kept and skipped
     seed, settings (the file that holds them), started, ended, status, reason, global_step
+    earlier      in a resumed run: the start, end, status and step of each run it continues, oldest first
 """
 
 import hashlib
@@ -48,6 +49,12 @@ def start(output_dir, argv, training_args, dataset_name, counts):
         "data": {"dataset_name": str(dataset_name), "files": _fingerprints(dataset_name), "rows": counts},
         "settings": "resolved_config.yaml",
     }
+    path = Path(output_dir) / RECORD
+    if path.is_file() and training_args.resume_from_checkpoint:  # the runs this one continues, oldest first
+        before = json.loads(path.read_text(encoding="utf-8"))
+        earlier = before.pop("earlier", [])
+        keys = ("started", "ended", "status", "reason", "global_step", "resumed_from", "command")
+        record["earlier"] = [*earlier, {k: before[k] for k in keys if k in before}]
     _write(output_dir, record)
 
 

@@ -82,6 +82,14 @@ class ScriptArguments:
             "scoring >= max - rho * (max - min) are good enough to be chosen; 0 keeps only the best-scored."
         },
     )
+    allow_cut_replies: bool = field(
+        default=False,
+        metadata={
+            "help": "Scored candidates from generate_candidates.py: let a reply that reached max_new_tokens before its "
+            "end (marked in all_cut) be chosen. Training ends every reply with the end-of-turn token, so a cut reply "
+            "chosen is taught as a finished answer; by default it is never chosen (it may still be rejected)."
+        },
+    )
     candidate_score: str = field(
         default="overall_score",
         metadata={
@@ -315,14 +323,6 @@ def make_parser(dataclass_types, default_config=None, config=None, config_path=N
     # `--learning_rate -1e-6` is a value: argparse (before Python 3.13) takes -1e-6 for an option, since its pattern
     # for negative numbers has no exponent; the range check then says what is wrong with it
     parser._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
-    return parser
-
-
-def parse_args(argv, config_class):
-    """(ScriptArguments, config_class (the CLI passes DiversitySimPOConfig), ModelConfig) from the YAML config
-    (`--config`, default DEFAULT_CONFIG) overridden by command-line flags; every value checked (module docstring)."""
-    from trl import ModelConfig
-
     by_name = {action.dest: action for action in parser._actions}
     for name in HELP.keys() & by_name.keys():
         by_name[name].help = HELP[name]
@@ -333,25 +333,25 @@ def parse_args(argv, config_class):
     parser._action_groups.remove(first)
     parser._action_groups.insert(parser._action_groups.index(parser._optionals), first)
     parser._optionals.title = "all other settings"
-    script, training, model = read_settings(argv, (ScriptArguments, config_class, ModelConfig), DEFAULT_CONFIG)
+    return parser
+
+
+def parse_args(argv, config_class, label=None):
+    """(ScriptArguments, config_class (the CLI passes DiversitySimPOConfig), ModelConfig) from the YAML config
+    (`--config`, default DEFAULT_CONFIG) overridden by command-line flags; every value checked (module docstring)."""
+    from trl import ModelConfig
+
+    classes = (ScriptArguments, config_class, ModelConfig)
+    script, training, model = read_settings(argv, classes, DEFAULT_CONFIG, label=label)
     check_training_settings(script, training, model)
     return script, training, model
 
 
-def read_settings(argv, dataclass_types, default_config, nested=None):
-    """One instance of each of `dataclass_types` from the YAML config (`--config`, default `default_config`)
-    overridden by command-line flags: every key a field (else the closest one is named), every value of its field's
-    type, finite, within LIMITS and CHOICES. Any tool of this project reads its settings this way. `nested` ({mapping
-    field: dataclasses}) names, for an unknown key, the mapping of another tool's settings it belongs under."""
+def load_config_file(path):
+    """The settings mapping of the YAML file `path`, or one line that says what is wrong with the file."""
     import yaml
 
-    argv = [str(a) for a in argv]
-    if "--config" not in argv:
-        argv = ["--config", str(default_config), *argv]
-    position = argv.index("--config") + 1
-    if position == len(argv):
-        raise ConfigError("--config needs a file path")
-    config_path = Path(argv[position])
+    config_path = Path(path)
     if not config_path.is_file():
         what = "is a folder" if config_path.is_dir() else "not found"
         raise ConfigError(f"config file {config_path} {what}; pass --config FILE (e.g. configs/demo.yaml)")
@@ -365,6 +365,24 @@ def read_settings(argv, dataclass_types, default_config, nested=None):
         raise ConfigError(f"{config_path} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
     if not isinstance(config, dict):
         raise ConfigError(f"{config_path} must be a YAML mapping of `field: value` lines")
+    return config
+
+
+def read_settings(argv, dataclass_types, default_config, nested=None, label=None):
+    """One instance of each of `dataclass_types` from the YAML config (`--config`, default `default_config`)
+    overridden by command-line flags: every key a field (else the closest one is named), every value of its field's
+    type, finite, within LIMITS and CHOICES. Any tool of this project reads its settings this way. `nested` ({mapping
+    field: dataclasses}) names, for an unknown key, the mapping of another tool's settings it belongs under; `label`
+    names the settings in messages instead of the file's path (a file the on-policy loop wrote from several)."""
+
+    argv = [str(a) for a in argv]
+    if "--config" not in argv:
+        argv = ["--config", str(default_config), *argv]
+    position = argv.index("--config") + 1
+    if position == len(argv):
+        raise ConfigError("--config needs a file path")
+    config = load_config_file(argv[position])
+    config_path = label or Path(argv[position])
 
     parser = make_parser(dataclass_types, default_config, config, config_path, nested)
     names = {action.dest for action in parser._actions} - {"help"}

@@ -155,3 +155,17 @@ def test_quality_gated_scores_count_only_the_replies_that_contain_the_reference(
         k: scores[k] for k in ("valid_unique_rate", "valid_distinct_2", "valid_self_bleu")
     }
     assert "valid_distinct_2" not in quality_gated(["富士山", "いいえ"], "富士山")  # one valid reply: undefined
+
+
+def test_the_diversity_eval_samples_each_prompt_once_however_many_pairs_it_has():
+    """Scored candidates under two rules give two pairs per row, side by side: 3 eval prompts are 3 prompts, in the
+    order of their first pair, each with its own reference."""
+    from datasets import Dataset
+
+    from train_diversity_simpo import eval_prompts
+
+    rows = [{"prompt": p, "chosen": "a", "rejected": "b", "reference": p[0]} for p in ("x?", "x?", "y?", "y?", "z?")]
+    rows.insert(3, {"prompt": "x?", "chosen": "c", "rejected": "d", "reference": "x"})
+    chosen = eval_prompts(Dataset.from_list(rows), 3)
+    assert chosen == {"prompts": ["x?", "y?", "z?"], "references": ["x", "y", "z"]}
+    assert eval_prompts(Dataset.from_list(rows), 10)["prompts"] == ["x?", "y?", "z?"]

@@ -206,7 +206,8 @@ def test_every_kind_of_setting_reaches_each_stage_equal_to_what_was_given(tmp_pa
     monkeypatch.chdir(ROOT)
     train = {"max_completion_length": None, "lora_target_modules": ["q_proj", "v_proj"], "use_peft": True,
              "report_to": ["wandb", "tensorboard"], "lr_scheduler_kwargs": {"min_lr_rate": 0.1},
-             "learning_rate": 3.5e-07, "run_name": "ラウンド: 1, 2", "pair_selection": ["best_vs_worst", "divpo"]}  # fmt: skip
+             "learning_rate": 3.5e-07, "run_name": "ラウンド: 1, 2",
+             "pair_selection": ["best_vs_worst", "divpo"]}  # fmt: skip
     candidates = {"system_prompt": None, "dataset_columns": {"prompt": "prompt"}, "temperature": 0.7,
                   "top_p": 1.0, "dataset_split": "train", "wrap_text_as_chat": True}  # fmt: skip
     args = loop_args(tmp_path, train, candidates)
@@ -237,7 +238,8 @@ def test_the_training_stage_trains_on_the_rounds_candidates_whatever_its_config_
     monkeypatch.chdir(ROOT)
     config = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text(encoding="utf-8"))
     config |= {"dataset_train_split": "train_prefs", "dataset_test_split": "test_prefs", "dataset_config": "ja",
-               "dataset_columns": {"prompt": "instruction"}, "system_prompt": "あなたは誠実なアシスタントです。"}  # fmt: skip
+               "dataset_columns": {"prompt": "instruction"},
+               "system_prompt": "あなたは誠実なアシスタントです。"}  # fmt: skip
     (tmp_path / "train.yaml").write_text(yaml.safe_dump(config, allow_unicode=True), encoding="utf-8")
     args = loop_args(tmp_path, {}, {"wrap_text_as_chat": True}, train_config=str(tmp_path / "train.yaml"))
     trained = [s for s in rounds.stages(args, "m", 7, *rounds.base_settings(args)) if s.script.startswith("train")]

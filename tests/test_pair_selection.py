@@ -43,11 +43,15 @@ def test_every_rule_is_a_setting_and_every_setting_a_rule():
 # --- the product's path against references written from the definitions ------------------------------------------
 
 
-def reference_rule(name, scores, texts, logps, rho):
-    """The (chosen, rejected) pairs of one rule, by enumerating every pair the rule allows and ranking them."""
-    everything = list(itertools.permutations(range(len(scores)), 2))
-    if name == "best_vs_worst":  # the first highest score against the first lowest score whose reply differs
-        best = min(i for i in range(len(scores)) if scores[i] == max(scores))
+def reference_rule(name, scores, texts, logps, rho, cut):
+    """The (chosen, rejected) pairs of one rule, by enumerating every pair the rule allows and ranking them; a reply
+    cut at max_new_tokens is never chosen."""
+    everything = [(c, r) for c, r in itertools.permutations(range(len(scores)), 2) if not cut[c]]
+    if not everything:
+        return []
+    if name == "best_vs_worst":  # the first highest uncut score against the first lowest score whose reply differs
+        top = max(scores[i] for i in range(len(scores)) if not cut[i])
+        best = min(i for i in range(len(scores)) if not cut[i] and scores[i] == top)
         allowed = [(c, r) for c, r in everything if c == best and scores[r] < scores[c] and texts[r] != texts[c]]
         return [min(allowed, key=lambda p: (scores[p[1]], p[1]))] if allowed else []
     if name == "divpo":  # the rarest reply at or above the bar against the most typical one below it
@@ -74,18 +78,19 @@ def reference_pairs(rows, rules, rho, rarity, chat):
     written = (lambda text: [{"role": "assistant", "content": text}]) if chat else (lambda text: text)
     pairs, made = [], dict.fromkeys(rules, 0)
     for row_id, row in enumerate(rows):
+        marks = row.get("all_cut", [False] * len(row["all_rm_scores"]))
         kept = [
-            (reply, score)
-            for reply, score in zip(row["all_generated_responses"], row["all_rm_scores"], strict=True)
+            (reply, score, mark)
+            for reply, score, mark in zip(row["all_generated_responses"], row["all_rm_scores"], marks, strict=True)
             if isinstance(score, float) and math.isfinite(score) and reply.strip()
         ]
-        texts, scores = [reply for reply, _ in kept], [score for _, score in kept]
+        texts, scores, cut = ([k[i] for k in kept] for i in range(3))
         if len(kept) < 2 or max(scores) == min(scores):
             continue
         logps = [rarity(text) for text in texts]
         done = set()
         for name in rules:
-            for c, r in reference_rule(name, scores, texts, logps, rho):
+            for c, r in reference_rule(name, scores, texts, logps, rho, cut):
                 if (texts[c], texts[r]) not in done:
                     done.add((texts[c], texts[r]))
                     made[name] += 1
@@ -118,14 +123,25 @@ def random_rows(generator, count, chat_prompt):
 
 @pytest.mark.parametrize("kind", ["text", "text wrapped as chat", "chat"])
 @pytest.mark.parametrize(
-    "rules", [["best_vs_worst"], ["divpo"], ["best_vs_worst", "divpo"], ["divpo", "best_vs_worst"]]
+    "rules",
+    [
+        ["best_vs_worst"],
+        ["divpo"],
+        ["rarest_vs_worst"],
+        ["best_vs_worst", "divpo"],
+        ["divpo", "best_vs_worst"],
+        ["best_vs_worst", "rarest_vs_worst"],
+    ],
 )
 def test_the_written_pairs_and_their_fingerprint_are_the_references_on_random_rows(kind, rules):
-    """Ties, the same reply twice, empty and whitespace replies, missing and non-finite scores, rows of one candidate:
-    every written chosen and rejected reply, the count per rule and the fingerprint equal the reference's."""
+    """Ties, the same reply twice, empty and whitespace replies, missing and non-finite scores, rows of one candidate,
+    replies cut at max_new_tokens (at two of the four bars): every written chosen and rejected reply, the count per
+    rule and the fingerprint equal the reference's."""
     generator = random.Random(len(kind) + 10 * len(rules) + rules[0].startswith("d"))
     for rho in (0.0, 0.3, 0.5, 0.9):
         rows = random_rows(generator, 60, chat_prompt=kind == "chat")
+        if rho in (0.3, 0.9):
+            rows = [r | {"all_cut": [generator.random() < 0.3 for _ in r["all_rm_scores"]]} for r in rows]
         if kind == "chat":
             rows = [r | {"all_generated_responses": [[{"role": "assistant", "content": t}] for t in r[
                 "all_generated_responses"]]} for r in rows]  # fmt: skip
@@ -393,7 +409,7 @@ def test_the_rarity_pass_runs_on_the_device_training_runs_on(tmp_path, monkeypat
     loaded on (the CPU, before the Trainer moves it). No GPU exists here: the training device is mocked as cuda:0,
     and the pass stopped where it starts, with the device it was given."""
     import train_diversity_simpo
-    from diversity_simpo import pair_selection
+    from diversity_simpo import rarity
     from diversity_simpo_trainer import DiversitySimPOConfig
 
     class Asked(Exception):
@@ -403,7 +419,7 @@ def test_the_rarity_pass_runs_on_the_device_training_runs_on(tmp_path, monkeypat
         raise Asked(device, next(model.parameters()).device, rows_per_forward)
 
     monkeypatch.setattr(DiversitySimPOConfig, "device", property(lambda self: torch.device("cuda", 0)))
-    monkeypatch.setattr(pair_selection, "candidate_logps", record)
+    monkeypatch.setattr(rarity, "candidate_logps", record)
     data = scored_demo_file(tmp_path / "scored.jsonl", rows=3)
     argv = ["--config", ROOT / "configs" / "demo.yaml", "--dataset_name", data, "--pair_selection", "divpo"]
     argv += ["--eval_strategy", "no", "--report_to", "none", "--output_dir", tmp_path / "out", "--use_cpu", "false"]
