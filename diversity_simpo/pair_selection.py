@@ -145,11 +145,12 @@ def select_pairs(dataset, split, choice, logps_of, counts, source, output_dir=No
     if resuming and (folder / f"{split}.json").is_file():
         kept = json.loads((folder / f"{split}.json").read_text(encoding="utf-8"))
         if kept["choice"] != choice:
-            what = next(k for k in choice.keys() | kept["choice"].keys() if choice.get(k) != kept["choice"].get(k))
-            what = "the scored rows (the dataset changed)" if what == "rows_sha256" else what
+            key = min(k for k in choice.keys() | kept["choice"].keys() if choice.get(k) != kept["choice"].get(k))
+            was, now = kept["choice"].get(key), choice.get(key)
+            what = "other scored rows (the dataset changed)" if key == "rows_sha256" else f"{key}={was!r}, not {now!r}"
             raise ConfigError(
-                f"{source}: the run being resumed chose its pairs with other {what} ({folder / split}.json); resume "
-                "with the data and settings it started with, or start a new output_dir"
+                f"{source}: the run being resumed chose its pairs from {what} ({folder / split}.json); resume with "
+                "the data and settings it started with, or start a new output_dir"
             )
         pairs = [json.loads(line) for line in (folder / f"{split}.jsonl").open(encoding="utf-8")]
         if fingerprint(pairs) != kept["counts"]["pairs_sha256"]:

@@ -242,7 +242,8 @@ def test_the_output_is_princeton_nlps_layout_with_every_reply_scored_by_the_rewa
     rows, shards = written(reference_run)
     assert list(shards) == ["train-00000-of-00002.jsonl", "train-00001-of-00002.jsonl"]  # the split training reads
     assert len(rows) == 6 and all(len(r["all_generated_responses"]) == len(r["all_rm_scores"]) == 3 for r in rows)
-    assert all(set(r) == {"prompt", "reference", "all_generated_responses", "all_rm_scores"} for r in rows)
+    layout = {"prompt", "reference", "all_generated_responses", "all_rm_scores", "all_cut", "all_mean_logps"}
+    assert all(set(r) == layout for r in rows)
     model = AutoModelForSequenceClassification.from_pretrained(DEMO_REWARD).eval()
     tokenizer = AutoTokenizer.from_pretrained(DEMO_REWARD)
     for row in rows:
@@ -255,6 +256,43 @@ def test_the_output_is_princeton_nlps_layout_with_every_reply_scored_by_the_rewa
             assert_close_at_scale(written_score, expected, abs(expected), "reward")
     replies = [reply for row in rows for reply in row["all_generated_responses"]]
     assert len(set(replies)) > len(rows)  # sampled, not one reply per prompt
+
+
+def test_each_reply_is_marked_cut_exactly_when_it_did_not_end_within_max_new_tokens(reference_run, tmp_path):
+    """The draws are counted, so the same seed with a longer limit samples the same replies further: a reply marked
+    uncut at 16 tokens is the whole reply again at 64, and one marked cut is a strict prefix of a longer one."""
+    longer = tmp_path / "longer"
+    one_thread(generate_candidates, candidate_args(longer, max_new_tokens=64))
+    short, long = written(reference_run)[0], written(longer)[0]
+    marks = [m for row in short for m in row["all_cut"]]
+    assert any(marks) and not all(marks)  # both kinds occur, so both halves of the rule are tested
+    for row, again in zip(short, long, strict=True):
+        for reply, cut, whole in zip(row["all_generated_responses"], row["all_cut"], again["all_generated_responses"],
+                                     strict=True):  # fmt: skip
+            if cut:
+                assert whole.startswith(reply) and len(whole) > len(reply), (reply, whole)
+            else:
+                assert whole == reply
+
+
+def test_each_reply_carries_its_mean_log_probability_under_the_model_that_sampled_it(reference_run):
+    """all_mean_logps: each reply's mean token log-probability, tokenised as training tokenises it as a chosen reply,
+    against the rarity of that reply computed alone in float64 (the rarity itself is pinned to TRL's tokenisation in
+    tests/test_pair_selection.py); training from the same model reads these instead of running a pass."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from diversity_simpo.rarity import candidate_logps, tokenised_candidates
+
+    model = AutoModelForCausalLM.from_pretrained(DEMO_MODEL).double().eval()
+    tokenizer = AutoTokenizer.from_pretrained(DEMO_MODEL)
+    rows, _ = written(reference_run)
+    for row in rows:
+        for reply, stored in zip(row["all_generated_responses"], row["all_mean_logps"], strict=True):
+            alone = {"prompt": row["prompt"], "candidates": [[{"role": "assistant", "content": reply}]]}
+            (expected,) = candidate_logps(model, tokenizer, [alone], torch.device("cpu"))[0]
+            with torch.no_grad():  # the logits' size: what a float32 log-softmax of them is rounded at (precision.py)
+                scale = model(torch.tensor([tokenised_candidates(tokenizer, alone)[0][0]])).logits.abs().max()
+            assert_close_at_scale(stored, expected, scale, f"rarity of {reply!r}")
 
 
 # --- replies sampled elsewhere: scored only ---------------------------------------------------------------------------
@@ -352,6 +390,34 @@ def test_a_reward_model_without_a_pad_token_scores_each_reply_where_it_reads_it_
             with torch.no_grad():
                 expected = model(**ids).logits[0, 0].item()
             assert_close_at_scale(written_score, expected, abs(expected), "reward")
+
+
+def test_training_from_the_sampling_model_reads_the_stored_rarity_and_chooses_what_a_pass_would(
+    reference_run, tmp_path
+):
+    """Trained from the model that sampled them (the same model_name_or_path as in the folder's manifest), the rules
+    read the stored log-probabilities, with no pass; named by another path, the model may be another one, and the
+    pass runs: both choose the same DivPO pairs (at rho 0.9, where rarity decides the chosen reply). Each run keeps
+    its pairs in output_dir/pairs/."""
+    common = ["--config", ROOT / "configs" / "demo.yaml", "--dataset_name", reference_run, "--max_steps", 1]
+    common += ["--pair_selection", "divpo", "--divpo_rho", 0.9, "--eval_strategy", "no", "--report_to", "none"]
+    common += ["--diversity_eval_prompts", 0, "--save_strategy", "no", "--dataset_test_fraction", 0]
+    common += ["--allow_cut_replies", "true"]  # more good replies to choose from: the rarest is not always the best
+    runs = {}
+    for name, model in (("stored", DEMO_MODEL), ("pass", f"{DEMO_MODEL}/../{DEMO_MODEL.name}")):
+        command = [sys.executable, "train_diversity_simpo.py", *map(str, common)]
+        command += ["--model_name_or_path", str(model), "--output_dir", str(tmp_path / name)]
+        result = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert ("rarity pass:" in result.stderr) == (name == "pass"), result.stderr[-3000:]
+        record = json.loads((tmp_path / name / "run_record.json").read_text(encoding="utf-8"))
+        runs[name] = record["data"]["rows"]["train"]
+        kept = [json.loads(line) for line in (tmp_path / name / "pairs" / "train.jsonl").open(encoding="utf-8")]
+        assert len(kept) == runs[name]["kept"]
+    assert runs["stored"]["pairs_sha256"] == runs["pass"]["pairs_sha256"]
+    best = {json.dumps(r["prompt"]): max(zip(r["all_rm_scores"], r["all_generated_responses"], strict=True))[1]
+            for r in written(reference_run)[0]}  # fmt: skip
+    assert any(p["chosen"][0]["content"] != best[json.dumps(p["prompt"])] for p in kept)  # rarity decided some pairs
 
 
 def test_training_reads_the_output_as_is_and_refuses_it_while_a_shard_is_missing(reference_run, tmp_path):

@@ -19,7 +19,15 @@ from datasets import Dataset
 from precision import assert_close_at_scale
 
 from diversity_simpo.data import DataError, normalise
-from diversity_simpo.pair_selection import NEEDS_LOGPS, RULES, best_vs_worst, choose_pairs, divpo, rarest_vs_worst
+from diversity_simpo.pair_selection import (
+    NEEDS_LOGPS,
+    RULES,
+    best_vs_worst,
+    choose_pairs,
+    divpo,
+    fingerprint,
+    rarest_vs_worst,
+)
 from diversity_simpo.rarity import candidate_logps
 from diversity_simpo.settings import CHOICES
 
@@ -386,22 +394,41 @@ def test_a_run_with_two_rules_trains_each_rows_pair_of_each_and_records_how_many
     assert f"most typical one below it): {made['divpo']} pairs" in card
 
 
-def test_a_resumed_divpo_run_trains_on_the_pairs_of_the_run_it_resumes(tmp_path):
-    """The pairs are chosen by the model training starts from (model_name_or_path), not by the checkpoint's trained
-    weights: a run resumed after 2 steps records the same pairs (their fingerprint) as the run it continues (at lr
-    5e-2 the trained weights would choose other pairs)."""
+def test_a_resumed_divpo_run_trains_the_pairs_its_run_chose_and_refuses_other_data_in_one_line(tmp_path):
+    """The pairs are chosen once, by the model training starts from (not the checkpoint's trained weights, which at
+    lr 5e-2 would choose others), and kept in output_dir/pairs/: a run resumed after 2 steps with another
+    per_device_eval_batch_size (the pass's batching) trains exactly those, without a pass. Resumed on data with one
+    score changed, it says so in one line and trains nothing."""
     data = scored_demo_file(tmp_path / "scored.jsonl")
     common = ["--config", ROOT / "configs" / "demo.yaml", "--dataset_name", data, "--pair_selection", "divpo"]
     common += ["--eval_strategy", "no", "--report_to", "none", "--diversity_eval_prompts", 0, "--save_steps", 2]
     common += ["--wrap_text_as_chat", "true", "--learning_rate", "5e-2", "--output_dir", tmp_path / "out"]
-    first = run_cli(*common, "--max_steps", 2)
+    first = run_cli(*common, "--max_steps", 2, "--per_device_eval_batch_size", 4)
     assert first.returncode == 0, first.stderr[-3000:]
     record = tmp_path / "out" / "run_record.json"
     before = json.loads(record.read_text(encoding="utf-8"))["data"]["rows"]["train"]["pairs_sha256"]
+    kept = [json.loads(line) for line in (tmp_path / "out" / "pairs" / "train.jsonl").open(encoding="utf-8")]
+    assert fingerprint(kept) == before
     (tmp_path / "out" / "model.safetensors").unlink()  # a finished model would be refused; the checkpoint stays
-    resumed = run_cli(*common, "--max_steps", 4, "--resume_from_checkpoint", "latest")
+
+    changed = tmp_path / "changed.jsonl"
+    rows = [json.loads(line) for line in data.open(encoding="utf-8")]
+    rows[5]["all_rm_scores"][2] = 0.95
+    changed.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    refused = run_cli(*common, "--max_steps", 4, "--resume_from_checkpoint", "latest", "--dataset_name", changed)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+    assert refused.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "chose its pairs from other scored rows (the dataset changed)" in refused.stderr
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+    resumed = run_cli(
+        *common, "--max_steps", 4, "--resume_from_checkpoint", "latest", "--per_device_eval_batch_size", 1
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert json.loads(record.read_text(encoding="utf-8"))["data"]["rows"]["train"]["pairs_sha256"] == before
+    assert "rarity pass" not in resumed.stderr and f"training the {len(kept)} pairs chosen" in resumed.stderr
+    resumed_record = json.loads(record.read_text(encoding="utf-8"))
+    assert resumed_record["data"]["rows"]["train"]["pairs_sha256"] == before
+    assert [run["global_step"] for run in resumed_record["earlier"]] == [2]  # the record of the run it continues
 
 
 def test_the_rarity_pass_runs_on_the_device_training_runs_on(tmp_path, monkeypatch):
