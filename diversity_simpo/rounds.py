@@ -309,14 +309,16 @@ def samples_of(folder):
 
 
 def figures(rows, bar):
-    """Mean score; distinct replies per sample; distinct replies scoring >= `bar` per sample: means over prompts."""
+    """Mean score; distinct replies per sample; distinct replies scoring >= `bar` per sample; the share of replies
+    cut at max_new_tokens: means over prompts."""
     per_prompt = []
     for row in rows:
         replies, scores = row["all_generated_responses"], row["all_rm_scores"]
         key = [json.dumps(r, ensure_ascii=False) for r in replies]
         good = {k for k, s in zip(key, scores, strict=True) if s >= bar}
-        per_prompt.append((statistics.mean(scores), len(set(key)) / len(key), len(good) / len(key)))
-    names = ("mean_score", "unique_rate", "good_unique_rate")
+        cut = sum(row.get("all_cut") or []) / len(key)
+        per_prompt.append((statistics.mean(scores), len(set(key)) / len(key), len(good) / len(key), cut))
+    names = ("mean_score", "unique_rate", "good_unique_rate", "cut_rate")
     return {name: statistics.mean(p[i] for p in per_prompt) for i, name in enumerate(names)} | {"prompts": len(rows)}
 
 
@@ -344,13 +346,13 @@ def write_figures(folder, rounds):
         f"Samples of each round, scored by the reward model; quality bar {bar:.4g} (the median score of round 1).",
         "",
         "| round | sampled from | prompts | mean score | distinct replies per sample | distinct replies at or above "
-        "the bar per sample | pairs trained |",
-        "|---|---|---|---|---|---|---|",
+        "the bar per sample | replies cut at max_new_tokens | pairs trained |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for e in table:
         pairs = ", ".join(f"{k} {v}" for k, v in (e.get("pairs_by_rule") or {}).items()) or "-"
-        lines.append(f"| {e['round']} | {e['samples']} | {e['prompts']} | {e['mean_score']:.4g} | "
-                     f"{e['unique_rate']:.3f} | {e['good_unique_rate']:.3f} | {pairs} |")  # fmt: skip
+        rates = " | ".join(f"{e[k]:.3f}" for k in ("unique_rate", "good_unique_rate", "cut_rate"))
+        lines.append(f"| {e['round']} | {e['samples']} | {e['prompts']} | {e['mean_score']:.4g} | {rates} | {pairs} |")
     (folder / "rounds.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     _plot(table, folder / "rounds.png")
 

@@ -12,8 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import DEMO_MODEL, ROOT, two_rank_launcher
+from precision import assert_close_at_scale, tolerance
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 # two rounds at toy sizes: 12 prompts (6 per round), 3 replies of up to 12 tokens, 3 training steps per round
@@ -95,6 +97,8 @@ def test_the_figures_of_every_round_are_those_of_its_samples(two_rounds):
         good = [len({json.dumps(t) for t, s in zip(r["all_generated_responses"], r["all_rm_scores"], strict=True)
                      if s >= summary["quality_bar"]}) / 3 for r in rows]  # fmt: skip
         assert row["good_unique_rate"] == pytest.approx(sum(good) / len(good), rel=1e-12)
+        cut = [sum(r["all_cut"]) / 3 for r in rows]
+        assert row["cut_rate"] == pytest.approx(sum(cut) / len(cut), rel=1e-12)
     table = (two_rounds / "rounds.md").read_text(encoding="utf-8")
     assert "| final | model of round 2 | 6 |" in table and (two_rounds / "rounds.png").is_file()
 
@@ -113,7 +117,8 @@ def assert_same_figures(ours, theirs):
 def test_a_killed_loop_continues_to_the_figures_of_the_uninterrupted_loop(tmp_path, two_rounds):
     """A real SIGKILL of the loop and its stage once round 2 has begun to sample: the same command again passes over
     round 1 and ends where the uninterrupted loop ended. Then round 2's training cut back to its checkpoint-2 (what a
-    kill during it leaves): the loop resumes it from there, to the same end."""
+    kill during it leaves): the loop resumes it from there, to the same end. Then round 2's model left unrecorded
+    (a kill as it was saved): trained again, to the same end."""
     output = tmp_path / "out"
     quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
     process = subprocess.Popen(loop_command(output), cwd=ROOT, env=ENV, start_new_session=True, **quiet)
@@ -136,24 +141,93 @@ def test_a_killed_loop_continues_to_the_figures_of_the_uninterrupted_loop(tmp_pa
             shutil.rmtree(path) if path.is_dir() else path.unlink()
     resumed = loop(output)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
-    assert "--resume_from_checkpoint latest" in resumed.stderr
+    assert (
+        yaml.safe_load((output / "round-2" / "model.settings.yaml").read_text())["resume_from_checkpoint"] == "latest"
+    )
     record = json.loads((output / "round-2" / "model" / "run_record.json").read_text())
     assert record["resumed_from"].endswith("checkpoint-2") and record["global_step"] == 3
     assert_same_figures(output, two_rounds)
+
+    # what a kill between save_model and the end of the run record leaves: round 2's model beside a record still
+    # `running`, no checkpoint: the loop does not refuse its own folder, it trains that round again (to the same
+    # model) and passes over the final samples it already has
+    folder = output / "round-2" / "model"
+    (folder / "run_record.json").write_text(json.dumps(record | {"status": "running"}))
+    for checkpoint in folder.glob("checkpoint-*"):
+        shutil.rmtree(checkpoint)
+    resumed = loop(output)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "round 2: training: python" in resumed.stderr and "final samples: done" in resumed.stderr
+    assert json.loads((folder / "run_record.json").read_text())["status"] == "finished"
+    assert_same_figures(output, two_rounds)
+
+
+LORA = {"use_peft": True, "lora_r": 4, "lora_target_modules": ["q_proj", "v_proj"], "learning_rate": 5e-3}
 
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("launcher", ["accelerate", "deepspeed"])
 def test_every_stage_runs_on_the_ranks_of_the_launcher_the_loop_runs_under(tmp_path, launcher):
-    """Three stages (candidates, training, final samples), each a rendezvous of its own on the same two ranks."""
-    result = loop(tmp_path / "out", "--rounds", "1", launch=two_rank_launcher(launcher), start_new_session=True)
+    """Each stage a rendezvous of its own on the same two ranks. Under accelerate, the one-GPU recipe's LoRA over two
+    rounds (its list of target modules arriving as a list): round 2 samples, scores its replies' rarity and trains
+    from round 1's adapter, and ends with an adapter of the start model. Under DeepSpeed, one round of all weights."""
+    rounds, train = (2, LORA) if launcher == "accelerate" else (1, {})
+    out = tmp_path / "out"
+    command = [
+        *loop_command(out, two_rank_launcher(launcher)),
+        "--rounds",
+        str(rounds),
+        "--train",
+        json.dumps(TRAIN | train),
+    ]
+    result = subprocess.run(
+        command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900, start_new_session=True
+    )
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    # the candidates stage: 12 prompts in 3 shards, shard k sampled by rank k mod 2
-    assert "rank 0: sampled 2 of the 3 shards to write" in result.stderr
-    assert "rank 1: sampled 1 of the 3 shards to write" in result.stderr
-    record = json.loads((tmp_path / "out" / "round-1" / "model" / "run_record.json").read_text())
-    assert record["command"]["world_size"] == 2 and record["status"] == "finished"
-    assert manifest(tmp_path / "out" / "final-samples")["prompts"] == 12
+    # the candidates stage: 12 prompts in 3 shards (6 in 2 per round with two rounds), shard k sampled by rank k mod 2
+    if rounds == 1:
+        assert "rank 0: sampled 2 of the 3 shards to write" in result.stderr
+        assert "rank 1: sampled 1 of the 3 shards to write" in result.stderr
+    for r in range(1, rounds + 1):
+        record = json.loads((out / f"round-{r}" / "model" / "run_record.json").read_text())
+        assert record["command"]["world_size"] == 2 and record["status"] == "finished"
+    assert manifest(out / "final-samples")["prompts"] == 12 // rounds
+    if train:
+        lora_rounds(out)
+
+
+def lora_rounds(out):
+    """Both rounds trained one adapter of the start model on q_proj and v_proj; round 2's replies and their stored
+    rarity come from round 1's adapter (its base with it, in float64)."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from diversity_simpo.rarity import candidate_logps, tokenised_candidates
+
+    for r in (1, 2):
+        adapter = json.loads((out / f"round-{r}" / "model" / "adapter_config.json").read_text())
+        assert Path(adapter["base_model_name_or_path"]).resolve() == DEMO_MODEL.resolve()
+        assert set(adapter["target_modules"]) == {"q_proj", "v_proj"}
+    weights = load_file(out / "round-1" / "model" / "adapter_model.safetensors")
+    assert any(v.abs().max() > 0 for k, v in weights.items() if "lora_B" in k)  # round 1's adapter changes the model
+    assert manifest(out / "round-2" / "candidates")["settings"]["model_name_or_path"] == str(out / "round-1" / "model")
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(DEMO_MODEL), out / "round-1" / "model")
+    model, tokenizer = model.double().eval(), AutoTokenizer.from_pretrained(DEMO_MODEL)
+    base = AutoModelForCausalLM.from_pretrained(DEMO_MODEL).double().eval()
+    moved = 0.0
+    for row in map(json.loads, (out / "round-2" / "candidates" / "train-00000-of-00002.jsonl").open(encoding="utf-8")):
+        candidates = [[{"role": "assistant", "content": reply}] for reply in row["all_generated_responses"]]
+        alone = {"prompt": row["prompt"], "candidates": candidates}
+        (expected,) = candidate_logps(model, tokenizer, [alone], torch.device("cpu"))
+        (without,) = candidate_logps(base, tokenizer, [alone], torch.device("cpu"))
+        for stored, value, other, (ids, _) in zip(row["all_mean_logps"], expected, without,
+                                                  tokenised_candidates(tokenizer, alone), strict=True):  # fmt: skip
+            with torch.no_grad():
+                scale = model(torch.tensor([ids])).logits.abs().max()
+            assert_close_at_scale(stored, value, scale, "round 2's stored rarity under round 1's adapter")
+            moved = max(moved, abs(value - other) / tolerance(abs(value) + scale.item()))
+    assert moved > 1, "round 1's adapter moves no log-probability beyond rounding: the test cannot tell base from it"
 
 
 @pytest.mark.parametrize(
