@@ -19,11 +19,12 @@ Scoring. Every (prompt, reply) as a conversation in the reward model's own chat 
 sequence-classification model's single logit, or the `score` output of models with their own code (ArmoRM,
 `trust_remote_code: true`).
 
-Output. `output_dir/train-00000-of-0000K.jsonl`: shards of `shard_size` prompts in the prompts' order, shard k
-sampled by rank k mod world_size, each written whole (a temporary file renamed into place), and `candidates.yaml`,
-the settings that decide the output and the prompts' fingerprint. Started again with the same settings, a run samples
-only the shards that are missing, so a run killed at any moment loses at most the shards it was writing, and no
-prompt is written twice. Training refuses a folder with a shard missing (data._check_candidates_complete). Each
+Output. `output_dir/train-00000-of-0000K.jsonl`: shards of `shard_size` prompts in the prompts' order, the i-th shard
+still to write (every shard, in a new run) sampled by rank i mod world_size, each written whole (a temporary file
+renamed into place), and `candidates.yaml`, the settings that decide the output and the prompts' fingerprint.
+Started again with the same settings, a run samples only the shards that are missing, so a run killed at any moment
+loses at most the shards it was writing, and no prompt is written twice. Training refuses a folder with a shard
+missing (data._check_candidates_complete). Each
 sampled row also holds `all_mean_logps`, each reply's mean token log-probability under the model that sampled it
 (tokenised as training tokenises a pair: the rarity DivPO's rules read, so training needs no pass of its own when it
 starts from that model), and `all_cut`: for each reply, whether it reached max_new_tokens before its end of turn.
@@ -292,8 +293,8 @@ def load_policy(args, device, dtype, tokenizer):
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            args.model_name_or_path, dtype=dtype, trust_remote_code=args.trust_remote_code
+        model = AutoModelForCausalLM.from_pretrained(  # straight to this rank's device: no copy in host memory
+            args.model_name_or_path, dtype=dtype, trust_remote_code=args.trust_remote_code, device_map={"": device}
         )
     except (OSError, ValueError) as e:
         raise ConfigError(f"could not load the model {args.model_name_or_path}: {first_line(e)}") from None
@@ -314,8 +315,9 @@ def load_reward_model(args, device, dtype):
     name = args.reward_model
     try:
         model, info = AutoModelForSequenceClassification.from_pretrained(
-            name, dtype=dtype, trust_remote_code=args.trust_remote_code, output_loading_info=True
-        )
+            name, dtype=dtype, trust_remote_code=args.trust_remote_code, output_loading_info=True,
+            device_map={"": device},
+        )  # fmt: skip
     except Exception as e:  # transformers' OSError, ValueError, KeyError; a model's own code: anything (ImportError)
         if not args.trust_remote_code and not isinstance(e, (OSError, ValueError, KeyError)):
             raise
@@ -438,7 +440,7 @@ def generate_candidates(args):
             say(f"{output}: {done} of {len(manifest['shards'])} shards already written; sampling the other {len(todo)}")
     state.wait_for_everyone()
 
-    mine = [k for k in todo if k % state.num_processes == state.process_index]
+    mine = todo[state.process_index :: state.num_processes]  # the shards still to write, spread evenly
     progress = _progress(sum(len(_shard(prompts, k, args.shard_size)) for k in mine), state)
     started, tokens, cut, scoring, scored = time.perf_counter(), 0, 0, 0.0, 0
     for k in mine:
