@@ -75,8 +75,9 @@ def shards_to_write(folder, manifest, overwrite):
         theirs, ours = found.get(key), manifest[key]
         if theirs != ours:
             if key == "settings":
-                key = next(k for k in ours if (theirs or {}).get(k) != ours[k])
-                was, now = (theirs or {}).get(key), ours[key]
+                theirs = theirs if isinstance(theirs, dict) else {}  # a setting either side lacks differs too
+                key = next(k for k in [*ours, *theirs] if theirs.get(k, "(unset)") != ours.get(k, "(unset)"))
+                was, now = theirs.get(key, "(unset)"), ours.get(key, "(unset)")
                 why = f"{key}={was!r}, not {now!r}"
             else:
                 why = "other prompts (the dataset changed)"

@@ -4,6 +4,7 @@ scored by the reward model, written in whole shards that training reads as is an
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -694,3 +695,18 @@ def snapshot(*folders):
     the write check's probe comes and goes)."""
     paths = [p for folder in folders for p in folder.rglob("*")]
     return {p: (p.read_bytes(), p.stat().st_mtime_ns) if p.is_file() else None for p in paths}
+
+
+def test_a_folder_of_a_version_that_decided_by_other_settings_is_refused_naming_the_setting(tmp_path):
+    """A manifest written with a setting this version no longer has (or without one it has) differs in that setting:
+    one line names it, whichever side lacks it."""
+    from diversity_simpo import candidate_folder
+    from diversity_simpo.settings import ConfigError
+
+    ours = candidate_folder.manifest_for({"seed": 1, "temperature": 0.8}, [{"prompt": "p"}], 4)
+    for theirs, named in (({"seed": 1, "temperature": 0.8, "old": True}, "old=True, not '(unset)'"),
+                          ({"seed": 1}, "temperature='(unset)', not 0.8")):  # fmt: skip
+        folder = tmp_path / named.split("=")[0]
+        candidate_folder.start_folder(folder, ours | {"settings": theirs}, overwrite=False)
+        with pytest.raises(ConfigError, match=re.escape(f"holds candidates made with {named}")):
+            candidate_folder.shards_to_write(folder, ours, overwrite=False)
