@@ -40,7 +40,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from diversity_simpo import candidate_folder
+from diversity_simpo import candidate_folder, reward_functions
 from diversity_simpo.data import load_prompts
 from diversity_simpo.rows import as_chat, is_conversation
 from diversity_simpo.settings import ConfigError, check_model_location, check_writable, first_line, json_mapping
@@ -55,6 +55,20 @@ class CandidateArguments:
     reward_model: str | None = field(
         default=None,
         metadata={"help": "Reward model that scores each reply: a sequence-classification model, Hub id or folder."},
+    )
+    reward_funcs: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Reward functions beside (or instead of) reward_model, as TRL's GRPOTrainer takes them: "
+            "path/to/file.py:function, called with prompts=, completions= and the prompts' other columns, returning "
+            "one number per completion (diversity_simpo/reward_functions.py)."
+        },
+    )
+    reward_weights: list[float] | None = field(
+        default=None,
+        metadata={
+            "help": "Weight of each scorer in the score: reward_model first, then reward_funcs (default: 1 each)."
+        },
     )
     dataset_name: str | None = field(
         default=None,
@@ -131,9 +145,9 @@ def sliced(prompts, i, k):
 
 
 # The settings that decide what is written (not batch sizes): a run resumes only over the same ones
-DECIDING = ("model_name_or_path", "reward_model", "dataset_name", "dataset_config", "dataset_split", "dataset_columns",
-            "system_prompt", "wrap_text_as_chat", "max_prompts", "prompt_slice", "num_candidates", "temperature",
-            "top_p", "max_new_tokens", "seed", "shard_size", "dtype")  # fmt: skip
+DECIDING = ("model_name_or_path", "reward_model", "reward_funcs", "reward_weights", "dataset_name", "dataset_config",
+            "dataset_split", "dataset_columns", "system_prompt", "wrap_text_as_chat", "max_prompts", "prompt_slice",
+            "num_candidates", "temperature", "top_p", "max_new_tokens", "seed", "shard_size", "dtype")  # fmt: skip
 
 
 # --- sampling --------------------------------------------------------------------------------------------------------
@@ -366,7 +380,7 @@ def check_templates(prompts, tokenizer, reward_tokenizer, args):
             raise ConfigError(
                 f"the chat template of {args.model_name_or_path} rejects prompt {index}: {first_line(e)}"
             ) from None
-    for shape, index in shapes.items():
+    for shape, index in shapes.items() if reward_tokenizer is not None else ():
         try:
             reward_tokenizer.apply_chat_template(conversation(prompts[index]["prompt"], "?"), tokenize=True)
         except Exception as e:
@@ -379,8 +393,17 @@ def check_templates(prompts, tokenizer, reward_tokenizer, args):
 def check_locations(args, sampling=True):
     """The settings that name things: both models (the policy only when sampling), output_dir; one line each,
     nothing written."""
+    if not args.reward_model and not args.reward_funcs:
+        raise ConfigError("nothing scores the replies: set reward_model, reward_funcs, or both")
+    scorers = [args.reward_model] * bool(args.reward_model) + list(args.reward_funcs)
+    if args.reward_weights is not None and len(args.reward_weights) != len(scorers):
+        raise ConfigError(
+            f"reward_weights has {len(args.reward_weights)} weights for {len(scorers)} scorers ({', '.join(scorers)}): "
+            "give one per scorer, reward_model first"
+        )
     for setting in ("model_name_or_path", "reward_model") if sampling else ("reward_model",):
-        check_model_location(getattr(args, setting), setting)
+        if setting == "model_name_or_path" or args.reward_model:
+            check_model_location(getattr(args, setting), setting)
     if args.num_candidates < 2:
         raise ConfigError(f"num_candidates={args.num_candidates}: a pair needs at least 2 replies per prompt")
     check_writable(Path(args.output_dir))
@@ -428,8 +451,14 @@ def generate_candidates(args):
                 "give an instruct model, or plain-text prompts (wrap_text_as_chat: false, no system_prompt)"
             )
     dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
-    reward_model, reward_tokenizer = load_reward_model(args, state.device, dtype)
+    functions = [(spec, reward_functions.load(spec)) for spec in args.reward_funcs]
+    for spec, function in functions:  # one call on the first prompt: a wrong return is one line now
+        reward_functions.rewards(function, spec, *function_arguments(prompts[:1], [["?"]]))
+    reward_model = reward_tokenizer = None
+    if args.reward_model:
+        reward_model, reward_tokenizer = load_reward_model(args, state.device, dtype)
     check_templates(prompts, tokenizer, reward_tokenizer, args)
+    weights = args.reward_weights or [1.0] * (bool(reward_model) + len(functions))
     if sampling:
         policy = load_policy(args, state.device, dtype, tokenizer)
 
@@ -455,7 +484,12 @@ def generate_candidates(args):
                 replies, cut_replies = [p["replies"] for p in batch], None
             conversations = [conversation(p["prompt"], r) for p, rs in zip(batch, replies, strict=True) for r in rs]
             scoring -= time.perf_counter()
-            scores = iter(score(reward_model, reward_tokenizer, conversations, args.score_batch_size))
+            each = [score(reward_model, reward_tokenizer, conversations, args.score_batch_size)] if reward_model else []
+            for spec, function in functions:
+                each.append(reward_functions.rewards(function, spec, *function_arguments(batch, replies)))
+            scores = iter(
+                sum(w * s for w, s in zip(weights, per_reply, strict=True)) for per_reply in zip(*each, strict=True)
+            )
             scoring, scored = scoring + time.perf_counter(), scored + len(conversations)
             rarity = mean_logps(policy, tokenizer, batch, replies, state.device) if sampling else None
             for index, (p, rs) in enumerate(zip(batch, replies, strict=True)):
@@ -498,6 +532,17 @@ def mean_logps(policy, tokenizer, batch, replies, device):
     rows = [{"prompt": p["prompt"], "candidates": rs} for p, rs in zip(batch, replies, strict=True)]
     rows = [row if isinstance(row["prompt"], str) else as_chat(row) for row in rows]  # replies as training has them
     return candidate_logps(policy, tokenizer, rows, device, rows_per_forward=len(rows), shared=False)
+
+
+def function_arguments(batch, replies):
+    """(prompts, completions, other columns) for reward functions: one entry per reply, in TRL's form."""
+    prompts = [p["prompt"] for p, rs in zip(batch, replies, strict=True) for _ in rs]
+    completions = [
+        reward_functions.as_completion(p["prompt"], r) for p, rs in zip(batch, replies, strict=True) for r in rs
+    ]
+    names = [k for k in batch[0] if k not in ("prompt", "replies")]
+    columns = {k: [p.get(k) for p, rs in zip(batch, replies, strict=True) for _ in rs] for k in names}
+    return prompts, completions, columns
 
 
 def _shard(prompts, k, size):

@@ -296,6 +296,45 @@ def test_each_reply_carries_its_mean_log_probability_under_the_model_that_sample
             assert_close_at_scale(stored, expected, scale, f"rarity of {reply!r}")
 
 
+REWARD_FUNCTIONS = """
+def mentions_reference(prompts, completions, reference, **columns):
+    return [float(ref in c[0]["content"]) - len(c[0]["content"]) / 1000 for c, ref in zip(completions, reference)]
+
+def broken_import_is_below():
+    pass
+
+def one_number(prompts, completions, **columns):
+    return 1.0
+
+def not_finite(prompts, completions, **columns):
+    return [float("nan")] * len(completions)
+
+def raises(prompts, completions, **columns):
+    raise KeyError("answer")
+"""
+
+
+def test_reward_functions_score_beside_the_reward_model_with_their_weights(tmp_path, reference_run):
+    """A verifiable reward (the reply names the prompt's reference, less a length penalty), called as TRL calls
+    reward functions, weighted with the reward model's score: each written score is 0.5 x the reward model's plus
+    2 x the function's, on the same replies; with the function alone, its reward."""
+    (tmp_path / "rewards.py").write_text(REWARD_FUNCTIONS, encoding="utf-8")
+    function = f"{tmp_path / 'rewards.py'}:mentions_reference"
+    both, alone = tmp_path / "both", tmp_path / "alone"
+    one_thread(generate_candidates, candidate_args(both, reward_funcs=[function], reward_weights=[0.5, 2.0]))
+    one_thread(generate_candidates, candidate_args(alone, reward_funcs=[function], reward_model=None))
+    for ours, theirs, solo in zip(written(both)[0], written(reference_run)[0], written(alone)[0], strict=True):
+        assert ours["all_generated_responses"] == theirs["all_generated_responses"] == solo["all_generated_responses"]
+        for reply, score, model_score, function_score in zip(
+            ours["all_generated_responses"], ours["all_rm_scores"], theirs["all_rm_scores"], solo["all_rm_scores"],
+            strict=True,
+        ):  # fmt: skip
+            expected = float(ours["reference"] in reply) - len(reply) / 1000
+            assert function_score == expected
+            assert score == pytest.approx(0.5 * model_score + 2 * expected, rel=1e-12, abs=1e-12)
+    assert any(s > 0 for row in written(alone)[0] for s in row["all_rm_scores"])  # some replies name the reference
+
+
 # --- replies sampled elsewhere: scored only ---------------------------------------------------------------------------
 
 
@@ -626,6 +665,8 @@ def mistakes(tmp_path_factory, reference_run):
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         shutil.copy(DEMO_REWARD / name, three_labels / name)
     write_rows(root / "texts.jsonl", [{"text": "富士山とは？"}])
+    (root / "rewards.py").write_text(REWARD_FUNCTIONS, encoding="utf-8")
+    (root / "broken.py").write_text("import no_such_module_here\n", encoding="utf-8")
     (root / "empty.jsonl").write_text("", encoding="utf-8")
     (root / "typo.yaml").write_text(
         (ROOT / "configs/demo_candidates.yaml")
@@ -661,6 +702,23 @@ MISTAKES = {
         "holds candidates made with",
     ),
     "output_dir with other files": (["--output_dir", "{root}/other-files"], "not candidates of this tool"),
+    "reward function file missing": (["--reward_funcs", "{root}/nothing.py:f"], "file {root}/nothing.py not found"),
+    "reward function that fails to import": (
+        ["--reward_funcs", "{root}/broken.py:f"],
+        "importing {root}/broken.py failed: ModuleNotFoundError: No module named 'no_such_module_here'",
+    ),
+    "reward function not defined": (["--reward_funcs", "{root}/rewards.py:missing"], "defines no function 'missing'"),
+    "reward function without a file": (["--reward_funcs", "rewards"], "must be path/to/file.py:function_name"),
+    "reward function returns a number": (["--reward_funcs", "{root}/rewards.py:one_number"], "returned float for 1"),
+    "reward function returns NaN": (
+        ["--reward_funcs", "{root}/rewards.py:not_finite"],
+        "returned nan for completion 0",
+    ),
+    "reward function raises": (["--reward_funcs", "{root}/rewards.py:raises"], "raised KeyError: 'answer'"),
+    "reward weights of other length": (
+        ["--reward_funcs", "{root}/rewards.py:one_number", "--reward_weights", "1.0"],
+        "reward_weights has 1 weights for 2 scorers",
+    ),
     "overwrite over other files": (
         ["--output_dir", "{root}/other-files", "--overwrite", "true"],
         "not candidates of this tool; choose a new or empty output_dir",
