@@ -314,3 +314,18 @@ def test_overwrite_output_dir_retrains_over_a_finished_model(tmp_path):
     again = run_cli(*common, "--learning_rate", "1e-3", "--overwrite_output_dir", "true")
     assert again.returncode == 0, again.stderr[-3000:]
     assert (output / "model.safetensors").read_bytes() != first
+
+
+@pytest.mark.parametrize(
+    "flags, noted",
+    [([], False), (["--pair_selection", "best_vs_worst"], True), (["--pair_selection", "rarest_vs_worst"], True)],
+)
+def test_pair_rules_given_for_pairs_data_say_in_one_line_that_they_do_nothing_there(tmp_path, capsys, flags, noted):
+    """The demo's data are prompt/chosen/rejected pairs: a pair rule, from the config or the command line, chooses
+    nothing there, and one line says so and where rules do apply; without one, nothing is said."""
+    from train_diversity_simpo import preflight
+
+    preflight(["--config", str(DEMO_CONFIG), "--output_dir", str(tmp_path / "out"), *flags])
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note: pair_selection")]
+    assert len(notes) == noted and (not noted or "pair_selection does nothing here" in notes[0])
+    assert not (tmp_path / "out").exists()
