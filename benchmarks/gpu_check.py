@@ -142,6 +142,8 @@ def environment(report, gpu):
 def tests(report, gpu, work):
     files = ["tests/test_diversity_loss.py", "tests/test_trainer.py", "tests/test_fused_head.py"]
     files += ["tests/test_prefix_sharing.py"]
+    if not gpu:  # the smoke run proves the stage's wiring; the main suite runs all of these files on the CPU anyway
+        files = ["tests/test_diversity_loss.py"]
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files]
     # the interpreter test and the layouts' CLI and split tests run in the main suite (on the CPU in any case)
     command += ["-k", "not cli_run and not split_invariant" + ("" if gpu else " and not triton_kernels_pass")]
@@ -288,8 +290,12 @@ def on_policy(report, gpu, work):
         return
     tokens_per_s, replies_per_s = (float(speed[i].replace(",", "")) for i in (3, 6))
     train = [sys.executable, "train_diversity_simpo.py", "--config", "configs/config_diversity_simpo.yaml"]
-    train += ["--model_name_or_path", work / "policy", "--dataset_name", work / "on-policy-candidates"]
+    # the policy named by another path than the candidates' manifest names: their stored log-probabilities are then not
+    # taken as the start model's, and the rarity pass runs, as for candidates made elsewhere; a random model's replies
+    # run to max_new_tokens, so cut replies may be chosen
+    train += ["--model_name_or_path", f"{work / 'policy'}/", "--dataset_name", work / "on-policy-candidates"]
     train += ["--pair_selection", "divpo", "--max_steps", shape["steps"], "--deepspeed", "", "--logging_steps", 1]
+    train += ["--allow_cut_replies", "true"]
     train += ["--eval_strategy", "no", "--save_strategy", "no", "--report_to", "none", "--diversity_eval_prompts", 0]
     train += ["--dataset_test_fraction", 0, "--output_dir", work / "on-policy-train"]
     if not gpu:
