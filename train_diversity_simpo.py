@@ -218,7 +218,6 @@ def train(script_args, training_args, model_args, train_dataset, eval_dataset, a
 
 def load_model_and_tokenizer(model_args, training_args):
     import torch
-    from accelerate import PartialState
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import get_quantization_config
 
@@ -226,6 +225,11 @@ def load_model_and_tokenizer(model_args, training_args):
     base = adapter_base(name)  # a LoRA run's output folder: its base model, with that adapter trained further
     dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
     quantization_config = get_quantization_config(model_args)
+    zero3 = training_args.deepspeed_plugin is not None and training_args.deepspeed_plugin.zero_stage == 3
+    # straight to this rank's accelerator, not first into host memory (4 ranks x 16 GB for an 8B model at once); k-bit
+    # weights must be placed at load time; ZeRO-3 partitions the weights as they load instead
+    on_accelerator = training_args.device.type != "cpu" and not zero3
+    device_map = {"": training_args.device} if on_accelerator or quantization_config is not None else None
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             name, revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code
@@ -237,13 +241,11 @@ def load_model_and_tokenizer(model_args, training_args):
             attn_implementation=model_args.attn_implementation,
             dtype=dtype,
             quantization_config=quantization_config,
-            # k-bit weights are placed on this process's device at load time
-            device_map={"": PartialState().local_process_index} if quantization_config is not None else None,
+            device_map=device_map,
         )
         if base:
             from peft import PeftModel
 
-            zero3 = training_args.deepspeed_plugin is not None and training_args.deepspeed_plugin.zero_stage == 3
             # as TRL does for a new adapter: under ZeRO-3 keep the adapter in the base model's dtype
             model = PeftModel.from_pretrained(model, name, is_trainable=True, autocast_adapter_dtype=not zero3)
     except (OSError, ValueError) as e:

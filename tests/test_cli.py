@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -329,3 +330,33 @@ def test_pair_rules_given_for_pairs_data_say_in_one_line_that_they_do_nothing_th
     notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note: pair_selection")]
     assert len(notes) == noted and (not noted or "pair_selection does nothing here" in notes[0])
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("deepspeed, placed", [("", {"": "cuda:0"}), ("configs/ds_config_zero3.json", None)])
+def test_the_model_loads_straight_to_the_training_device_unless_zero3_partitions_it(
+    tmp_path, monkeypatch, deepspeed, placed
+):
+    """On a GPU each rank loads the weights onto its own device, not first into host memory; under ZeRO-3 they are
+    partitioned as they load instead. No GPU exists here: the training device is mocked as cuda:0, and the load is
+    stopped where it starts, with the placement it was asked for."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import train_diversity_simpo
+    from diversity_simpo_trainer import DiversitySimPOConfig
+
+    class Asked(Exception):
+        pass
+
+    def record(name, **kwargs):
+        raise Asked(kwargs["device_map"])
+
+    monkeypatch.setattr(DiversitySimPOConfig, "device", property(lambda self: torch.device("cuda", 0)))
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", record)
+    _, training, model = parse_args(["--config", str(DEMO_CONFIG), "--output_dir", str(tmp_path / "out")])
+    if deepspeed:  # what accelerate's plugin says of a ZeRO-3 config
+        monkeypatch.setattr(training, "deepspeed_plugin", SimpleNamespace(zero_stage=3), raising=False)
+    with pytest.raises(Asked) as asked:
+        train_diversity_simpo.load_model_and_tokenizer(model, training)
+    device_map = asked.value.args[0]
+    assert (None if device_map is None else {k: str(v) for k, v in device_map.items()}) == placed
