@@ -59,7 +59,8 @@ def preflight(argv, counts=None):
               f"{script_args.dataset_name} holds preference pairs, which train as they are: pair_selection does "
               "nothing here. For more varied replies, score candidates sampled from the model (train_on_policy.py, "
               "docs/on-policy.md)", file=sys.stderr)  # fmt: skip
-    check_deepspeed_against_settings(training_args, len(train_dataset))
+    if "candidates" not in train_dataset.column_names:  # scored candidates: once their pairs are chosen (train)
+        check_deepspeed_against_settings(training_args, len(train_dataset))
     if script_args.eval_only and eval_dataset is None:
         raise ConfigError(
             f"--eval_only needs an eval split: the dataset has no {script_args.dataset_test_split!r} "
@@ -109,6 +110,7 @@ def train(script_args, training_args, model_args, train_dataset, eval_dataset, a
         "model_name_or_path": model_args.model_name_or_path,
     }
     kept = []  # scored candidates: each rule's pairs, chosen once (DivPO's by rarity under this model) and kept
+    scored = "candidates" in train_dataset.column_names
     for split, data in splits.items():
         if data is not None and "candidates" in data.column_names:
             stored = "logps" in data.column_names and stored_logps_apply(
@@ -123,6 +125,8 @@ def train(script_args, training_args, model_args, train_dataset, eval_dataset, a
             )  # fmt: skip
             kept += [keep] if keep else []
     train_dataset, eval_dataset = splits.values()
+    if scored:  # the schedule's length comes from the pairs' count, known now (preflight checked the rest)
+        check_deepspeed_against_settings(training_args, len(train_dataset))
     if is_conversation(train_dataset[0]["prompt"]) and tokenizer.chat_template is None:
         raise ConfigError(
             f"the data is conversational but the tokenizer of {model_args.model_name_or_path} has no chat template"

@@ -244,3 +244,22 @@ def test_a_deepspeed_json_that_contradicts_the_settings_is_refused_before_the_en
     assert_clean_error(result, str(ds), named)
     assert len([line for line in result.stderr.splitlines() if line.startswith("error:")]) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_on_scored_candidates_the_deepspeed_schedule_is_checked_against_the_pairs_not_the_rows(tmp_path):
+    """12 rows of scored candidates, 6 of which make no pair (their two replies are the same text): one epoch of one
+    pair per step is 6 steps. A DeepSpeed JSON that fixes its schedule at 12 steps (the rows) is refused, naming 6,
+    before anything is written."""
+    rows = [{"prompt": f"質問{i}", "all_generated_responses": [f"答え{i}", "わかりません" if i % 2 else f"答え{i}"],
+             "all_rm_scores": [1.0, 0.0]} for i in range(12)]  # fmt: skip
+    data = tmp_path / "scored.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    schedule = {"type": "WarmupDecayLR", "params": {"total_num_steps": 12, "warmup_num_steps": "auto"}}
+    config = json.loads((ROOT / "configs" / "ds_config.json").read_text(encoding="utf-8")) | {"scheduler": schedule}
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps(config), encoding="utf-8")
+    flags = ["--dataset_name", data, "--max_steps", -1, "--num_train_epochs", 1, "--per_device_train_batch_size", 1]
+    flags += ["--eval_strategy", "no", "--diversity_eval_prompts", 0, "--dataset_test_fraction", 0]
+    result = run_cli("--config", DEMO_CONFIG, "--deepspeed", ds, "--output_dir", tmp_path / "out", *flags)
+    assert_clean_error(result, str(ds), "total_num_steps=12 but the settings say num_training_steps (calculated)=6;")
+    assert not (tmp_path / "out").exists()
