@@ -33,6 +33,7 @@ it is never chosen (unless `allow_cut_replies`), and may still be rejected.
 """
 
 import hashlib
+import itertools
 import json
 import re
 import sys
@@ -59,9 +60,10 @@ class CandidateArguments:
     reward_funcs: list[str] = field(
         default_factory=list,
         metadata={
-            "help": "Reward functions beside (or instead of) reward_model, as TRL's GRPOTrainer takes them: "
-            "path/to/file.py:function, called with prompts=, completions= and the prompts' other columns, returning "
-            "one number per completion (diversity_simpo/reward_functions.py)."
+            "help": "More scorers beside (or instead of) reward_model, as TRL's GRPOTrainer takes reward_funcs: "
+            "reward models (Hub id or folder), and functions, path/to/file.py:function, called with prompts=, "
+            "completions= and the prompts' other columns, returning one number per completion "
+            "(diversity_simpo/reward_functions.py)."
         },
     )
     reward_weights: list[float] | None = field(
@@ -320,13 +322,12 @@ def load_policy(args, device, dtype, tokenizer):
     return model.to(device).eval()
 
 
-def load_reward_model(args, device, dtype):
-    """The reward model and its tokenizer, refused in one line if it could not score: no classification head in the
-    checkpoint (a causal LM loaded this way would get a random one), no chat template, or more than one score."""
+def load_reward_model(args, device, dtype, name):
+    """The reward model `name` and its tokenizer, refused in one line if it could not score: no classification head in
+    the checkpoint (a causal LM loaded this way would get a random one), no chat template, or more than one score."""
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    name = args.reward_model
     try:
         model, info = AutoModelForSequenceClassification.from_pretrained(
             name, dtype=dtype, trust_remote_code=args.trust_remote_code, output_loading_info=True,
@@ -365,7 +366,7 @@ def load_reward_model(args, device, dtype):
     return model, tokenizer
 
 
-def check_templates(prompts, tokenizer, reward_tokenizer, args):
+def check_templates(prompts, tokenizer, reward_tokenizers, args):
     """Every prompt through the model's chat template (when it samples), and one prompt of each shape of conversation
     (which roles, in which order) through the reward model's, before anything is written: a template that refuses a
     system turn, say, is one line here, not a traceback after the first shard."""
@@ -380,12 +381,12 @@ def check_templates(prompts, tokenizer, reward_tokenizer, args):
             raise ConfigError(
                 f"the chat template of {args.model_name_or_path} rejects prompt {index}: {first_line(e)}"
             ) from None
-    for shape, index in shapes.items() if reward_tokenizer is not None else ():
+    for (name, reward_tokenizer), (shape, index) in itertools.product(reward_tokenizers, shapes.items()):
         try:
             reward_tokenizer.apply_chat_template(conversation(prompts[index]["prompt"], "?"), tokenize=True)
         except Exception as e:
             raise ConfigError(
-                f"the chat template of reward_model {args.reward_model} rejects prompt {index} with its reply "
+                f"the chat template of reward_model {name} rejects prompt {index} with its reply "
                 f"(turns {shape}): {first_line(e)}"
             ) from None
 
@@ -404,6 +405,9 @@ def check_locations(args, sampling=True):
     for setting in ("model_name_or_path", "reward_model") if sampling else ("reward_model",):
         if setting == "model_name_or_path" or args.reward_model:
             check_model_location(getattr(args, setting), setting)
+    for spec in args.reward_funcs:
+        if not reward_functions.is_function(spec):
+            check_model_location(spec, "reward_funcs")
     if args.num_candidates < 2:
         raise ConfigError(f"num_candidates={args.num_candidates}: a pair needs at least 2 replies per prompt")
     check_writable(Path(args.output_dir))
@@ -451,14 +455,16 @@ def generate_candidates(args):
                 "give an instruct model, or plain-text prompts (wrap_text_as_chat: false, no system_prompt)"
             )
     dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
-    functions = [(spec, reward_functions.load(spec)) for spec in args.reward_funcs]
-    for spec, function in functions:  # one call on the first prompt: a wrong return is one line now
-        reward_functions.rewards(function, spec, *function_arguments(prompts[:1], [["?"]]))
-    reward_model = reward_tokenizer = None
-    if args.reward_model:
-        reward_model, reward_tokenizer = load_reward_model(args, state.device, dtype)
-    check_templates(prompts, tokenizer, reward_tokenizer, args)
-    weights = args.reward_weights or [1.0] * (bool(reward_model) + len(functions))
+    scorers = []  # (name, a reward function, or a reward model and its tokenizer): reward_model, then reward_funcs
+    for spec in [args.reward_model] * bool(args.reward_model) + list(args.reward_funcs):
+        if spec is not args.reward_model and reward_functions.is_function(spec):
+            function = reward_functions.load(spec)  # one call on the first prompt: a wrong return is one line now
+            reward_functions.rewards(function, spec, *function_arguments(prompts[:1], [["?"]]))
+            scorers.append((spec, function))
+        else:
+            scorers.append((spec, load_reward_model(args, state.device, dtype, spec)))
+    check_templates(prompts, tokenizer, [(name, s[1]) for name, s in scorers if isinstance(s, tuple)], args)
+    weights = args.reward_weights or [1.0] * len(scorers)
     if sampling:
         policy = load_policy(args, state.device, dtype, tokenizer)
 
@@ -484,9 +490,12 @@ def generate_candidates(args):
                 replies, cut_replies = [p["replies"] for p in batch], None
             conversations = [conversation(p["prompt"], r) for p, rs in zip(batch, replies, strict=True) for r in rs]
             scoring -= time.perf_counter()
-            each = [score(reward_model, reward_tokenizer, conversations, args.score_batch_size)] if reward_model else []
-            for spec, function in functions:
-                each.append(reward_functions.rewards(function, spec, *function_arguments(batch, replies)))
+            each = [
+                score(*scorer, conversations, args.score_batch_size)
+                if isinstance(scorer, tuple)
+                else reward_functions.rewards(scorer, name, *function_arguments(batch, replies))
+                for name, scorer in scorers
+            ]
             scores = iter(
                 sum(w * s for w, s in zip(weights, per_reply, strict=True)) for per_reply in zip(*each, strict=True)
             )

@@ -4,8 +4,9 @@ Python, as TRL's GRPOTrainer takes them in `reward_funcs`.
 A function is named `path/to/file.py:function`. It is called with keyword arguments, as TRL calls its reward
 functions: `prompts` (one per reply; a string, or a conversation), `completions` (the replies: strings for string
 prompts, `[{"role": "assistant", "content": ...}]` for conversations) and every other column of the prompts' rows
-(`reference`, say), one value per reply. It returns one number per reply. `generate_candidates.py` adds each
-scorer's rewards with `reward_weights` (the reward model first, then the functions in order; 1 each by default).
+(`reference`, say), one value per reply. It returns one number per reply. An entry of `reward_funcs` without `.py`
+names another reward model, as in TRL. `generate_candidates.py` adds each scorer's rewards with `reward_weights`
+(`reward_model` first, then `reward_funcs` in order; 1 each by default).
 
 Whatever goes wrong on the user's side is one line that names the function: a missing file, an import error, no
 such function, an exception it raises, a result that is not one finite number per reply.
@@ -16,6 +17,11 @@ import math
 from pathlib import Path
 
 from diversity_simpo.settings import ConfigError, first_line
+
+
+def is_function(spec):
+    """A reward_funcs entry that names a Python file's function; any other entry names a reward model."""
+    return ".py" in str(spec)
 
 
 def load(spec):

@@ -57,7 +57,14 @@ def candidate_args(out, **overrides):
 
 
 def cli_args(args):
-    return [f"--{k}={v}" for k, v in vars(args).items() if v is not None]
+    """The flags of `args`: a list as its values after the flag (none for an empty list), anything else as --k=v."""
+    flags = []
+    for k, v in vars(args).items():
+        if isinstance(v, list):
+            flags += [f"--{k}", *map(str, v)] if v else []
+        elif v is not None:
+            flags.append(f"--{k}={v}")
+    return flags
 
 
 def run_cli(*args, config=None):
@@ -333,6 +340,18 @@ def test_reward_functions_score_beside_the_reward_model_with_their_weights(tmp_p
             assert function_score == expected
             assert score == pytest.approx(0.5 * model_score + 2 * expected, rel=1e-12, abs=1e-12)
     assert any(s > 0 for row in written(alone)[0] for s in row["all_rm_scores"])  # some replies name the reference
+
+
+def test_a_reward_model_among_the_reward_functions_scores_as_reward_model_does(tmp_path, reference_run):
+    """reward_funcs takes reward models too (a Hub id or folder, as TRL's GRPOTrainer does): the demo reward model
+    there, with reward_model unset, writes the scores it writes as reward_model; both at once, weighted 1 and -0.5,
+    half of them."""
+    alone, both = tmp_path / "alone", tmp_path / "both"
+    one_thread(generate_candidates, candidate_args(alone, reward_model=None, reward_funcs=[str(DEMO_REWARD)]))
+    one_thread(generate_candidates, candidate_args(both, reward_funcs=[str(DEMO_REWARD)], reward_weights=[1.0, -0.5]))
+    for ours, halves, theirs in zip(written(alone)[0], written(both)[0], written(reference_run)[0], strict=True):
+        assert ours["all_rm_scores"] == theirs["all_rm_scores"]
+        assert halves["all_rm_scores"] == pytest.approx([0.5 * s for s in theirs["all_rm_scores"]], rel=1e-12)
 
 
 # --- replies sampled elsewhere: scored only ---------------------------------------------------------------------------
@@ -708,7 +727,11 @@ MISTAKES = {
         "importing {root}/broken.py failed: ModuleNotFoundError: No module named 'no_such_module_here'",
     ),
     "reward function not defined": (["--reward_funcs", "{root}/rewards.py:missing"], "defines no function 'missing'"),
-    "reward function without a file": (["--reward_funcs", "rewards"], "must be path/to/file.py:function_name"),
+    "reward function without a function": (["--reward_funcs", "rewards.py"], "must be path/to/file.py:function_name"),
+    "reward model in reward_funcs missing": (
+        ["--reward_funcs", "./no-such-rm"],
+        "./no-such-rm not found; check reward_f",
+    ),
     "reward function returns a number": (["--reward_funcs", "{root}/rewards.py:one_number"], "returned float for 1"),
     "reward function returns NaN": (
         ["--reward_funcs", "{root}/rewards.py:not_finite"],
