@@ -53,7 +53,7 @@ def preflight(argv, counts=None):
     check_optimizer_and_schedule(training_args)
     train_dataset, eval_dataset = load_preference_data(script_args, training_args.seed, counts)
     if "candidates" not in train_dataset.column_names and (
-        script_args.pair_selection != ["best_vs_worst"] or any(a.split("=")[0] == "--pair_selection" for a in argv)
+        script_args.pair_selection != ["best_vs_worst"] or any(str(a).split("=")[0] == "--pair_selection" for a in argv)
     ) and training_args.process_index == 0:  # fmt: skip
         print(f"note: pair_selection {script_args.pair_selection} chooses among scored candidates, and "
               f"{script_args.dataset_name} holds preference pairs, which train as they are: pair_selection does "
