@@ -432,15 +432,21 @@ def test_a_resumed_divpo_run_trains_the_pairs_its_run_chose_and_refuses_other_da
 
 
 def test_the_rarity_pass_runs_on_the_device_training_runs_on(tmp_path, monkeypatch):
-    """The pass asks for the training arguments' device (this rank's accelerator), not the device the model was
-    loaded on (the CPU, before the Trainer moves it). No GPU exists here: the training device is mocked as cuda:0,
-    and the pass stopped where it starts, with the device it was given."""
+    """The pass asks for the training arguments' device (this rank's accelerator), not the device the model sits on
+    (the CPU here: a model loaded to host memory, as under ZeRO-3, until the Trainer places it). No GPU exists here:
+    the training device is mocked as cuda:0, the model is loaded to the CPU, and the pass stopped where it starts,
+    with the device it was given."""
+    from transformers import AutoModelForCausalLM
+
     import train_diversity_simpo
     from diversity_simpo import rarity
     from diversity_simpo_trainer import DiversitySimPOConfig
 
     class Asked(Exception):
         pass
+
+    load = AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: load(*a, **(k | {"device_map": None})))
 
     def record(model, tokenizer, rows, device, rows_per_forward):
         raise Asked(device, next(model.parameters()).device, rows_per_forward)
