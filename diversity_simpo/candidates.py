@@ -128,6 +128,8 @@ class CandidateArguments:
 
     def __post_init__(self):
         self.dataset_columns = json_mapping("dataset_columns", self.dataset_columns)
+        if isinstance(self.reward_funcs, str):  # one scorer given as a string in the YAML: a list of one
+            self.reward_funcs = [self.reward_funcs]
         prompt_slice(self.prompt_slice)  # checked now: a mistake is one line before anything runs
 
 
