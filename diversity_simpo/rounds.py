@@ -32,8 +32,8 @@ from pathlib import Path
 
 import yaml
 
-from diversity_simpo import candidate_folder, run_record, settings
-from diversity_simpo.candidates import CandidateArguments
+from diversity_simpo import candidate_folder, reward_functions, run_record, settings
+from diversity_simpo.candidates import CandidateArguments, check_locations
 from diversity_simpo.checkpoints import newest_complete_checkpoint
 from diversity_simpo.settings import ConfigError, check_model_location, check_writable, json_mapping
 
@@ -182,6 +182,9 @@ def check(args, training_config_class):
     start = args.model_name_or_path or training.get("model_name_or_path")
     check_model_location(start, "model_name_or_path")
     script, training_args, sampling = read_stages(args, training_config_class, start, candidates, training)
+    check_locations(sampling)  # the models and reward scorers can exist, as the candidates stage checks them
+    for spec in filter(reward_functions.is_function, sampling.reward_funcs):
+        reward_functions.load(spec)
     if training_args.eval_strategy != "no" and not script.dataset_test_fraction:
         raise ConfigError(
             f"{args.train_config}: eval_strategy is {training_args.eval_strategy.value!r}, and a round's candidates "

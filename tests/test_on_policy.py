@@ -244,6 +244,7 @@ def lora_rounds(out):
         (["--candidates", '{"num_candidates": 1}'], "num_candidates=1 is out of range"),
         (["--train", '{"eval_strategy": "steps", "dataset_test_fraction": 0}'], "candidates have no test split"),
         (["--rounds", "0"], "rounds=0 is out of range"),
+        (["--candidates", '{"reward_funcs": "my_rewards.py"}'], "must be path/to/file.py:function_name"),
         (["--learning_rate", "1e-6"], "--learning_rate; it is a setting of the train stage: give it --train '{"),
         (["--num_candidates", "8"], "it is a setting of the candidates stage: give it --candidates '{"),
         (["--round_prompts", "new"], "round_prompts='new' is not one of fresh, same"),
