@@ -286,6 +286,11 @@ def make_parser(dataclass_types, default_config=None, config=None, config_path=N
         def error(self, message):  # argparse would print the whole usage (hundreds of options) and exit
             raise ConfigError(f"{message} (see --help)")
 
+        def set_defaults_with_config(self, **config):  # the YAML, then the lists given as `--field [a, b]` over it
+            remaining = super().set_defaults_with_config(**config)
+            self.set_defaults(**getattr(self, "flow_lists", {}))  # set by read_settings
+            return remaining
+
         def format_help(self):
             saved = {action: action.default for action in self._actions}
             try:
@@ -405,6 +410,8 @@ def read_settings(argv, dataclass_types, default_config, nested=None, label=None
     for flag, value in itertools.pairwise(argv):  # before the dataclasses, which would overflow on them
         if flag.startswith("--") and value.strip().lower().lstrip("+-") in ("nan", "inf", "infinity"):
             raise ConfigError(f"{flag[2:]}={value} must be a finite number (the command line)")
+    argv, parser.flow_lists = _flow_lists(argv, parser)
+    check_values(parser.flow_lists, parser.dataclass_types, "the command line")
     deepspeed = _flag_value(argv, "--deepspeed", config.get("deepspeed"))
     check_deepspeed_config(deepspeed)
     check_values(config, parser.dataclass_types, str(config_path))
@@ -469,6 +476,39 @@ def check_training_settings(script, training, model):
                 "fused_lm_head reads lm_head.weight directly, so an adapter on lm_head would never train: remove "
                 "lm_head from lora_target_modules and lora_modules_to_save, or set fused_lm_head: false"
             )
+
+
+def _flow_lists(argv, parser):
+    """argv without the list fields given as one YAML list (`--reward_funcs []`, `--report_to=[wandb, tensorboard]`),
+    and those lists: argparse takes neither an empty list nor brackets (it would read `[]` as a name), and a field
+    that may be one string or a list (report_to) takes only one string."""
+    import yaml
+
+    listed = set()
+    for cls in parser.dataclass_types:
+        for name, annotation in typing.get_type_hints(cls).items():
+            options = typing.get_args(annotation) if _is_union(annotation) else (annotation,)
+            listed |= {name} if any(typing.get_origin(o) in (list, tuple) for o in options) else set()
+    lists = {o: a.dest for a in parser._actions if a.dest in listed for o in a.option_strings}
+    rest, found = [], {}
+    i = 0
+    while i < len(argv):
+        flag, equals, value = argv[i].partition("=")
+        inline = bool(equals)
+        if not inline and i + 1 < len(argv):
+            value = argv[i + 1]
+        if flag in lists and value.lstrip().startswith("["):
+            try:
+                found[lists[flag]] = yaml.safe_load(value)
+            except yaml.YAMLError:
+                found[lists[flag]] = None
+            if not isinstance(found[lists[flag]], list):
+                raise ConfigError(f"{flag}={value} is not a list: write it as [a, b] (or [] for none)")
+            i += 1 if inline else 2
+            continue
+        rest.append(argv[i])
+        i += 1
+    return rest, found
 
 
 def _flag_value(argv, flag, default):
@@ -538,7 +578,9 @@ def _type_problem(value, annotation):
         if origin is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return None
         if origin in (list, tuple) and isinstance(value, (list, tuple)):
-            return None
+            element = (typing.get_args(option) or (typing.Any,))[0]
+            if all(_type_problem(v, element) is None for v in value):
+                return None
         if origin is dict and isinstance(value, dict):
             return None
         if _is_enum(origin) and isinstance(value, (str, Enum)):
@@ -552,7 +594,14 @@ def _type_problem(value, annotation):
         dict: "a mapping",
         list: "a list",
     }
-    wanted = [names.get(typing.get_origin(o) or o, getattr(o, "__name__", str(o))) for o in options]
+
+    def name(option):
+        origin = typing.get_origin(option) or option
+        if origin in (list, tuple) and typing.get_args(option):
+            return f"a list (each {name(typing.get_args(option)[0])})"
+        return names.get(origin, getattr(option, "__name__", str(option)))
+
+    wanted = [name(o) for o in options]
     return " or ".join(dict.fromkeys(wanted))
 
 

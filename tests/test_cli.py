@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -82,6 +83,42 @@ def test_misspelled_yaml_key_names_the_key_and_the_closest_field(tmp_path):
 def test_misspelled_command_line_flag_names_the_closest_field():
     with pytest.raises(ConfigError, match=r"unknown option --diversity_alpah.*did you mean 'diversity_alpha'"):
         parse_args(["--config", str(DEMO_CONFIG), "--diversity_alpah", "0.5"])
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--report_to", "[]"], {"report_to": []}),  # none: argparse alone reads "[]" as a name
+        (["--report_to=[wandb, tensorboard]"], {"report_to": ["wandb", "tensorboard"]}),
+        (["--lora_target_modules", "q_proj", "v_proj"], {"lora_target_modules": ["q_proj", "v_proj"]}),  # argparse's
+        (["--lora_target_modules", "[q_proj, v_proj]"], {"lora_target_modules": ["q_proj", "v_proj"]}),
+        (
+            ["--pair_selection", "[best_vs_worst, rarest_vs_worst]"],
+            {"pair_selection": ["best_vs_worst", "rarest_vs_worst"]},
+        ),
+    ],
+)
+def test_a_list_setting_on_the_command_line_arrives_as_the_list_written(flags, expected):
+    settings = {}
+    for instance in parse_args(["--config", str(DEMO_CONFIG), *flags]):
+        settings |= vars(instance)
+    assert {key: settings[key] for key in expected} == expected
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--pair_selection", "[best_vs_worst, rarest]"], "pair_selection='rarest' is not one of"),
+        (["--report_to", "[wandb"], "--report_to=[wandb is not a list: write it as [a, b] (or [] for none)"),
+        (
+            ["--report_to", "[wandb, [tensorboard]]"],
+            "report_to=['wandb', ['tensorboard']] must be empty (null) or a string or a list (each a string)",
+        ),
+    ],
+)
+def test_a_list_setting_that_is_not_a_list_of_its_type_is_one_line(flags, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_args(["--config", str(DEMO_CONFIG), *flags])
 
 
 @pytest.mark.parametrize(
