@@ -156,3 +156,69 @@ def _pair_selection(train_rows):
 def _eval_rows(rows):
     evaluation = rows.get("eval")
     return f"; {evaluation['kept']} held-out pairs for evaluation" if evaluation else ""
+
+
+def write_reward_model_card(folder, *, model_name_or_path, dataset_name, args, record, lora):
+    """README.md beside a reward model that train_reward_model.py trained: `args` its RewardConfig, `record` its
+    run_record.json (a dict, with the held-out figures under `results`), `lora` whether an adapter was merged in."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    folder = Path(folder)
+    base = base_model_id(str(model_name_or_path))
+    on_hub = not Path(str(dataset_name)).expanduser().exists()
+    data = ModelCardData(
+        base_model=base,
+        datasets=[str(dataset_name)] if on_hub else None,
+        tags=["trl", "reward-model", "diversity-simpo"] + (["lora"] if lora else []),
+        library_name="transformers",
+        pipeline_tag="text-classification",
+        language=["ja"],
+    )
+    rows, results = record.get("data", {}).get("rows", {}), record.get("results", {})
+    train_rows = rows.get("train", {})
+    project = record.get("project", {})
+    base_text = f"[{base}](https://huggingface.co/{base})" if base and base == str(model_name_or_path) else (
+        f"the local model `{model_name_or_path}`")  # fmt: skip
+    where = args.hub_model_id or str(folder)
+    held_out = (
+        f"{_figure(results.get('held_out_accuracy'))} of {results['held_out_pairs']} held-out pairs scored chosen above "
+        f"rejected (mean loss {_figure(results.get('held_out_loss'))}, mean margin "
+        f"{_figure(results.get('held_out_margin'))}), from {results.get('best_checkpoint') or 'the last step'}"
+        if "held_out_pairs" in results
+        else "no held-out pairs (not evaluated)"
+    )
+    text = f"""---
+{data.to_yaml()}
+---
+
+# {folder.name}
+
+A reward model (one score per conversation) fine-tuned from {base_text}{" with LoRA (merged)" if lora else ""} on
+preference pairs with TRL's `RewardTrainer` (Bradley-Terry loss) by diversity-simpo {project.get("version", "")}
+(commit `{project.get("git_commit")}`). Give it to `generate_candidates.py` as `reward_model: {where}`.
+
+## Data
+
+`{dataset_name}`: {train_rows.get("kept", "?")} training pairs used of {train_rows.get("read", "?")} read
+(layout: {train_rows.get("layout", "?")}){_eval_rows(rows)}.
+
+## Results
+
+{held_out}; {record.get("global_step", "?")} steps of {args.per_device_train_batch_size} pairs x
+{args.gradient_accumulation_steps} accumulation x {record.get("command", {}).get("world_size", "?")} processes,
+learning_rate = {args.learning_rate:g}, seed {args.seed}. Every setting is in `resolved_config.yaml`, and what it
+takes to reproduce the run in `run_record.json`.
+
+## Quick start
+
+```python
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+model = AutoModelForSequenceClassification.from_pretrained("{where}")
+tokenizer = AutoTokenizer.from_pretrained("{where}")
+messages = [{{"role": "user", "content": "{QUESTION}"}}, {{"role": "assistant", "content": "..."}}]
+inputs = tokenizer.apply_chat_template(messages, return_tensors="pt", return_dict=True)
+print(model(**inputs).logits[0, 0].item())
+```
+"""
+    ModelCard(text).save(folder / "README.md")

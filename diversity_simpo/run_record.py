@@ -9,6 +9,7 @@ Written by the global rank 0 when training starts (status `running`) and complet
     environment  Python, the platform, the pinned packages' versions, the accelerator and how many
     data         the dataset (Hub id or files with their SHA-256), and per split the rows read, kept and skipped
     seed, settings (the file that holds them), started, ended, status, reason, global_step
+    results      what the run measured at its end (train_reward_model.py: the held-out pairs' accuracy and loss)
     earlier      in a resumed run: the start, end, status and step of each run it continues, oldest first
 """
 
@@ -58,7 +59,7 @@ def start(output_dir, argv, training_args, dataset_name, counts):
     _write(output_dir, record)
 
 
-def end(output_dir, status, global_step, reason=None):
+def end(output_dir, status, global_step, reason=None, results=None):
     path = Path(output_dir) / RECORD
     if not path.is_file():
         return
@@ -66,6 +67,8 @@ def end(output_dir, status, global_step, reason=None):
     record.update(status=status, ended=_now(), global_step=global_step)
     if reason:
         record["reason"] = reason
+    if results:
+        record["results"] = results
     _write(output_dir, record)
 
 
