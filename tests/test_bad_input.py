@@ -155,7 +155,7 @@ def test_diversity_with_another_loss_type_warns(tmp_path):
 def test_remote_code_is_off_unless_the_config_turns_it_on():
     from train_diversity_simpo import parse_args
 
-    for config in ("demo.yaml", "config_diversity_simpo.yaml", "config_cpo.yaml"):
+    for config in ("demo.yaml", "config_diversity_simpo.yaml"):
         _, training, _ = parse_args(["--config", str(ROOT / "configs" / config), "--bf16", "false", "--deepspeed", ""])
         assert training.trust_remote_code is False
 

@@ -62,18 +62,6 @@ def test_without_config_flag_the_real_config_is_used():
     assert real["deepspeed"] == "configs/ds_config.json"  # `deepspeed --num_gpus=4 train_diversity_simpo.py`: ZeRO-2
 
 
-def test_plain_simpo_config_differs_only_in_pair_rules_output_and_run_name():
-    diverse_script, diverse, _ = parse_args(["--bf16", "false", "--deepspeed", ""])
-    plain_config = str(ROOT / "configs" / "config_cpo.yaml")
-    plain_script, plain, _ = parse_args(["--config", plain_config, "--bf16", "false", "--deepspeed", ""])
-    assert plain.diversity_weight == 0.0 and plain.output_dir == "output/simpo-trained-model"
-    differing = {k for k, v in diverse.to_dict().items() if plain.to_dict()[k] != v}
-    differing |= {k for k, v in vars(diverse_script).items() if vars(plain_script)[k] != v}
-    assert differing == {"pair_selection", "output_dir", "run_name"} and plain_script.pair_selection == [
-        "best_vs_worst"
-    ]
-
-
 def test_misspelled_yaml_key_names_the_key_and_the_closest_field(tmp_path):
     config = write_yaml(tmp_path / "c.yaml", diversty_weight=0.1)
     with pytest.raises(ConfigError, match=r"unknown key 'diversty_weight'.*did you mean 'diversity_weight'"):
