@@ -33,7 +33,7 @@ demo-on-policy: setup
 test: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest tests
+	$(PY) -m pytest -n auto --dist loadgroup tests   # one worker per core (tests/conftest.py groups them)
 
 bench: setup
 	$(PY) benchmarks/bench_step.py

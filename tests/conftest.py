@@ -6,7 +6,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs one worker per core: one thread each, and their stages too
+    os.environ["OMP_NUM_THREADS"] = "1"
+import torch  # after the thread count, which torch reads as it loads
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -41,22 +44,34 @@ def pytest_configure(config):
     )
 
 
+def pytest_collection_modifyitems(items):
+    """For pytest-xdist's `--dist loadgroup` (`make test`): a file's tests run on one worker, so each module fixture
+    is built once; the tests that start several ranks run one at a time, since two launchers at once would contend
+    for one rendezvous port."""
+    for item in items:
+        group = "several-ranks" if item.get_closest_marker("distributed") else item.path.name
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 @pytest.fixture(autouse=True)
 def _wandb_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
 
 
-_SUMMARY = []  # lines a test wants in the terminal summary (the generated-mistakes counts, say)
-
-
 @pytest.fixture
-def record_summary():
-    return _SUMMARY.append
+def record_summary(request):
+    """A line a test wants in the terminal summary (the generated-mistakes counts, say); it travels with the test's
+    report, so it also reaches the summary from an xdist worker."""
+    return lambda line: request.node.user_properties.append(("summary", line))
 
 
 def pytest_terminal_summary(terminalreporter):
-    for line in _SUMMARY:
-        terminalreporter.write_line(line)
+    for reports in terminalreporter.stats.values():
+        for report in reports:
+            if getattr(report, "when", None) == "call":
+                for key, line in report.user_properties:
+                    if key == "summary":
+                        terminalreporter.write_line(line)
 
 
 @pytest.fixture(scope="module")
