@@ -167,6 +167,8 @@ def train(script_args, training_args, model_args, train_dataset, eval_dataset, a
         "max_new_tokens": script_args.diversity_eval_max_new_tokens,
         "batch_size": script_args.diversity_eval_batch_size,
         "gather_weights": script_args.diversity_eval_gather_weights,
+        "embedding_model": script_args.diversity_eval_embedding_model,
+        "equivalence_threshold": script_args.diversity_eval_equivalence_threshold,
     }
     if script_args.eval_only:
         return evaluate_only(trainer, diversity_eval, Path(training_args.output_dir))
@@ -363,7 +365,8 @@ def evaluate_only(trainer, diversity_eval, output_dir):
 
     results = trainer.evaluate()
     if diversity_eval["prompts"]:
-        report = run_diversity_eval(trainer, sentence_embedder(), **diversity_eval)
+        embedder = sentence_embedder(diversity_eval.pop("embedding_model"))
+        report = run_diversity_eval(trainer, embedder, **diversity_eval)
         results |= {f"diversity_eval/{k}": v for k, v in report.items()}
     if trainer.is_world_process_zero():
         output_dir.mkdir(parents=True, exist_ok=True)

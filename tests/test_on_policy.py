@@ -2,10 +2,12 @@
 it, on its own slice of the prompts; a killed loop continues to the uninterrupted loop's figures; every stage runs
 under the launcher the loop runs under; mistakes in either stage's settings are one line before anything is written."""
 
+import bisect
 import json
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -16,6 +18,8 @@ import torch
 import yaml
 from conftest import DEMO_MODEL, ROOT, two_rank_launcher
 from precision import assert_close_at_scale, tolerance
+
+from diversity_simpo.rounds import figures, samples_of
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 # two rounds at toy sizes: 12 prompts (6 per round), 3 replies of up to 12 tokens, 3 training steps per round
@@ -84,7 +88,11 @@ def test_fresh_prompts_take_one_slice_per_round_and_the_final_samples_repeat_rou
 
 
 def test_the_figures_of_every_round_are_those_of_its_samples(two_rounds):
-    summary = json.loads((two_rounds / "rounds.json").read_text(encoding="utf-8"))
+    from diversity_simpo.reply_diversity import equivalence_classes, sentence_embedder, utility_k
+
+    summary, embedder = json.loads((two_rounds / "rounds.json").read_text(encoding="utf-8")), sentence_embedder()
+    scores = [s for r in samples_of(two_rounds / "round-1" / "candidates") for s in r["all_rm_scores"]]
+    assert summary["score_deciles"] == statistics.quantiles(scores, n=10)  # round 1's, for every round
     assert [row["round"] for row in summary["rounds"]] == [1, 2, "final"]
     for row, folder in zip(
         summary["rounds"], ("round-1/candidates", "round-2/candidates", "final-samples"), strict=True
@@ -99,8 +107,28 @@ def test_the_figures_of_every_round_are_those_of_its_samples(two_rounds):
         assert row["good_unique_rate"] == pytest.approx(sum(good) / len(good), rel=1e-12)
         cut = [sum(r["all_cut"]) / 3 for r in rows]
         assert row["cut_rate"] == pytest.approx(sum(cut) / len(cut), rel=1e-12)
+        classes = [equivalence_classes(r["all_generated_responses"], embedder, 0.85) for r in rows]
+        assert row["distinct_k"] == pytest.approx(sum(len(set(c)) for c in classes) / len(rows), rel=1e-12)
+        utilities = [[bisect.bisect_left(summary["score_deciles"], s) + 1 for s in r["all_rm_scores"]] for r in rows]
+        utility = [utility_k(c, u, 0.8) for c, u in zip(classes, utilities, strict=True)]
+        assert row["utility_k"] == pytest.approx(sum(utility) / len(utility), rel=1e-12)
     table = (two_rounds / "rounds.md").read_text(encoding="utf-8")
     assert "| final | model of round 2 | 6 |" in table and (two_rounds / "rounds.png").is_file()
+
+
+def test_the_classes_figures_of_a_round_by_hand():
+    """Short replies only (no embedding: distinct_k and utility_k as worked by hand). Score deciles 1..9: a score's
+    utility is 1 + the number of deciles below it (9.5 -> 10, 3.2 -> 4, 0.5 -> 1; 5.0 -> 5, 7.0 -> 7, 2.0 -> 2).
+    Prompt 1: 富士山です。 and 富士山！ are one class (4 >= 4 shared words), 北岳です。 another: distinct_k 2,
+    utility (10 + 0.8^2 x 1) / (1 + 0.8 + 0.8^2) = 10.64 / 2.44 (富士山！ repeats a class: it earns nothing).
+    Prompt 2: three classes: (5 + 0.8 x 7 + 0.8^2 x 2) / 2.44 = 11.88 / 2.44. Every reply is a distinct string."""
+    rows = [
+        {"all_generated_responses": ["富士山です。", "富士山！", "北岳です。"], "all_rm_scores": [9.5, 3.2, 0.5]},
+        {"all_generated_responses": ["Mount Fuji", "Takao", "Kitadake"], "all_rm_scores": [5.0, 7.0, 2.0]},
+    ]
+    numbers = figures(rows, 5.0, list(range(1, 10)), embedder=object(), threshold=0.85, patience=0.8)
+    assert numbers["unique_rate"] == 1.0 and numbers["distinct_k"] == 2.5
+    assert numbers["utility_k"] == pytest.approx((10.64 + 11.88) / 2 / 2.44, rel=1e-12)
 
 
 def assert_same_figures(ours, theirs):
