@@ -41,24 +41,24 @@ ADAPTER = "adapter"  # a LoRA run: the adapter beside the merged model, in outpu
 
 
 def _as_in_training(name):
-    """The training CLI's own field (its default and help): the data settings mean the same here."""
+    """The training CLI's own field's default and help (`field(**...)`): the data settings mean the same here."""
     (original,) = [f for f in dataclasses.fields(ScriptArguments) if f.name == name]
     if original.default_factory is not dataclasses.MISSING:
-        return field(default_factory=original.default_factory, metadata=original.metadata)
-    return field(default=original.default, metadata=original.metadata)
+        return {"default_factory": original.default_factory, "metadata": original.metadata}
+    return {"default": original.default, "metadata": original.metadata}
 
 
 @dataclass
 class RewardModelArguments:
-    dataset_name: str | None = _as_in_training("dataset_name")
-    dataset_config: str | None = _as_in_training("dataset_config")
-    dataset_train_split: str = _as_in_training("dataset_train_split")
-    dataset_test_split: str = _as_in_training("dataset_test_split")
-    dataset_test_fraction: float = _as_in_training("dataset_test_fraction")
-    dataset_columns: dict | str | None = _as_in_training("dataset_columns")
-    system_prompt: str | None = _as_in_training("system_prompt")
-    wrap_text_as_chat: bool = _as_in_training("wrap_text_as_chat")
-    overwrite_output_dir: bool = _as_in_training("overwrite_output_dir")
+    dataset_name: str | None = field(**_as_in_training("dataset_name"))
+    dataset_config: str | None = field(**_as_in_training("dataset_config"))
+    dataset_train_split: str = field(**_as_in_training("dataset_train_split"))
+    dataset_test_split: str = field(**_as_in_training("dataset_test_split"))
+    dataset_test_fraction: float = field(**_as_in_training("dataset_test_fraction"))
+    dataset_columns: dict | str | None = field(**_as_in_training("dataset_columns"))
+    system_prompt: str | None = field(**_as_in_training("system_prompt"))
+    wrap_text_as_chat: bool = field(**_as_in_training("wrap_text_as_chat"))
+    overwrite_output_dir: bool = field(**_as_in_training("overwrite_output_dir"))
     early_stopping_patience: int = field(
         default=3,
         metadata={
@@ -196,8 +196,9 @@ def train(script_args, training_args, model_args, tokenizer, train_dataset, eval
                     f"{training_args.max_length} tokens (prompt and reply in the chat template); raise max_length"
                 )
             if len(after) < len(before) and training_args.process_index == 0:
-                print(f"warning: {script_args.dataset_name} [{split}]: left out {len(before) - len(after)} of "
-                      f"{len(before)} pairs longer than max_length={training_args.max_length}", file=sys.stderr)  # fmt: skip
+                left_out = f"left out {len(before) - len(after)} of {len(before)} pairs"
+                print(f"warning: {script_args.dataset_name} [{split}]: {left_out} longer than max_length="
+                      f"{training_args.max_length}", file=sys.stderr)  # fmt: skip
     output_dir = Path(training_args.output_dir)
     record = trainer.is_world_process_zero()
     if record:
@@ -263,26 +264,29 @@ def held_out_results(trainer):
 
 
 def exact_accuracy(trainer_class):
-    """TRL's RewardTrainer, whose eval `accuracy` is the mean of each eval batch's accuracy (a short last batch counts
-    as much as a full one), with `accuracy` the fraction of all held-out pairs whose chosen reply scores above the
-    rejected one (ties count as wrong, as TRL counts them), gathered over processes without the padding repeats."""
+    """TRL's RewardTrainer, whose eval `accuracy` and `margin` are means of each eval batch's (a short last batch
+    counts as much as a full one), with `accuracy` the fraction of all held-out pairs whose chosen reply scores above
+    the rejected one (ties count as wrong, as TRL counts them) and `margin` the mean of chosen minus rejected over all
+    of them, gathered over processes without the padding repeats."""
     import torch
 
     class Trainer(trainer_class):
-        _pairs = (0, 0)
+        _pairs = (0, 0, 0.0)  # held-out pairs seen, scored right, their margins' sum (since the last log)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
             if not self.model.training:
-                chosen, rejected = torch.chunk(outputs.logits.detach().squeeze(-1), chunks=2)
-                right = self.accelerator.gather_for_metrics(chosen > rejected)
-                self._pairs = (self._pairs[0] + int(right.sum()), self._pairs[1] + right.numel())
+                chosen, rejected = torch.chunk(outputs.logits.detach().float().squeeze(-1), chunks=2)
+                margins = self.accelerator.gather_for_metrics(chosen - rejected)
+                seen, right, total = self._pairs
+                self._pairs = (seen + margins.numel(), right + int((margins > 0).sum()), total + margins.sum().item())
             return (loss, outputs) if return_outputs else loss
 
         def log(self, logs, start_time=None):
-            if not self.model.training and self._pairs[1]:
-                self._metrics["eval"]["accuracy"] = [self._pairs[0] / self._pairs[1]]
-                self._pairs = (0, 0)
+            seen, right, total = self._pairs
+            if not self.model.training and seen:
+                self._metrics["eval"]["accuracy"], self._metrics["eval"]["margin"] = [right / seen], [total / seen]
+                self._pairs = (0, 0, 0.0)
             super().log(logs, start_time)
 
     Trainer.__name__ = Trainer.__qualname__ = trainer_class.__name__

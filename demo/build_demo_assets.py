@@ -433,17 +433,26 @@ def balance(model, tokenizer, pairs, max_accuracy=0.62, max_margin=0.35, batch_s
     return model.eval()
 
 
-def build_reward_model(tokenizer, pairs, epochs=30, batch_size=32, learning_rate=1e-3, seed=0):
-    """A tiny reward model for the on-policy demo (generate_candidates.py): a two-layer Llama with a one-score
-    classification head (LlamaForSequenceClassification, as real reward models are), trained from scratch on every
-    pair with the Bradley-Terry loss -log sigmoid(r(chosen) - r(rejected)) on the whole conversation in the chat
-    template. It learns what the demo's data calls good: the topic's own fact, not a hedge, a wrong fact or another
-    topic. Its pad token is <|end_of_text|>, which the chat template never writes, so the score is read at a
-    conversation's last token (<|eot_id|>)."""
+def build_reward_model(tokenizer, data, out, epochs=None, seed=0):
+    """A tiny reward model for the on-policy demo (generate_candidates.py), trained by the product's own scorer step:
+    train_reward_model.py with configs/demo_reward_model.yaml on the pairs in `data` (the test split's 9 topics held
+    out: its accuracy, early stopping), from a fresh two-layer Llama with a one-score classification head
+    (LlamaForSequenceClassification, as real reward models are) instead of the config's tiny-llama-ja, which keeps the
+    demo's scorer small and fast. It learns what the demo's data calls good: the topic's own fact, not a hedge, a
+    wrong fact or another topic. Its pad token is <|end_of_text|>, which the chat template never writes, so the score
+    is read at a conversation's last token (<|eot_id|>). The model and its tokenizer are written to `out`; `epochs`
+    caps the passes over the pairs (the config's own cap if None)."""
     import copy
+    import shutil
+    import sys
+    import tempfile
 
     import torch
     from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    root = Path(__file__).resolve().parent.parent
+    sys.path.insert(0, str(root))
+    import train_reward_model
 
     tokenizer = copy.deepcopy(tokenizer)
     tokenizer.pad_token = "<|end_of_text|>"
@@ -461,35 +470,33 @@ def build_reward_model(tokenizer, pairs, epochs=30, batch_size=32, learning_rate
         eos_token_id=tokenizer.eos_token_id,
     )
     torch.manual_seed(seed)
-    model = LlamaForSequenceClassification(config)
-    conversations = [
-        [
-            tokenizer.apply_chat_template(pair["prompt"] + pair[reply], tokenize=False)
-            for reply in ("chosen", "rejected")
-        ]
-        for pair in pairs
-    ]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
-    model.train()
-    for epoch in range(epochs):
-        order = torch.randperm(len(conversations)).tolist()
-        for start in range(0, len(order), batch_size):
-            texts = [text for i in order[start : start + batch_size] for text in conversations[i]]
-            batch = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
-            rewards = model(**batch).logits[:, 0]
-            loss = -torch.nn.functional.logsigmoid(rewards[0::2] - rewards[1::2]).mean()
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-        print(f"reward model epoch {epoch + 1}/{epochs}: loss {loss.item():.3f}", flush=True)
-    return model.eval(), tokenizer
+    with tempfile.TemporaryDirectory() as scratch:
+        base, run = Path(scratch) / "base", Path(scratch) / "run"
+        LlamaForSequenceClassification(config).save_pretrained(base)
+        tokenizer.save_pretrained(base)
+        argv = ["--config", root / "configs" / "demo_reward_model.yaml", "--model_name_or_path", base,
+                "--dataset_name", data, "--output_dir", run, *REWARD_SETTINGS]  # fmt: skip
+        train_reward_model.main([*map(str, argv), *(["--num_train_epochs", str(epochs)] if epochs else [])])
+        record = json.loads((run / "run_record.json").read_text(encoding="utf-8"))
+        out.mkdir(parents=True, exist_ok=True)
+        for name in REWARD_FILES:
+            shutil.copy(run / name, out / name)
+    tokenizer.save_pretrained(out)  # the run's own (the same tokenizer), without the keys loading it added
+    return record["results"]
+
+
+# The demo's reward model: configs/demo_reward_model.yaml's settings with these over them (a fresh model learns from
+# scratch: a higher rate, more passes), and the files of its output that demo/tiny-reward-ja ships
+REWARD_SETTINGS = ["--learning_rate", "2e-3", "--num_train_epochs", "12", "--per_device_train_batch_size", "16",
+                   "--eval_steps", "14", "--save_steps", "14"]  # fmt: skip
+REWARD_FILES = ("config.json", "model.safetensors")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent)
     parser.add_argument("--epochs", type=int, default=40, help="warm-up epochs (the tests build with fewer)")
-    parser.add_argument("--reward-epochs", type=int, default=30, help="reward model epochs (the tests: fewer)")
+    parser.add_argument("--reward-epochs", type=int, default=None, help="reward model epochs, at most (the tests: 1)")
     args = parser.parse_args()
     out = args.out
     splits = write_dataset(out)
@@ -502,9 +509,8 @@ def main():
     model = balance(model, tokenizer, splits["train"])
     tokenizer.save_pretrained(out / "tiny-llama-ja")
     model.save_pretrained(out / "tiny-llama-ja")
-    reward_model, reward_tokenizer = build_reward_model(tokenizer, pairs, epochs=args.reward_epochs)
-    reward_tokenizer.save_pretrained(out / "tiny-reward-ja")
-    reward_model.save_pretrained(out / "tiny-reward-ja")
+    held_out = build_reward_model(tokenizer, out / "data", out / "tiny-reward-ja", epochs=args.reward_epochs)
+    print(f"reward model: held-out accuracy {held_out['held_out_accuracy']:.3f} on {held_out['held_out_pairs']} pairs")
     print(
         f"wrote {len(pairs)} preference pairs to {out / 'data'}, a warmed-up tiny Llama to {out / 'tiny-llama-ja'} "
         f"and a tiny reward model to {out / 'tiny-reward-ja'}"

@@ -181,9 +181,10 @@ def write_reward_model_card(folder, *, model_name_or_path, dataset_name, args, r
         f"the local model `{model_name_or_path}`")  # fmt: skip
     where = args.hub_model_id or str(folder)
     held_out = (
-        f"{_figure(results.get('held_out_accuracy'))} of {results['held_out_pairs']} held-out pairs scored chosen above "
-        f"rejected (mean loss {_figure(results.get('held_out_loss'))}, mean margin "
-        f"{_figure(results.get('held_out_margin'))}), from {results.get('best_checkpoint') or 'the last step'}"
+        f"Held-out accuracy {_figure(results.get('held_out_accuracy'))} on {results['held_out_pairs']} pairs (the "
+        f"fraction whose chosen reply scores above the rejected one; mean loss {_figure(results.get('held_out_loss'))}"
+        f", mean margin {_figure(results.get('held_out_margin'))}), kept from "
+        f"{results.get('best_checkpoint') or 'the last step'}"
         if "held_out_pairs" in results
         else "no held-out pairs (not evaluated)"
     )

@@ -26,7 +26,7 @@ import torch
 from conftest import ROOT
 
 DOCS = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *sorted((ROOT / "docs").glob("*.md"))]
-ENTRY_POINTS = ("train_diversity_simpo.py", "generate_candidates.py", "train_on_policy.py")
+ENTRY_POINTS = ("train_diversity_simpo.py", "generate_candidates.py", "train_on_policy.py", "train_reward_model.py")
 README_LIMIT = 8192  # bytes: a README a newcomer reads in five minutes
 CHECKED_FOLDERS = ("configs", "demo", "benchmarks")
 # Phrases of the people who build this tool, not of the people who use it
@@ -117,17 +117,19 @@ def script_flags(words):
 @functools.cache
 def options(script):
     """The option strings the entry point's own parser accepts, and --config, which the settings reader takes."""
-    from trl import ModelConfig
+    from trl import ModelConfig, RewardConfig
 
     from diversity_simpo.candidates import CandidateArguments
     from diversity_simpo.rounds import OnPolicyArguments
     from diversity_simpo.settings import ScriptArguments, make_parser
     from diversity_simpo_trainer import DiversitySimPOConfig
+    from train_reward_model import RewardModelArguments
 
     dataclasses = {
         "train_diversity_simpo.py": (ScriptArguments, DiversitySimPOConfig, ModelConfig),
         "generate_candidates.py": (CandidateArguments,),
         "train_on_policy.py": (OnPolicyArguments,),
+        "train_reward_model.py": (RewardModelArguments, RewardConfig, ModelConfig),
     }[script]
     return set(make_parser(dataclasses)._option_string_actions) | {"--config"}
 
@@ -241,6 +243,10 @@ def read_as(tool, argv):
     config = argv[argv.index("--config") + 1]
     if tool == "training":  # bf16 on a machine without a GPU is a fact of this machine, not a mistake of the file
         return settings.parse_args([*argv, *NO_GPU], DiversitySimPOConfig)
+    if tool == "reward model":
+        import train_reward_model
+
+        return train_reward_model.parse_args([*argv, *NO_GPU])
     if tool == "candidates":
         return settings.read_settings(argv, (CandidateArguments,), config)
     return settings.read_settings(argv, (OnPolicyArguments,), config)
@@ -257,7 +263,7 @@ def test_every_settings_file_passes_its_tools_settings_check(path, environment):
 
     config = str(path.relative_to(ROOT))
     refusals, accepted = {}, None
-    for tool in ("training", "candidates", "on-policy"):  # which tool's file it is: the one whose reader takes it
+    for tool in ("training", "candidates", "on-policy", "reward model"):  # whose file it is: the tool that takes it
         try:
             accepted = read_as(tool, ["--config", config])
         except ConfigError as e:
@@ -288,6 +294,8 @@ HELP_CASES = [  # (entry point, the --config given or None, the YAML it then rea
     ("generate_candidates.py", "configs/demo_candidates.yaml", "configs/demo_candidates.yaml"),
     ("train_on_policy.py", None, "configs/on_policy.yaml"),
     ("train_on_policy.py", "configs/demo_on_policy.yaml", "configs/demo_on_policy.yaml"),
+    ("train_reward_model.py", None, "configs/reward_model.yaml"),
+    ("train_reward_model.py", "configs/demo_reward_model.yaml", "configs/demo_reward_model.yaml"),
 ]
 
 
@@ -374,6 +382,7 @@ ENTRY_DEFAULTS = {
     "train_diversity_simpo.py": "configs/config_diversity_simpo.yaml",
     "generate_candidates.py": "configs/candidates.yaml",
     "train_on_policy.py": "configs/on_policy.yaml",
+    "train_reward_model.py": "configs/reward_model.yaml",
 }
 
 
@@ -387,10 +396,12 @@ def entry_point_help_texts():
     from diversity_simpo.rounds import OnPolicyArguments
     from diversity_simpo.settings import ScriptArguments
     from diversity_simpo_trainer import DiversitySimPOConfig
+    from train_reward_model import RewardModelArguments
 
     for script in ENTRY_POINTS:
         yield script, importlib.import_module(script.removesuffix(".py")).__doc__
-    for cls in (ScriptArguments, DiversitySimPOConfig, ModelConfig, CandidateArguments, OnPolicyArguments):
+    for cls in (ScriptArguments, DiversitySimPOConfig, ModelConfig, CandidateArguments, OnPolicyArguments,
+                RewardModelArguments):  # fmt: skip
         for f in dataclasses.fields(cls):
             yield f"{cls.__name__}.{f.name}", f.metadata.get("help", "")
 
@@ -491,8 +502,8 @@ def test_every_recipe_fits_the_gpus_it_names_and_keeps_the_global_batch(environm
     for where, line, words in recipes():
         index = next(i for i, w in enumerate(words) if Path(w).name in ENTRY_POINTS)
         script, argv, world = Path(words[index]).name, words[index + 1 :], gpus(words[:index])
-        if script == "generate_candidates.py" or world is None:
-            continue  # sampling holds the bf16 weights of two 8B models, 32 GB
+        if script in ("generate_candidates.py", "train_reward_model.py") or world is None:
+            continue  # sampling holds the bf16 weights of two 8B models, 32 GB; the scorer: docs/reward-model.md
         try:
             script_args, training, model = training_settings(script, argv, tmp_path)
         except ConfigError as e:
