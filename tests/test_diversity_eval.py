@@ -146,6 +146,7 @@ def test_eval_only_scores_a_saved_model_without_training(tmp_path):
     assert 0 <= results["eval_rewards/accuracies"] <= 1
     for key in ("distinct_1", "distinct_2", "self_bleu", "token_entropy"):
         assert 0 <= results[f"diversity_eval/{key}"] < 10
+    assert 1 <= results["diversity_eval/distinct_k"] <= 4  # classes among each prompt's 4 replies
     assert len(results["diversity_eval/samples"]) == 3
     assert not (tmp_path / "model.safetensors").exists()
 
@@ -239,6 +240,6 @@ def test_long_replies_are_equal_at_the_threshold_of_the_packaged_minilm_offline(
     assert equivalence_classes(samples, embedder, EQUIVALENCE_THRESHOLD) == [0, 0, 1, 2, 2, 3]
     tokenizer, model = embedder  # the embedding, written again: each text alone, the mean of its last hidden states
     with torch.no_grad():
-        alone = [model(**tokenizer(t, return_tensors="pt")).last_hidden_state[0].mean(0) for t in samples]
-    reference = torch.nn.functional.cosine_similarity(alone[3], alone[5], dim=0)
+        alone = [model(**tokenizer(samples[i], return_tensors="pt")).last_hidden_state[0].mean(0) for i in (3, 5)]
+    reference = torch.nn.functional.cosine_similarity(*alone, dim=0)
     assert cosine_similarities(samples, embedder)[3, 5].item() == pytest.approx(reference.item(), abs=1e-5)
