@@ -23,6 +23,7 @@ from diversity_simpo import run_record, settings
 from diversity_simpo.curves import plot_training_curves
 from diversity_simpo.data import DataError, load_preference_data
 from diversity_simpo.health import SimPOHealthWarnings
+from diversity_simpo.pair_selection import check_rules
 from diversity_simpo.rows import is_conversation
 from diversity_simpo.settings import (
     DEMO_HINT,
@@ -61,6 +62,8 @@ def preflight(argv, counts=None):
               "docs/on-policy.md)", file=sys.stderr)  # fmt: skip
     if "candidates" not in train_dataset.column_names:  # scored candidates: once their pairs are chosen (train)
         check_deepspeed_against_settings(training_args, len(train_dataset))
+    else:
+        check_rules(train_dataset, script_args.pair_selection, f"{script_args.dataset_name} [train]")
     if script_args.eval_only and eval_dataset is None:
         raise ConfigError(
             f"--eval_only needs an eval split: the dataset has no {script_args.dataset_test_split!r} "

@@ -81,8 +81,9 @@ def load_prompts(args, split, counts=None):
     `system_prompt`, chat or plain text as the row's replies or `wrap_text_as_chat` decide), read from any layout
     training reads, or from a file of prompts alone (a `prompt` or `instruction` column: strings or conversations).
     Replies to score (princeton-nlp's `all_generated_responses` without `all_rm_scores`): every row, with "replies",
-    their texts (a reply given as a conversation must begin with the row's own prompt). `counts` receives the rows
-    read and the repeated prompts left out."""
+    their texts (a reply given as a conversation must begin with the row's own prompt). Preference pairs: with
+    "given_pairs", the prompt's own pairs as reply texts ({chosen, rejected}, every row of that prompt), for the
+    `given` pair rule. `counts` receives the rows read and the repeated prompts left out."""
     dataset = _read(args, split)
     if split not in dataset:
         raise DataError(
@@ -104,7 +105,7 @@ def load_prompts(args, split, counts=None):
         )
     to_score = "all_generated_responses" in columns and "all_rm_scores" not in columns
     keep = [c for c in (*MAPPABLE, "instruction") if c in columns]
-    prompts, seen = [], set()
+    prompts, seen = [], {}
     for index, row in enumerate(dataset.select_columns(keep)):
         where = f"{source}: row {index}"
         if to_score and prompt_key is None:
@@ -120,10 +121,13 @@ def load_prompts(args, split, counts=None):
         if pair is None:  # conversations that differ before the reply: training skips the row too
             continue
         key = json.dumps(pair["prompt"], ensure_ascii=False)
+        given = [{k: reply_text(pair[k]) for k in ("chosen", "rejected")}] if pairs else []
         if key in seen and not to_score:
+            seen[key].get("given_pairs", []).extend(given)  # another pair of the same prompt
             continue
-        seen.add(key)
         prompt = {"prompt": pair["prompt"]} | ({"replies": texts} if to_score else {})
+        prompt |= {"given_pairs": given} if pairs else {}
+        seen[key] = prompt
         if "reference" in row:
             prompt["reference"] = _text(row["reference"], f"{where}: 'reference'")
         prompts.append(prompt)
@@ -375,12 +379,13 @@ def normalise(dataset, args, source, counts=None):
 
 
 def _scored_candidates(dataset, args, source, counts):
-    """Rows of scored candidates as {prompt, candidates, scores, row_id, reference?, cut?, logps?}: each candidate a
-    reply in the form training uses (a string, or an assistant message list), with a finite score, and (given the
-    `all_cut` and `all_mean_logps` columns that generate_candidates.py writes) whether it was cut at max_new_tokens
-    and its mean token log-probability under the model that sampled it. `pair_selection.choose_pairs`
-    makes the pairs of them once the model training starts from is loaded. Candidates without a finite score or
-    without text are left out with a count; rows with fewer than two, or whose scores are all equal, are skipped
+    """Rows of scored candidates as {prompt, candidates, scores, row_id, reference?, cut?, logps?, given?}: each
+    candidate a reply in the form training uses (a string, or an assistant message list), with a finite score, and
+    (given the `all_cut` and `all_mean_logps` columns that generate_candidates.py writes) whether it was cut at
+    max_new_tokens and its mean token log-probability under the model that sampled it; `given` (from `given_pairs`):
+    the prompt's own pairs, [chosen, rejected] in the same form. `pair_selection.choose_pairs` makes the pairs of
+    them once the model training starts from is loaded. Candidates without a finite score or without text are left
+    out with a count; rows with fewer than two, or whose scores are all equal, are skipped
     with a count. The `chosen`/`rejected` columns such data also carries are ignored."""
     from datasets import Dataset
 
@@ -398,7 +403,7 @@ def _scored_candidates(dataset, args, source, counts):
             "names with dataset_columns: {all_rm_scores: <column>})"
         )
     keep = (prompt_key, "system", "reference", "all_generated_responses", "all_rm_scores", "completions", "all_cut",
-            "all_mean_logps")  # fmt: skip
+            "all_mean_logps", "given_pairs")  # fmt: skip
     rows, unscored, few, no_preference, cut = [], 0, 0, 0, 0
     for index, row in enumerate(dataset.select_columns([c for c in keep if c in columns])):
         where = f"{source}: row {index}"
@@ -453,6 +458,8 @@ def _scored_candidates(dataset, args, source, counts):
             out["logps"] = [c[3] for c in candidates]
         if "reference" in row:
             out["reference"] = _text(row["reference"], f"{where}: 'reference'")
+        if "given_pairs" in columns:  # the prompt's own pairs, in the form of its candidates (the `given` rule)
+            out["given"] = [_given_pair(row, context, prompt_key, given, args, where) for given in row["given_pairs"]]
         rows.append(out)
     if counts is not None:
         score = f", score: {args.candidate_score}" if ultrafeedback else ""
@@ -473,6 +480,14 @@ def _scored_candidates(dataset, args, source, counts):
     if not rows:
         raise DataError(f"{source}: no row has two differently scored candidates (see the warnings above)")
     return Dataset.from_list(one_kind(rows))
+
+
+def _given_pair(row, context, prompt_key, given, args, where):
+    """[chosen, rejected] of one of a row's `given_pairs` ({chosen, rejected} reply texts), as training's replies."""
+    if not isinstance(given, dict) or not all(isinstance(given.get(k), str) for k in ("chosen", "rejected")):
+        raise DataError(f"{where}: given_pairs must be a list of {{chosen, rejected}} reply texts")
+    pair = _pair({**context, "prompt": row[prompt_key], **given}, args, where)
+    return [pair["chosen"], pair["rejected"]]
 
 
 def _ultrafeedback(completions, score_name, where):
@@ -520,6 +535,11 @@ def _layout(row, columns):
     if "prompt" not in columns:
         return "hh"
     return "standard (conversation prompt)" if isinstance(row["prompt"], list) else "standard"
+
+
+def reply_text(reply):
+    """The text of a reply in the form training uses (a string, or an assistant message list)."""
+    return reply if isinstance(reply, str) else reply[-1]["content"]
 
 
 def _pair(row, args, where):

@@ -23,6 +23,11 @@ the (chosen, rejected) index pairs it trains; each takes the scores, the replies
                    best_vs_worst beside it (`[best_vs_worst, rarest_vs_worst]`) each row pushes up its best reply and
                    its rarest good one against its worst (benchmarks/DIVERSITY.md).
 
+    given          the prompt's own pairs, as the user's preference data gave them, whatever the scores say: rows
+                   that generate_candidates.py sampled from prompt/chosen/rejected pairs keep them (`given_pairs`).
+                   Beside a rule that reads the scores (`[given, rarest_vs_worst]`) it anchors training on the
+                   pairs the user trusts, so a learned scorer's errors on the rare replies it picks weigh less.
+
 A candidate cut at max_new_tokens when it was sampled (`cut`, from generate_candidates.py's `all_cut`) is never
 chosen: training appends the end-of-turn token to a chosen reply and would teach the cut text as a finished answer.
 Each rule chooses among the others (`eligible`), its bar still set by every score; a cut reply may be rejected.
@@ -33,8 +38,8 @@ answers; under divpo, if every reply below the bar is a copy of the rarest good 
 several rules a row gives each rule's pairs, a pair two rules both make once. A row no rule makes a pair of is skipped
 and counted, never turned into a pair that teaches nothing.
 
-A new rule is a function here with this signature, one entry in `RULES` (and in `NEEDS_LOGPS` if it reads l), and its
-name in settings.CHOICES.
+A new rule that chooses among the candidates is a function here with this signature, one entry in `RULES` (and in
+`NEEDS_LOGPS` if it reads l), and its name in settings.CHOICES.
 """
 
 import hashlib
@@ -89,6 +94,7 @@ def _all(scores, eligible):
 
 RULES = {"best_vs_worst": best_vs_worst, "divpo": divpo, "rarest_vs_worst": rarest_vs_worst}
 NEEDS_LOGPS = {"divpo", "rarest_vs_worst"}
+GIVEN = "given"  # the row's own pairs: not chosen among the candidates (module docstring)
 
 
 def choose_pairs(rows, rules, rho, logps=None, counts=None, allow_cut=False):
@@ -104,20 +110,34 @@ def choose_pairs(rows, rules, rho, logps=None, counts=None, allow_cut=False):
         seen, cut = set(), row.get("cut") if not allow_cut else None
         eligible = [i for i in range(len(texts)) if not (cut and cut[i])]
         for name in rules:
-            rarity = logps[index] if logps else None
-            for chosen, rejected in RULES[name](row["scores"], texts, rarity, rho, eligible) if eligible else ():
-                if (texts[chosen], texts[rejected]) in seen:  # another rule's pair already
+            if name == GIVEN:
+                replies = row.get("given") or []
+            else:
+                rarity = logps[index] if logps else None
+                chosen = RULES[name](row["scores"], texts, rarity, rho, eligible) if eligible else ()
+                replies = [(row["candidates"][c], row["candidates"][r]) for c, r in chosen]
+            for chosen, rejected in replies:
+                key = (json.dumps(chosen, ensure_ascii=False), json.dumps(rejected, ensure_ascii=False))
+                if key in seen or key[0] == key[1]:  # another rule's pair already, or a pair that teaches nothing
                     continue
-                seen.add((texts[chosen], texts[rejected]))
+                seen.add(key)
                 made[name] += 1
-                pair = {"prompt": row["prompt"], "chosen": row["candidates"][chosen]}
-                pair |= {"rejected": row["candidates"][rejected], "row_id": row["row_id"]}
+                pair = {"prompt": row["prompt"], "chosen": chosen, "rejected": rejected, "row_id": row["row_id"]}
                 pairs.append(pair | ({"reference": row["reference"]} if "reference" in row else {}))
         unpaired += not seen
     if counts is not None:
         counts.update(pair_selection=list(rules), pairs_by_rule={name: made[name] for name in rules})
         counts.update(kept=len(pairs), skipped_no_pair=unpaired, pairs_sha256=fingerprint(pairs))
     return pairs
+
+
+def check_rules(dataset, rules, source):
+    """What the rules need that the scored rows lack, said in one line before the model loads."""
+    if GIVEN in rules and ("given" not in dataset.column_names or not any(dataset["given"])):
+        raise ConfigError(
+            f"pair_selection {rules} has {GIVEN}, the prompts' own pairs, and {source} holds none: candidates keep "
+            "them when generate_candidates.py samples the prompts of prompt/chosen/rejected pairs; remove given"
+        )
 
 
 def fingerprint(pairs):

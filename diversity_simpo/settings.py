@@ -72,7 +72,8 @@ class ScriptArguments:
             "completions): the rule, or a list of rules (best_vs_worst,rarest_vs_worst), that choose the pairs; each "
             "row gives one pair per rule. best_vs_worst: highest score against lowest; divpo: DivPO's rarest good "
             "reply against the most typical one below the bar; rarest_vs_worst: the rarest good reply against the "
-            "lowest score (diversity_simpo/pair_selection.py)."
+            "lowest score; given: the prompt's own pair(s) from the preference data it was sampled from, whatever the "
+            "scores say (diversity_simpo/pair_selection.py)."
         },
     )
     divpo_rho: float = field(
@@ -567,7 +568,7 @@ def check_values(values, classes, source, types=True):
 # Fields whose value is one of a few names (argparse does not check a YAML value against `choices`)
 ULTRAFEEDBACK_ASPECTS = ("helpfulness", "honesty", "instruction_following", "truthfulness")  # each has a Rating
 CHOICES = {
-    "pair_selection": ("best_vs_worst", "divpo", "rarest_vs_worst"),
+    "pair_selection": ("best_vs_worst", "divpo", "rarest_vs_worst", "given"),
     "candidate_score": ("overall_score", "fine-grained_score", *ULTRAFEEDBACK_ASPECTS),
     "dtype": ("auto", "bfloat16", "float16", "float32"),
     "round_prompts": ("fresh", "same"),

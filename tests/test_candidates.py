@@ -18,6 +18,7 @@ from conftest import DEMO_DATA, DEMO_MODEL, ROOT, two_rank_launcher
 from precision import assert_close_at_scale
 from test_preference_data import LAYOUTS, assistant, rows_of, settings, tiny_llama3, user, write_rows
 
+from diversity_simpo.candidate_folder import manifest_for, read_manifest
 from diversity_simpo.candidates import (
     CandidateArguments,
     CountedSampler,
@@ -264,6 +265,37 @@ def test_the_output_is_princeton_nlps_layout_with_every_reply_scored_by_the_rewa
             assert_close_at_scale(written_score, expected, abs(expected), "reward")
     replies = [reply for row in rows for reply in row["all_generated_responses"]]
     assert len(set(replies)) > len(rows)  # sampled, not one reply per prompt
+
+
+def test_prompts_sampled_from_preference_pairs_keep_their_own_pairs_for_the_given_rule(reference_run):
+    """The demo's held-out pairs: each row keeps, as reply texts, every pair the data holds for its prompt, in file
+    order (the `given` pair rule trains them); the manifest's fingerprint covers them."""
+    rows = [json.loads(line) for line in (DEMO_DATA / "test.jsonl").open(encoding="utf-8")]
+    own = {}
+    for row in rows:
+        own.setdefault(json.dumps(row["prompt"], ensure_ascii=False), []).append(
+            {"chosen": row["chosen"][-1]["content"], "rejected": row["rejected"][-1]["content"]}
+        )
+    sampled = written(reference_run)[0]
+    assert len(sampled) == 6
+    for row in sampled:
+        assert row["given_pairs"] == own[json.dumps(row["prompt"], ensure_ascii=False)]
+    prompts = [{k: row[k] for k in ("prompt", "given_pairs")} for row in sampled]
+    without = [p | {"given_pairs": []} for p in prompts]
+    fingerprint = read_manifest(reference_run)["prompts_sha256"]
+    assert manifest_for({}, prompts, 4)["prompts_sha256"] == fingerprint
+    assert manifest_for({}, without, 4)["prompts_sha256"] != fingerprint
+
+
+def test_a_prompt_of_several_pairs_is_sampled_once_and_keeps_each_pair(tmp_path):
+    rows = [{"prompt": "春は？", "chosen": "暖かい", "rejected": "寒い"},
+            {"prompt": "夏は？", "chosen": "暑い", "rejected": "冬"},
+            {"prompt": "春は？", "chosen": "桜", "rejected": "雪"}]  # fmt: skip
+    prompts = load_prompts(CandidateArguments(dataset_name=str(write_rows(tmp_path / "pairs.jsonl", rows))), "train")
+    assert [p["given_pairs"] for p in prompts] == [
+        [{"chosen": "暖かい", "rejected": "寒い"}, {"chosen": "桜", "rejected": "雪"}],
+        [{"chosen": "暑い", "rejected": "冬"}],
+    ]
 
 
 def test_each_reply_is_marked_cut_exactly_when_it_did_not_end_within_max_new_tokens(reference_run, tmp_path):

@@ -20,6 +20,7 @@ from precision import assert_close_at_scale
 
 from diversity_simpo.data import DataError, normalise
 from diversity_simpo.pair_selection import (
+    GIVEN,
     NEEDS_LOGPS,
     RULES,
     best_vs_worst,
@@ -29,7 +30,7 @@ from diversity_simpo.pair_selection import (
     rarest_vs_worst,
 )
 from diversity_simpo.rarity import candidate_logps
-from diversity_simpo.settings import CHOICES
+from diversity_simpo.settings import CHOICES, ConfigError
 
 
 def test_hand_made_candidates_get_the_pairs_worked_out_by_hand():
@@ -45,7 +46,7 @@ def test_hand_made_candidates_get_the_pairs_worked_out_by_hand():
 
 
 def test_every_rule_is_a_setting_and_every_setting_a_rule():
-    assert set(CHOICES["pair_selection"]) == set(RULES) and set(RULES) >= NEEDS_LOGPS
+    assert set(CHOICES["pair_selection"]) == {*RULES, GIVEN} and set(RULES) >= NEEDS_LOGPS
 
 
 # --- the product's path against references written from the definitions ------------------------------------------
@@ -98,11 +99,17 @@ def reference_pairs(rows, rules, rho, rarity, chat):
         logps = [rarity(text) for text in texts]
         done = set()
         for name in rules:
-            for c, r in reference_rule(name, scores, texts, logps, rho, cut):
-                if (texts[c], texts[r]) not in done:
-                    done.add((texts[c], texts[r]))
+            if name == "given":  # the row's own pairs, whatever the scores; one that teaches nothing left out
+                chosen = [
+                    (g["chosen"], g["rejected"]) for g in row.get("given_pairs", []) if g["chosen"] != g["rejected"]
+                ]
+            else:
+                chosen = [(texts[c], texts[r]) for c, r in reference_rule(name, scores, texts, logps, rho, cut)]
+            for pair in chosen:
+                if pair not in done:
+                    done.add(pair)
                     made[name] += 1
-                    pairs.append((row_id, written(texts[c]), written(texts[r])))
+                    pairs.append((row_id, *map(written, pair)))
     items = json.dumps([list(p) for p in pairs], ensure_ascii=False).encode()
     return pairs, made, hashlib.sha256(items).hexdigest()
 
@@ -125,6 +132,9 @@ def random_rows(generator, count, chat_prompt):
             "prompt": [{"role": "user", "content": question}] if chat_prompt else question,
             "all_generated_responses": [generator.choice(REPLIES) for _ in range(n)],
             "all_rm_scores": [generator.choice([*SCORES, round(generator.random(), 2)]) for _ in range(n)],
+            # the prompt's own pairs (0 to 2; the same reply twice, or a candidates' pair again, at times)
+            "given_pairs": [{"chosen": generator.choice(REPLIES[:5]), "rejected": generator.choice(REPLIES[:5])}
+                            for _ in range(generator.randint(0, 2))],
         })  # fmt: skip
     return rows
 
@@ -139,6 +149,8 @@ def random_rows(generator, count, chat_prompt):
         ["best_vs_worst", "divpo"],
         ["divpo", "best_vs_worst"],
         ["best_vs_worst", "rarest_vs_worst"],
+        ["given", "rarest_vs_worst"],
+        ["best_vs_worst", "given"],
     ],
 )
 def test_the_written_pairs_and_their_fingerprint_are_the_references_on_random_rows(kind, rules):
@@ -367,6 +379,20 @@ def scored_demo_file(path, rows=12):
             f.write(json.dumps({"prompt": row["prompt"][0]["content"], "all_generated_responses": candidates,
                                 "all_rm_scores": [1.0, 0.0, 0.9, 0.1]}, ensure_ascii=False) + "\n")  # fmt: skip
     return path
+
+
+def test_the_given_rule_on_rows_without_their_own_pairs_is_one_line_before_the_model_loads(tmp_path):
+    from train_diversity_simpo import preflight
+
+    data = scored_demo_file(tmp_path / "scored.jsonl")
+    common = ["--config", ROOT / "configs" / "demo.yaml", "--dataset_name", data, "--output_dir", tmp_path / "out"]
+    common += ["--eval_strategy", "no"]
+    with pytest.raises(
+        ConfigError, match=r"has given, the prompts' own pairs, and .*scored.jsonl \[train\] holds none"
+    ):
+        preflight([*common, "--pair_selection", "[given, rarest_vs_worst]"])
+    preflight([*common, "--pair_selection", "rarest_vs_worst"])  # the rules that choose among candidates apply
+    assert not (tmp_path / "out").exists()
 
 
 def run_cli(*args):
