@@ -343,23 +343,22 @@ def samples_of(folder):
     return [json.loads(line) for name in manifest["shards"] for line in (Path(folder) / name).open(encoding="utf-8")]
 
 
-def figures(rows, bar, deciles, embedder=None, threshold=0.85, patience=0.8):
-    """Mean score; distinct replies per sample; distinct replies scoring >= `bar` per sample; with an `embedder`,
-    the classes of equivalent replies (distinct_k) and utility_k, each reply's utility the decile of its score among
-    `deciles` (1 to 10); the share of replies cut at max_new_tokens: means over prompts."""
-    from diversity_simpo.reply_diversity import equivalence_classes, utility_k
+def figures(rows, bar, deciles, classes=None, patience=0.8):
+    """Mean score; distinct replies per sample; distinct replies scoring >= `bar` per sample; with each row's
+    `classes` of equivalent replies, their number (distinct_k) and utility_k, each reply's utility the decile of its
+    score among `deciles` (1 to 10); the share of replies cut at max_new_tokens: means over prompts."""
+    from diversity_simpo.reply_diversity import utility_k
 
     per_prompt = []
-    for row in rows:
+    for row, own in zip(rows, classes or [None] * len(rows), strict=True):
         replies, scores = row["all_generated_responses"], row["all_rm_scores"]
         key = [json.dumps(r, ensure_ascii=False) for r in replies]
         good = {k for k, s in zip(key, scores, strict=True) if s >= bar}
         figure = {"mean_score": statistics.mean(scores), "unique_rate": len(set(key)) / len(key),
                   "good_unique_rate": len(good) / len(key)}  # fmt: skip
-        if embedder is not None:
-            classes = equivalence_classes(replies, embedder, threshold)  # sampled: strings
+        if own is not None:
             utilities = [bisect.bisect_left(deciles, s) + 1 for s in scores]
-            figure |= {"distinct_k": len(set(classes)), "utility_k": utility_k(classes, utilities, patience)}
+            figure |= {"distinct_k": len(set(own)), "utility_k": utility_k(own, utilities, patience)}
         per_prompt.append(figure | {"cut_rate": sum(row.get("all_cut") or []) / len(key)})
     return {name: statistics.mean(p[name] for p in per_prompt) for name in per_prompt[0]} | {"prompts": len(rows)}
 
@@ -377,8 +376,9 @@ def write_figures(folder, rounds, embedder=None, threshold=0.85, patience=0.8):
         rows = samples_of(here / "candidates" if r <= rounds else here)
         if rows is None:
             break
+        classes = None if embedder is None else _classes(here, rows, embedder, threshold)
         entry = {"samples": "start model" if r == 1 else f"model of round {r - 1}",
-                 **figures(rows, bar, deciles, embedder, threshold, patience)}  # fmt: skip
+                 **figures(rows, bar, deciles, classes, patience)}  # fmt: skip
         record = here / "model" / run_record.RECORD
         if r <= rounds and record.is_file():
             train_rows = json.loads(record.read_text(encoding="utf-8"))["data"]["rows"].get("train", {})
@@ -402,6 +402,20 @@ def write_figures(folder, rounds, embedder=None, threshold=0.85, patience=0.8):
         lines.append(f"| {e['round']} | {e['samples']} | {e['prompts']} | {e['mean_score']:.4g} | {rates} | {pairs} |")
     (folder / "rounds.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     _plot(table, folder / "rounds.png")
+
+
+_CLASSES = {}  # (folder, embedder, threshold): a finished candidates folder's classes, computed once per process
+
+
+def _classes(folder, rows, embedder, threshold):
+    """Each row's classes of equivalent replies (sampled replies: strings); a finished folder never changes, so the
+    figures written after every stage embed each round's replies once."""
+    from diversity_simpo.reply_diversity import equivalence_classes
+
+    key = (str(folder), id(embedder), threshold)
+    if key not in _CLASSES:
+        _CLASSES[key] = [equivalence_classes(r["all_generated_responses"], embedder, threshold) for r in rows]
+    return _CLASSES[key]
 
 
 def _plot(table, path):

@@ -117,6 +117,8 @@ def test_the_figures_of_every_round_are_those_of_its_samples(two_rounds):
 
 
 def test_the_classes_figures_of_a_round_by_hand():
+    from diversity_simpo.reply_diversity import equivalence_classes
+
     """Short replies only (no embedding: distinct_k and utility_k as worked by hand). Score deciles 1..9: a score's
     utility is 1 + the number of deciles below it (9.5 -> 10, 3.2 -> 4, 0.5 -> 1; 5.0 -> 5, 7.0 -> 7, 2.0 -> 2).
     Prompt 1: 富士山です。 and 富士山！ are one class (4 >= 4 shared words), 北岳です。 another: distinct_k 2,
@@ -126,7 +128,9 @@ def test_the_classes_figures_of_a_round_by_hand():
         {"all_generated_responses": ["富士山です。", "富士山！", "北岳です。"], "all_rm_scores": [9.5, 3.2, 0.5]},
         {"all_generated_responses": ["Mount Fuji", "Takao", "Kitadake"], "all_rm_scores": [5.0, 7.0, 2.0]},
     ]
-    numbers = figures(rows, 5.0, list(range(1, 10)), embedder=object(), threshold=0.85, patience=0.8)
+    classes = [equivalence_classes(r["all_generated_responses"], object(), 0.85) for r in rows]  # no embedding
+    assert classes == [[0, 0, 1], [0, 1, 2]]
+    numbers = figures(rows, 5.0, list(range(1, 10)), classes, patience=0.8)
     assert numbers["unique_rate"] == 1.0 and numbers["distinct_k"] == 2.5
     assert numbers["utility_k"] == pytest.approx((10.64 + 11.88) / 2 / 2.44, rel=1e-12)
 
