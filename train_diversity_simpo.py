@@ -58,8 +58,9 @@ def preflight(argv, counts=None):
     ) and training_args.process_index == 0:  # fmt: skip
         print(f"note: pair_selection {script_args.pair_selection} chooses among scored candidates, and "
               f"{script_args.dataset_name} holds preference pairs, which train as they are: pair_selection does "
-              "nothing here. For more varied replies, score candidates sampled from the model (train_on_policy.py, "
-              "docs/on-policy.md)", file=sys.stderr)  # fmt: skip
+              "nothing here. For more varied replies from these pairs: python train_reward_model.py --dataset_name "
+              f"{script_args.dataset_name}, then python train_on_policy.py (README.md: Diverse replies from your "
+              "pairs)", file=sys.stderr)  # fmt: skip
     if "candidates" not in train_dataset.column_names:  # scored candidates: once their pairs are chosen (train)
         check_deepspeed_against_settings(training_args, len(train_dataset))
     else:

@@ -354,6 +354,9 @@ def test_pair_rules_given_for_pairs_data_say_in_one_line_that_they_do_nothing_th
     preflight(["--config", str(DEMO_CONFIG), "--output_dir", str(tmp_path / "out"), *flags])
     notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note: pair_selection")]
     assert len(notes) == noted and (not noted or "pair_selection does nothing here" in notes[0])
+    assert (
+        not noted or "python train_reward_model.py --dataset_name demo/data, then python train_on_policy.py" in notes[0]
+    )
     assert not (tmp_path / "out").exists()
 
 
