@@ -711,8 +711,10 @@ def check_model_location(name, setting):
         raise ConfigError(f"{setting} {name} is a file; give the model's folder (with config.json)")
     if model_path.is_dir() and not any((model_path / f).exists() for f in MODEL_FILES):
         raise ConfigError(f"model folder {name} has no config.json: not a saved model (save_pretrained writes one)")
-    if not model_path.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
-        raise ConfigError(f"model folder {name} not found; check {setting}")
+    local = name.startswith((".", "/", "~")) or name.count("/") > 1 or (model_path.parent.is_dir() and name.count("/"))
+    if not model_path.exists() and local:  # a path, or a Hub id whose owner is a folder here (output/reward-model)
+        scorer = " (train one on your pairs: python train_reward_model.py)" if "reward" in setting else ""
+        raise ConfigError(f"model folder {name} not found; check {setting}{scorer}")
     return model_path
 
 

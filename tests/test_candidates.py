@@ -742,6 +742,11 @@ MISTAKES = {
         "./no-such-model not found; check model_name_or_path",
     ),
     "reward folder missing": (["--reward_model", "./no-such-rm"], "./no-such-rm not found; check reward_model"),
+    "scorer not trained yet": (  # a Hub id in form, but its owner is a folder here: the path of a scorer to train
+        ["--reward_model", "demo/no-such-scorer"],
+        "model folder demo/no-such-scorer not found; check reward_model (train one on your pairs: python "
+        "train_reward_model.py)",
+    ),
     "file without prompts": (["--dataset_name", "{root}/texts.jsonl"], "and no prompts: give a prompt"),
     "empty prompt file": (["--dataset_name", "{root}/empty.jsonl"], "is empty"),
     "one candidate": (["--num_candidates", "1"], "num_candidates=1 is out of range: it must be an integer >= 2"),
