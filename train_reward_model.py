@@ -223,10 +223,8 @@ def train(script_args, training_args, model_args, tokenizer, train_dataset, eval
     trainer.save_model(str(output_dir / ADAPTER) if peft else str(output_dir), _internal_call=True)
     trainer.save_state()
     if trainer.is_world_process_zero():
-        if peft:
+        if peft:  # (a whole model's tokenizer was saved beside it by save_model)
             merge_adapter(output_dir, model_args, training_args, tokenizer)
-        else:
-            tokenizer.save_pretrained(output_dir)
         run_record.end(output_dir, "finished", trainer.state.global_step, results=results)
         from diversity_simpo.model_card import write_reward_model_card
 

@@ -1,9 +1,10 @@
 """Build the offline demo's assets: a Japanese preference dataset, a character-level BPE tokenizer with a Llama-3
 chat template, and a tiny Llama given a supervised warm-up on both replies of every pair, so that it answers each
 prompt in Japanese about its own topic, then balanced so that it prefers neither helpful nor evasive, wrong or
-off-topic replies: SimPO has work to do; and a tiny reward model trained on the same pairs, which scores the replies
-generate_candidates.py samples from the tiny Llama (the on-policy demo). Held-out topics make the test split. Seeded
-and run on the CPU (about 3 minutes on 2 cores); the outputs are committed under demo/.
+off-topic replies: SimPO has work to do; and a tiny reward model trained on the training pairs by the scorer step
+(train_reward_model.py), which scores the replies generate_candidates.py samples from the tiny Llama (the on-policy
+demo). Held-out topics make the test split. Seeded and run on the CPU (about 4 minutes on 2 cores); the outputs are
+committed under demo/.
 
     python demo/build_demo_assets.py [--out demo]
 """

@@ -87,8 +87,8 @@ def test_eval_topics_are_held_out_and_every_pair_has_a_plausible_rejected_reply_
 
 def test_the_demo_reward_model_scores_the_chosen_reply_above_the_rejected_one_on_every_held_out_pair():
     """What the on-policy demo needs of its reward model: it tells a reply that states the topic's fact from a hedge,
-    a wrong fact or another topic, also on the 9 topics it was trained on least (the test split; measured: all 54,
-    margin about 9)."""
+    a wrong fact or another topic, also on the 9 topics it never trained on (the test split, which
+    train_reward_model.py holds out; measured: all 54, margin 3.2 at least and 8.4 on average)."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 

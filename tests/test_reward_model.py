@@ -28,7 +28,7 @@ from diversity_simpo.settings import ConfigError
 
 SYSTEM = "あなたは誠実なアシスタントです。"
 FLAGS = ["--config", str(ROOT / "configs" / "demo_reward_model.yaml"), "--dataset_test_fraction", "0.25",
-         "--system_prompt", SYSTEM, "--learning_rate", "3e-3", "--max_steps", "40", "--per_device_train_batch_size",
+         "--learning_rate", "3e-3", "--max_steps", "40", "--per_device_train_batch_size",
          "8", "--per_device_eval_batch_size", "8", "--eval_steps", "2", "--save_steps", "2", "--logging_steps", "2",
          "--early_stopping_patience", "2", "--save_total_limit", "3"]  # fmt: skip
 # 18 held-out pairs in eval batches of 8, 8 and 2: a mean of the batches' accuracies is not the pairs' accuracy
@@ -67,9 +67,9 @@ def held_out(pairs):
     return list(Dataset.from_list(pairs["rows"]).train_test_split(test_size=0.25, seed=42)["test"])
 
 
-def scores(folder, rows):
+def scores(folder, rows, system=SYSTEM):
     """(chosen, rejected) score of each row by the model saved in `folder`, loaded anew: each conversation alone, the
-    system prompt, the user's prompt and the reply in the tokenizer's chat template."""
+    system prompt (if any), the user's prompt and the reply in the tokenizer's chat template."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
@@ -78,8 +78,8 @@ def scores(folder, rows):
     for row in rows:
         pair = []
         for side in ("chosen", "rejected"):
-            turns = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": row["prompt"]},
-                     {"role": "assistant", "content": row[side]}]  # fmt: skip
+            turns = [{"role": "system", "content": system}] * bool(system)
+            turns += [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row[side]}]
             inputs = tokenizer.apply_chat_template(turns, return_tensors="pt", return_dict=True)
             with torch.no_grad():
                 pair.append(model(**inputs).logits[0, 0].item())
@@ -98,11 +98,14 @@ def record(out):
     return json.loads((out / "run_record.json").read_text(encoding="utf-8"))
 
 
+def history(out):
+    return json.loads((out / "trainer_state.json").read_text(encoding="utf-8"))["log_history"]
+
+
 def evaluations(out):
     """{step: eval_loss} of the evaluations made while training (not the final one of the saved model)."""
-    history = json.loads((out / "trainer_state.json").read_text(encoding="utf-8"))["log_history"]
     found = {}
-    for entry in history:
+    for entry in history(out):
         if "eval_loss" in entry:
             found.setdefault(entry["step"], entry["eval_loss"])
     return found
@@ -111,7 +114,7 @@ def evaluations(out):
 @pytest.fixture(scope="module")
 def run(pairs):
     out = pairs["root"] / "run"
-    train_reward_model.main(flags(pairs, out))
+    train_reward_model.main(flags(pairs, out, "--system_prompt", SYSTEM))
     return out
 
 
@@ -143,15 +146,24 @@ def test_early_stopping_stops_when_the_held_out_loss_stops_improving_and_keeps_t
 
 def test_a_run_stopped_after_a_checkpoint_resumes_to_the_uninterrupted_runs_evaluations(pairs, run):
     out = pairs["root"] / "resumed"
-    train_reward_model.main(flags(pairs, out, "--max_steps", 4))  # stopped at step 4 (its checkpoint kept)
-    train_reward_model.main(flags(pairs, out, "--resume_from_checkpoint", "latest"))
+    train_reward_model.main(flags(pairs, out, "--system_prompt", SYSTEM, "--max_steps", 4))  # stopped after step 4
+    train_reward_model.main(flags(pairs, out, "--system_prompt", SYSTEM, "--resume_from_checkpoint", "latest"))
     resumed, uninterrupted = evaluations(out), evaluations(run)
     assert sorted(resumed) == sorted(uninterrupted)
     assert [resumed[s] for s in sorted(resumed)] == pytest.approx([uninterrupted[s] for s in sorted(resumed)], rel=1e-6)
     assert record(out)["earlier"][0]["global_step"] == 4 and record(out)["resumed_from"].endswith("checkpoint-4")
+    # and it did not start over: TRL counts the tokens its own process trained on, so the second process's count at a
+    # step past 4 lacks steps 1 to 4 (a run started over would have the uninterrupted run's count)
+    tokens = [
+        {e["step"]: e["num_tokens"] for e in history(o) if "loss" in e and "eval_loss" not in e} for o in (out, run)
+    ]
+    step = min(s for s in tokens[0] if s > 4)
+    assert 0 < tokens[0][step] < tokens[1][step], (step, tokens)
 
 
 def test_a_lora_run_saves_a_whole_scorer_with_its_trained_score_head(pairs):
+    """Without a system prompt the text rows stay text in the data, and the scorer still learns them as it will be
+    given them: as a conversation in the chat template (a user turn and the reply)."""
     from safetensors import safe_open
 
     out = pairs["root"] / "lora"
@@ -160,10 +172,10 @@ def test_a_lora_run_saves_a_whole_scorer_with_its_trained_score_head(pairs):
     adapter = json.loads((out / "adapter" / "adapter_config.json").read_text(encoding="utf-8"))
     assert adapter["task_type"] == "SEQ_CLS" and "score" in adapter["modules_to_save"]
     with safe_open(out / "adapter" / "adapter_model.safetensors", "pt") as f:
-        assert any("score" in key for key in f)
+        assert any("score" in key for key in f.keys())  # noqa: SIM118 (safe_open is not iterable)
     assert not (out / "adapter_config.json").exists()  # the folder is a whole model, not an adapter
     results = record(out)["results"]
-    _, loss, _ = figures(scores(out, held_out(pairs)))
+    _, loss, _ = figures(scores(out, held_out(pairs), system=None))
     assert results["held_out_loss"] == pytest.approx(loss, rel=1e-4)  # the merged model is the one evaluated
     assert abs(loss - 0.6931) > 0.01  # and it learned something: a fresh head scores every pair near log 2
 
