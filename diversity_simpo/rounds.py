@@ -259,19 +259,7 @@ def run(args, training_config_class):
     main = int(os.environ.get("RANK", "0")) == 0
     equivalence = _equivalence(args) if main else {}
     for index, stage in enumerate(stages(args, start, seed, candidates, training)):
-        if stage.script == "train_diversity_simpo.py":
-            if _finished(stage.folder):
-                if main:
-                    print(f"{stage.name}: done ({stage.folder})", file=sys.stderr)
-                continue
-            if _has_checkpoint(stage.folder):
-                stage.settings["resume_from_checkpoint"] = "latest"
-            elif (stage.folder / run_record.RECORD).is_file():  # its own run, stopped before its first checkpoint
-                stage.settings["overwrite_output_dir"] = True  # (or after saving the model): trained again
-        stage.folder.parent.mkdir(parents=True, exist_ok=True)
-        # every rank writes the same file whole (a node of its own may not share the file system)
-        candidate_folder.write_whole(stage.settings_file, settings_text(stage.settings))
-        if stage.script == "generate_candidates.py" and _sampled(stage):
+        if prepare(stage) == "done":
             if main:
                 print(f"{stage.name}: done ({stage.folder})", file=sys.stderr)
             continue
@@ -321,6 +309,40 @@ def stage_environment(index):
         environment["MASTER_PORT"] = str(int(environment["MASTER_PORT"]) + 1 + index)
         environment["TORCHELASTIC_USE_AGENT_STORE"] = "False"
     return environment
+
+
+STEP_SETTINGS = {"resume": {"resume_from_checkpoint": "latest"}, "again": {"overwrite_output_dir": True}}
+
+
+def plan(stage):
+    """What a stage needs after a stop, from what its folder holds: "done" (passed over: every shard of exactly its
+    settings, or a finished training run), "resume" (training from its newest complete checkpoint), "again" (our own
+    training run that stopped before its first checkpoint, or after saving the model: trained again over it), or
+    "run" (sampling writes the shards still missing; training starts)."""
+    if stage.script == "generate_candidates.py":
+        return "done" if _sampled(stage) else "run"
+    if _finished(stage.folder):
+        return "done"
+    if _has_checkpoint(stage.folder):
+        return "resume"
+    return "again" if (stage.folder / run_record.RECORD).is_file() else "run"
+
+
+def prepare(stage):
+    """The stage's step (`plan`), and, unless it is done, its settings file written for that step."""
+    stage.folder.parent.mkdir(parents=True, exist_ok=True)
+    if stage.script == "generate_candidates.py":  # its settings decide whether its folder is done
+        _write_settings(stage)
+    step = plan(stage)
+    if step != "done":
+        stage.settings |= STEP_SETTINGS.get(step, {})
+        _write_settings(stage)
+    return step
+
+
+def _write_settings(stage):
+    # every rank writes the same file whole (a node of its own may not share the file system)
+    candidate_folder.write_whole(stage.settings_file, settings_text(stage.settings))
 
 
 def _finished(folder):

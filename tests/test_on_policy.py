@@ -194,6 +194,81 @@ def test_a_killed_loop_continues_to_the_figures_of_the_uninterrupted_loop(tmp_pa
     assert_same_figures(output, two_rounds)
 
 
+def leave_as_a_kill_would(output, boundary):
+    """A finished two-round loop's folder as a kill at `boundary` leaves it: what was written after it removed (the
+    stages write in order: round-1/candidates, round-1/model, round-2/candidates, round-2/model, final-samples)."""
+    order = ["round-1/candidates", "round-1/model", "round-2/candidates", "round-2/model", "final-samples"]
+    stage, _, moment = boundary.partition(": ")
+    later = order[order.index(stage) + (moment != "not begun") :] if stage in order else []
+    for name in later:  # not begun: gone, with the settings file the loop writes as it starts a stage
+        shutil.rmtree(output / name)
+        (output / f"{name}.settings.yaml").unlink(missing_ok=True)
+    folder = output / stage
+    if moment == "a shard missing":  # a kill while sampling: the manifest and some shards written
+        next(folder.glob("train-*.jsonl")).unlink()
+    elif moment in ("before its first checkpoint", "after a checkpoint", "after saving the model"):
+        record = json.loads((folder / "run_record.json").read_text(encoding="utf-8"))
+        keep = {"run_record.json"} | ({"checkpoint-2"} if moment == "after a checkpoint" else set())
+        if moment == "after saving the model":  # the model and its files saved, the record not yet ended
+            keep |= {p.name for p in folder.iterdir() if not p.name.startswith("checkpoint-")}
+        for path in folder.iterdir():
+            if path.name not in keep:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        (folder / "run_record.json").write_text(json.dumps(record | {"status": "running"}), encoding="utf-8")
+
+
+BOUNDARIES = {  # where a kill stops the loop: what the same command then does with each stage, in order
+    "round-1/candidates: not begun": ["run", "run", "run", "run", "run"],
+    "round-1/candidates: a shard missing": ["run", "run", "run", "run", "run"],
+    "round-1/model: not begun": ["done", "run", "run", "run", "run"],
+    "round-1/model: before its first checkpoint": ["done", "again", "run", "run", "run"],
+    "round-1/model: after a checkpoint": ["done", "resume", "run", "run", "run"],
+    "round-1/model: after saving the model": ["done", "again", "run", "run", "run"],
+    "round-2/candidates: not begun": ["done", "done", "run", "run", "run"],
+    "round-2/candidates: a shard missing": ["done", "done", "run", "run", "run"],
+    "round-2/model: not begun": ["done", "done", "done", "run", "run"],
+    "round-2/model: before its first checkpoint": ["done", "done", "done", "again", "run"],
+    "round-2/model: after a checkpoint": ["done", "done", "done", "resume", "run"],
+    "round-2/model: after saving the model": ["done", "done", "done", "again", "run"],
+    "final-samples: not begun": ["done", "done", "done", "done", "run"],
+    "final-samples: a shard missing": ["done", "done", "done", "done", "run"],
+    "the end": ["done", "done", "done", "done", "done"],
+}
+
+
+@pytest.mark.parametrize("boundary", BOUNDARIES)
+def test_after_a_kill_at_any_stage_boundary_the_same_command_passes_over_exactly_what_was_finished(
+    tmp_path, two_rounds, boundary, monkeypatch
+):
+    """Every boundary between and within stages: each finished stage passed over, a training run resumed from its
+    checkpoint or trained again over its own folder, and every later stage run (the kill test above runs three of
+    these states to the uninterrupted loop's figures)."""
+    from diversity_simpo import rounds, settings
+    from diversity_simpo_trainer import DiversitySimPOConfig
+    from train_on_policy import DEFAULT_CONFIG
+
+    monkeypatch.chdir(ROOT)
+    argv = loop_command(two_rounds)[2:]  # the fixture's own command, read as train_on_policy.py reads it
+    (args,) = settings.read_settings(argv, (rounds.OnPolicyArguments,), DEFAULT_CONFIG)
+    args = rounds.over_config(args, argv, DEFAULT_CONFIG)
+    finished = shutil.copytree(two_rounds, tmp_path / "finished")  # the fixture's folder, put back afterwards
+    try:
+        leave_as_a_kill_would(two_rounds, boundary)
+        stages = rounds.stages(args, *rounds.check(args, DiversitySimPOConfig))
+        assert [stage.folder.relative_to(two_rounds).as_posix() for stage in stages] == [
+            "round-1/candidates", "round-1/model", "round-2/candidates", "round-2/model", "final-samples"
+        ]  # fmt: skip
+        steps = [rounds.prepare(stage) for stage in stages]
+        assert steps == BOUNDARIES[boundary]
+        for stage, step in zip(stages, steps, strict=True):  # the settings file each stage then reads
+            written = yaml.safe_load(stage.settings_file.read_text(encoding="utf-8"))
+            assert written.get("resume_from_checkpoint") == ("latest" if step == "resume" else None)
+            assert written.get("overwrite_output_dir", False) is (step == "again")
+    finally:
+        shutil.rmtree(two_rounds)
+        shutil.copytree(finished, two_rounds)
+
+
 LORA = {"use_peft": True, "lora_r": 4, "lora_target_modules": ["q_proj", "v_proj"], "learning_rate": 5e-3}
 
 
