@@ -118,11 +118,16 @@ def run(pairs):
     return out
 
 
-def test_the_reported_held_out_accuracy_is_the_saved_models_on_the_held_out_pairs(pairs, run):
+@pytest.fixture(scope="module")
+def run_scores(pairs, run):
+    """The saved model's own scores of the held-out pairs (`scores`)."""
+    return scores(run, held_out(pairs))
+
+
+def test_the_reported_held_out_accuracy_is_the_saved_models_on_the_held_out_pairs(run, run_scores):
     results = record(run)["results"]
-    rows = held_out(pairs)
-    accuracy, loss, margin = figures(scores(run, rows))
-    assert results["held_out_pairs"] == len(rows) == 18
+    accuracy, loss, margin = figures(run_scores)
+    assert results["held_out_pairs"] == len(run_scores) == 18
     assert 0 < accuracy < 1, "a run that scores every pair alike cannot tell the pairs' accuracy from a batches' mean"
     assert results["held_out_accuracy"] == pytest.approx(accuracy, abs=1e-12)
     assert results["held_out_loss"] == pytest.approx(loss, rel=1e-4)
@@ -131,7 +136,7 @@ def test_the_reported_held_out_accuracy_is_the_saved_models_on_the_held_out_pair
     assert f"Held-out accuracy {accuracy:.4g} on 18 pairs" in card and "pipeline_tag: text-classification" in card
 
 
-def test_early_stopping_stops_when_the_held_out_loss_stops_improving_and_keeps_the_best_checkpoint(pairs, run):
+def test_early_stopping_stops_when_the_held_out_loss_stops_improving_and_keeps_the_best_checkpoint(run, run_scores):
     state = json.loads((run / "trainer_state.json").read_text(encoding="utf-8"))
     losses = evaluations(run)
     steps = sorted(losses)
@@ -140,7 +145,7 @@ def test_early_stopping_stops_when_the_held_out_loss_stops_improving_and_keeps_t
     assert len([s for s in steps if s > best]) == 2  # patience 2: two evaluations without a lower loss, then stop
     assert state["best_model_checkpoint"].endswith(f"checkpoint-{best}") and record(run)["results"]["stopped_early"]
     assert record(run)["results"]["best_checkpoint"] == f"checkpoint-{best}"
-    _, loss, _ = figures(scores(run, held_out(pairs)))
+    _, loss, _ = figures(run_scores)
     assert loss == pytest.approx(losses[best], rel=1e-4) and loss != pytest.approx(losses[steps[-1]], rel=1e-3)
 
 
@@ -180,7 +185,9 @@ def test_a_lora_run_saves_a_whole_scorer_with_its_trained_score_head(pairs):
     assert abs(loss - 0.6931) > 0.01  # and it learned something: a fresh head scores every pair near log 2
 
 
-def test_generate_candidates_takes_the_folder_as_its_reward_model_and_scores_as_the_run_evaluated(pairs, run):
+def test_generate_candidates_takes_the_folder_as_its_reward_model_and_scores_as_the_run_evaluated(
+    pairs, run, run_scores
+):
     import generate_candidates
 
     rows = held_out(pairs)
@@ -193,8 +200,7 @@ def test_generate_candidates_takes_the_folder_as_its_reward_model_and_scores_as_
                               "--output_dir", str(out)])  # fmt: skip
     written = [json.loads(line) for path in sorted(out.rglob("*.jsonl")) for line in path.open(encoding="utf-8")]
     by_prompt = {row["prompt"][-1]["content"]: row["all_rm_scores"] for row in written}
-    expected = scores(run, rows)
-    assert [by_prompt[r["prompt"]] for r in rows] == [pytest.approx(pair, abs=1e-4) for pair in expected]
+    assert [by_prompt[r["prompt"]] for r in rows] == [pytest.approx(pair, abs=1e-4) for pair in run_scores]
     assert figures([by_prompt[r["prompt"]] for r in rows])[0] == record(run)["results"]["held_out_accuracy"]
 
 
