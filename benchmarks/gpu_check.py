@@ -25,6 +25,8 @@ Checks, each a row of the report (pass, FAIL, or missed: it ran and a target was
                Llama-3 tokenizer and chat template, on the demo data: once as `python train_diversity_simpo.py
                --deepspeed ""`, once as `deepspeed --num_gpus=1 train_diversity_simpo.py` (ZeRO-2 from the config);
                tokens per second, peak GPU memory, finite diversity/*, the diversity eval's wall time
+  scorer       train_reward_model.py with configs/reward_model.yaml (LoRA, score head, bf16) on that cut model and
+               the demo's pairs for as many steps: tokens/s, peak GPU memory, the held-out accuracy it records
 """
 
 import argparse
@@ -479,6 +481,40 @@ def train(report, gpu, work, launcher):
     report.check(name, ok, detail)
 
 
+def scorer(report, gpu, work):
+    """The scorer step: train_reward_model.py with configs/reward_model.yaml (LoRA and the score head, bf16,
+    checkpointing) on the cut 8B-shaped model and the demo's pairs, a few steps, evaluated on the held-out pairs:
+    tokens/s, peak GPU memory, and the held-out accuracy the run record keeps (random weights: wiring, not quality)."""
+    steps = TRAIN_STEPS["gpu" if gpu else "smoke"]
+    output = work / "scorer"
+    command = [sys.executable, "train_reward_model.py", "--config", "configs/reward_model.yaml", "--deepspeed", ""]
+    command += ["--model_name_or_path", work / "model", "--dataset_name", "demo/data", "--output_dir", output]
+    command += ["--max_steps", steps, "--gradient_accumulation_steps", 1, "--eval_steps", steps, "--save_steps", steps]
+    command += ["--logging_steps", 1, "--report_to", "none", "--max_length", 512]
+    if not gpu:
+        command += ["--bf16", "false", "--dtype", "float32", "--use_cpu", "true", "--activation_checkpointing", "false"]
+    poller = GpuMemoryPoller() if gpu else None
+    code, log, seconds = run(command, env={"OMP_NUM_THREADS": "4"}, timeout=300, log=work / "scorer.log")
+    peak = poller.stop() if poller else None
+    record_file = output / "run_record.json"
+    if code or not record_file.exists():
+        report.sections += ["### scorer: exit " + str(code), "", "```", log[-3000:], "```", ""]
+        report.check("scorer", False, f"exit {code} after {seconds:.0f} s; log in {work}")
+        return
+    history = json.loads((output / "trainer_state.json").read_text())["log_history"]
+    final = next(e for e in history if "train_runtime" in e)
+    accuracy = json.loads(record_file.read_text()).get("results", {}).get("held_out_accuracy")
+    shown = "missing" if accuracy is None else f"{accuracy:.3f}"
+    pairs_per_second = final["train_samples_per_second"]
+    tokens = pairs_per_second * report.tokens_per_pair  # a pair's chosen and rejected conversations, as in training
+    memory = f"{peak / 1024:.1f} GiB" if peak else "n/a (CPU)"
+    detail = (f"{steps} steps, {tokens:,.0f} tokens/s ({pairs_per_second:.2f} pairs/s), peak GPU memory {memory}, "
+              f"held-out accuracy {shown}")  # fmt: skip
+    report.sections += ["### scorer", "", f"`{' '.join(str(c) for c in command[1:])}`", "", f"- {detail}; whole "
+                        f"command {seconds:.0f} s (model loading, tokenisation and saving included)", ""]  # fmt: skip
+    report.check("scorer", accuracy is not None, detail)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cpu-smoke", action="store_true", help="toy sizes on the CPU: proves the script, not a GPU")
@@ -496,7 +532,7 @@ def main():
         sys.exit("gpu_check: no CUDA device; use --cpu-smoke on a machine without one")
     steps = [("tests", tests), ("benchmark", benchmark), ("layouts", layouts), ("llama-3-8b", llama3_8b)]
     steps += [("candidates", candidates), ("on-policy", on_policy)]
-    steps += [("model", training_model)]
+    steps += [("model", training_model), ("scorer", scorer)]
     steps += [
         (f"train ({launcher})", lambda r, g, w, launcher=launcher: train(r, g, w, launcher)) for launcher in LAUNCHERS
     ]

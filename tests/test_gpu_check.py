@@ -1,5 +1,6 @@
 """The GPU check (`make gpu-check`) proven without a GPU: its CPU smoke mode runs every step end to end."""
 
+import re
 import subprocess
 import sys
 
@@ -24,9 +25,12 @@ def test_gpu_check_runs_every_step_at_toy_sizes_on_the_cpu_and_writes_its_report
         "candidates",
         "on-policy",
         "train (python)",
+        "scorer",
     ):
         assert f"| {check} | pass |" in text or f"| {check} | missed |" in text, check
-    assert "| train (deepspeed ZeRO-2) | pass |" in text
+    assert "| train (deepspeed ZeRO-2) | pass |" in text and "| scorer | pass |" in text
+    scorer = next(line for line in text.splitlines() if line.startswith("| scorer |"))
+    assert re.search(r"held-out accuracy [01]\.\d{3}", scorer) and "tokens/s" in scorer
     assert "| both |" in text and "step time / TRL's" in text  # the layouts' table and targets
     assert "| TRL's SimPO step |" in text and "tokens/s" in text  # the 8B-geometry stage's table
     assert "| fused |" in text and "fused step time / TRL's" in text  # the benchmark's table and targets
