@@ -231,6 +231,11 @@ MISTAKES = [  # (the flags over the tiny run's, what the one line says)
     (lambda p: ["--model_name_or_path", _no_template(p)], "has no chat template"),
     (lambda p: ["--model_name_or_path", p["root"] / "lora" / "adapter"], "is a LoRA adapter"),
     (lambda p: ["--max_length", 8], "every pair is longer than max_length=8"),
+    (lambda p: ["--num_train_epochs", 0, "--max_steps", -1], "nothing would be trained"),
+    (
+        lambda p: ["--model_name_or_path", "no-such-org/no-such-model"],
+        "could not load model 'no-such-org/no-such-model'",
+    ),
 ]
 
 
