@@ -33,7 +33,7 @@ demo-on-policy: setup
 test: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest -n auto --dist loadgroup tests   # one worker per core (tests/conftest.py groups them)
+	$(PY) -m pytest -n auto --dist loadfile tests   # a worker per core, a file's tests on one worker
 
 bench: setup
 	$(PY) benchmarks/bench_step.py

@@ -38,6 +38,7 @@ import os
 import platform
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -442,7 +443,10 @@ def train(report, gpu, work, launcher):
     if launcher == "python":
         command = [sys.executable, *args, "--deepspeed", ""]
     else:  # the `deepspeed` console script is this module; the config's `deepspeed` key makes it ZeRO-2
-        command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus=1", *args]
+        with socket.socket() as s:  # a free rendezvous port: another launch may hold DeepSpeed's default
+            s.bind(("127.0.0.1", 0))
+            port = str(s.getsockname()[1])
+        command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus=1", "--master_port", port, *args]
     poller = GpuMemoryPoller() if gpu else None
     code, log, seconds = run(command, env={"OMP_NUM_THREADS": "4"}, timeout=240, log=work / f"train-{launcher}.log")
     peak = poller.stop() if poller else None

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs one worker per core: one thread each, and their stages too
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs a worker per core: one thread each, and what they start
     os.environ["OMP_NUM_THREADS"] = "1"
 import torch  # after the thread count, which torch reads as it loads
 
@@ -27,14 +27,23 @@ DEMO_MODEL = ROOT / "demo" / "tiny-llama-ja"
 DEMO_DATA = ROOT / "demo" / "data"
 
 
+def free_port():
+    """A port no process listens on now: each launch its own rendezvous, since `make test` runs files side by side."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
 def two_rank_launcher(launcher):
     """The command that starts a script on 2 CPU ranks: accelerate's torchrun launcher (--multi_gpu; with --cpu it
     would start 1 process; the scripts' use_cpu keeps the ranks on the CPU), or DeepSpeed's."""
     bin_dir = Path(sys.executable).parent
     return {
         "accelerate": [bin_dir / "accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                       "--mixed_precision", "no", "--dynamo_backend", "no"],
-        "deepspeed": [bin_dir / "deepspeed", "--num_gpus=2"],
+                       "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", free_port()],
+        "deepspeed": [bin_dir / "deepspeed", "--num_gpus=2", "--master_port", free_port()],
     }[launcher]  # fmt: skip
 
 
@@ -42,15 +51,6 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers", "distributed: launches DeepSpeed with several CPU ranks (deselect: -m 'not distributed')"
     )
-
-
-def pytest_collection_modifyitems(items):
-    """For pytest-xdist's `--dist loadgroup` (`make test`): a file's tests run on one worker, so each module fixture
-    is built once; the tests that start several ranks run one at a time, since two launchers at once would contend
-    for one rendezvous port."""
-    for item in items:
-        group = "several-ranks" if item.get_closest_marker("distributed") else item.path.name
-        item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(autouse=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import ROOT
+from conftest import ROOT, free_port
 from precision import assert_close_at_scale, metric_scale, relative_norm_difference, tolerance
 from safetensors.torch import load_file
 from test_faults import trained_steps
@@ -47,7 +47,14 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread per rank on 2 cores; 
 
 
 def launch(*args, ranks=2, stdout=subprocess.PIPE):
-    command = [DEEPSPEED, f"--num_gpus={ranks}", "train_diversity_simpo.py", *map(str, args)]
+    command = [
+        DEEPSPEED,
+        f"--num_gpus={ranks}",
+        "--master_port",
+        free_port(),
+        "train_diversity_simpo.py",
+        *map(str, args),
+    ]
     return subprocess.Popen(
         command, cwd=ROOT, env=ENV, text=True, stdout=stdout, stderr=subprocess.STDOUT, start_new_session=True
     )
@@ -149,7 +156,8 @@ def test_single_process_deepspeed_runs_without_a_launcher(tmp_path):
 def test_accelerate_launch_with_deepspeed_trains_on_two_ranks(tmp_path):
     accelerate = Path(sys.executable).parent / "accelerate"
     args = [*COMMON, "--max_steps", "2", "--deepspeed", "configs/ds_config.json", "--output_dir", tmp_path / "out"]
-    run_plain(accelerate, "launch", "--num_processes", "2", "--use_deepspeed", "train_diversity_simpo.py", *args)
+    port = ["--main_process_port", free_port()]
+    run_plain(accelerate, "launch", "--num_processes", "2", *port, "--use_deepspeed", "train_diversity_simpo.py", *args)
     state = json.loads((tmp_path / "out" / "trainer_state.json").read_text())
     assert [e["step"] for e in state["log_history"] if "loss" in e] == [1, 2]
     assert (tmp_path / "out" / "checkpoint-2" / "global_step2").is_dir()
@@ -204,11 +212,7 @@ def test_two_nodes_on_one_machine_write_once_gather_metrics_and_train_like_one_p
     ranks have LOCAL_RANK 0: only global rank 0 may write the model, resolved_config.yaml, trainer_state.json, the
     curves, run_record.json and the model card; the logged metrics are gathered over both; the weights equal one
     process's."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
+    port = free_port()
     (tmp_path / "hostfile").write_text("node0 slots=1\nnode1 slots=1\n", encoding="utf-8")
     script = [str(ROOT / "train_diversity_simpo.py"), *COMMON, "--report_to", "none", "--output_dir", "out"]
     script[script.index("configs/demo.yaml")] = str(ROOT / "configs" / "demo.yaml")
@@ -298,7 +302,8 @@ def test_two_ranks_of_2_pairs_give_the_update_of_one_process_of_4_pairs(tmp_path
     )
     two = [*sgd, *layout, "--per_device_train_batch_size", "2", "--output_dir", tmp_path / "two"]
     if launcher == "torchrun":
-        run_plain(Path(sys.executable).parent / "torchrun", "--nproc_per_node", "2", "train_diversity_simpo.py", *two)
+        torchrun = [Path(sys.executable).parent / "torchrun", "--nproc_per_node", "2", "--master_port", free_port()]
+        run_plain(*torchrun, "train_diversity_simpo.py", *two)
     else:
         run(*two, "--deepspeed", launcher)
     start = load_file(ROOT / "demo" / "tiny-llama-ja" / "model.safetensors")
