@@ -121,7 +121,7 @@ def preflight(argv, counts=None):
         raise ConfigError(
             f"eval_strategy is {training_args.eval_strategy.value!r} (held-out accuracy, early stopping) but the "
             f"dataset has no {script_args.dataset_test_split!r} split; set dataset_test_fraction (e.g. 0.05), or "
-            "eval_strategy: no and early_stopping_patience: 0"
+            "eval_strategy: no, early_stopping_patience: 0 and load_best_model_at_end: false"
         )
     check_deepspeed_against_settings(training_args, len(train_dataset))
     tokenizer = load_tokenizer(model_args, training_args)
