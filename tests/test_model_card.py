@@ -68,3 +68,14 @@ def test_the_cards_results_are_the_last_train_log_and_the_last_evaluation(tmp_pa
     assert "| reward margin | 0.33 | 0.165 |" in text
     assert "| token entropy of chosen replies (nats) | 1.7 | 1.2 |" in text
     assert "| SimPO + diversity loss | 1.13 | 1.63 |" in text
+
+
+def test_the_card_says_how_each_pair_rule_chose_and_how_many_pairs_each_made():
+    from diversity_simpo.model_card import _pair_selection
+
+    text = _pair_selection({"pairs_by_rule": {"given": 3, "rarest_vs_worst": 2}, "scored_rows": 4})
+    assert text == (
+        " Pairs chosen from 4 rows of scored candidates by `given` (the prompt's own pair): 3; `rarest_vs_worst` "
+        "(The rarest candidate that meets DivPO's quality bar against the lowest-scored one): 2 pairs."
+    )
+    assert _pair_selection({"kept": 5}) == ""  # preference pairs: no rule chose them
