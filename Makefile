@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo demo-on-policy test bench bench-candidates compare counted setup gpu-check gpu-check-wheels gpu-check-smoke
+.PHONY: demo demo-on-policy test bench bench-candidates compare counted counted-from-pairs setup gpu-check gpu-check-wheels gpu-check-smoke
 setup: $(VENV)/.installed
 
 # DS_BUILD_OPS=0: install DeepSpeed without compiling its CUDA/C++ ops up front (they build on first use).
@@ -49,6 +49,11 @@ compare: setup
 # pair rule, list and on-policy rounds; about 40 minutes on 2 cores
 counted: setup
 	$(PY) benchmarks/counted_diversity.py --jobs 2
+
+# The counted testbeds started from one pair per prompt (benchmarks/counted_from_pairs.py): plain SimPO on the pairs
+# against a scorer learned from them and the pair rules on its scores; two variants x 3 seeds, about 30 minutes
+counted-from-pairs: setup
+	$(PY) benchmarks/counted_from_pairs.py --jobs 2 --variants "log-probability bias, geometric" "warm-up-share bias, Zipf"
 
 # The GPU check (benchmarks/gpu_check.py). Here, once: the wheels the lent GPU machine lacks, into .whl/ (ignored).
 gpu-check-wheels: setup

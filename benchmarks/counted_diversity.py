@@ -84,11 +84,12 @@ SETTINGS = {  # label -> (pair rules, on-policy rounds)
 RECOMMENDED = "2 rounds of best_vs_worst + rarest_vs_worst"  # what README.md and the configs use for diversity
 
 
-def every_good_vs_typical_bad(scores, texts, logps, rho):
-    """Every candidate at or above DivPO's bar against the most typical one below it (one pair per good reply)."""
+def every_good_vs_typical_bad(scores, texts, logps, rho, eligible=None):
+    """Every candidate at or above DivPO's bar against the most typical one below it (one pair per good reply); the
+    chosen ones among `eligible`, as the product's rules take it."""
     bar = max(scores) - rho * (max(scores) - min(scores))
     pairs = []
-    for chosen in (i for i in range(len(scores)) if scores[i] >= bar):
+    for chosen in (i for i in (range(len(scores)) if eligible is None else eligible) if scores[i] >= bar):
         below = [i for i in range(len(scores)) if scores[i] < bar and texts[i] != texts[chosen]]
         if below:
             pairs.append((chosen, min(below, key=lambda i: (-logps[i], i))))
@@ -241,7 +242,7 @@ def measure(folder, samples=64):
     return {name: statistics.mean(s[i] for s in scores) for i, name in enumerate(("validity", "entropy", "coverage"))}
 
 
-def train(model, data, rules, steps, seed, output):
+def train(model, data, rules, steps, seed, output, rho=0.3):
     """The training CLI's own main on scored candidates, from `model`; the trained model in `output`."""
     import train_diversity_simpo
 
@@ -249,7 +250,7 @@ def train(model, data, rules, steps, seed, output):
         return output
     argv = ["--config", str(ROOT / "configs" / "demo.yaml"), "--model_name_or_path", str(model)]
     argv += ["--dataset_name", str(data), "--output_dir", str(output), "--overwrite_output_dir", "true"]
-    argv += ["--pair_selection", ",".join(rules), "--divpo_rho", "0.3", "--wrap_text_as_chat", "true"]
+    argv += ["--pair_selection", ",".join(rules), "--divpo_rho", str(rho), "--wrap_text_as_chat", "true"]
     argv += ["--diversity_weight", "0", "--seed", str(seed), "--learning_rate", "5e-4"]
     argv += ["--max_steps", str(steps), "--per_device_train_batch_size", "8", "--warmup_steps", "0"]
     argv += ["--eval_strategy", "no", "--save_strategy", "no", "--diversity_eval_prompts", "0", "--report_to", "none"]

@@ -1,0 +1,211 @@
+"""The counted testbeds (benchmarks/counted_diversity.py) started where a user starts: one preference pair per prompt.
+
+Per variant and seed, the start model and its 8 exact-scored candidates per row are counted_diversity's. Then:
+
+    pairs       the user's data: each row's best- and worst-scored candidate as prompt/chosen/rejected (a rater's
+                pick; rows whose candidates all score the same give none)
+    plain       plain SimPO on those pairs (the training CLI, as a user with pairs trains today)
+    scorer      a reward model learned from the same pairs by train_reward_model.py (the start model's backbone and a
+                new score head, a tenth of the pairs held out for early stopping); its agreement with validity: the
+                share of (valid, invalid) candidate pairs of a row it orders right
+    the path    the same candidates scored by that scorer, each row keeping its own pair (`given_pairs`), trained with
+                pair rules on the learned scores: [given, rarest_vs_worst] (configs/on_policy.yaml), the same with
+                a stricter bar (divpo_rho 0.1), [given, best_vs_worst], [best_vs_worst, rarest_vs_worst] and
+                best_vs_worst
+    measured    as counted_diversity measures: validity and the normalised entropy of the valid answers
+
+    python benchmarks/counted_from_pairs.py --jobs 2    # make counted-from-pairs
+
+Writes its table into benchmarks/DIVERSITY.md (between its `from-pairs` markers); every run's figures stay in
+output/counted/ beside counted_diversity's (a run already measured there is not run again).
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from counted_diversity import (  # the testbeds' own pieces
+    OUT,
+    ROOT,
+    ROWS,
+    SEEDS,
+    SETS,
+    STEPS,
+    VARIANTS,
+    answer_of,
+    build_start,
+    cached,
+    measure,
+    train,
+    training_prompts,
+    write_candidates,
+)
+
+RULES = {  # label -> (pair rules on the learned scores, divpo_rho)
+    "[given, rarest_vs_worst]": (["given", "rarest_vs_worst"], 0.3),
+    "[given, rarest_vs_worst], rho 0.1": (["given", "rarest_vs_worst"], 0.1),
+    "[given, best_vs_worst]": (["given", "best_vs_worst"], 0.3),
+    "[best_vs_worst, rarest_vs_worst]": (["best_vs_worst", "rarest_vs_worst"], 0.3),
+    "best_vs_worst": (["best_vs_worst"], 0.3),
+}
+PATH = "[given, rarest_vs_worst]"  # what configs/on_policy.yaml trains on a learned scorer's candidates
+
+
+def user_pairs(candidates, path):
+    """Each row's best- and worst-scored candidate (the first of ties) as a prompt/chosen/rejected pair."""
+    rows = [json.loads(line) for line in candidates.read_text(encoding="utf-8").splitlines()]
+    pairs = []
+    for row in rows:
+        scores, replies = row["all_rm_scores"], row["all_generated_responses"]
+        best, worst = scores.index(max(scores)), scores.index(min(scores))
+        if scores[best] > scores[worst] and replies[best] != replies[worst]:
+            pairs.append({"prompt": row["prompt"], "chosen": replies[best], "rejected": replies[worst]})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs), encoding="utf-8")
+    return path
+
+
+def train_scorer(start, pairs, seed, output):
+    """train_reward_model.py's own main on the pairs, from the start model: the scorer's folder."""
+    import train_reward_model
+
+    if (output / "run_record.json").is_file():
+        return output
+    argv = ["--config", str(ROOT / "configs" / "demo_reward_model.yaml"), "--model_name_or_path", str(start)]
+    argv += ["--dataset_name", str(pairs), "--dataset_test_fraction", "0.1", "--output_dir", str(output)]
+    argv += ["--wrap_text_as_chat", "true", "--seed", str(seed), "--max_length", "64", "--report_to", "none"]
+    argv += ["--num_train_epochs", "4", "--eval_steps", "10", "--save_steps", "10", "--disable_tqdm", "true"]
+    train_reward_model.main(argv)
+    return output
+
+
+def rescored(candidates, scorer, pairs, path):
+    """The candidates with the scorer's scores, each row keeping its own pair; and the scorer's agreement with
+    validity (the exact scores) over every (valid, invalid) candidate pair of a row."""
+    import torch
+
+    from diversity_simpo.candidates import conversation, load_reward_model, score
+
+    rows = [json.loads(line) for line in candidates.read_text(encoding="utf-8").splitlines()]
+    if not path.is_file():
+        own = {p["prompt"]: {"chosen": p["chosen"], "rejected": p["rejected"]} for p in _lines(pairs)}
+        options = argparse.Namespace(trust_remote_code=False)
+        model, tokenizer = load_reward_model(options, torch.device("cpu"), torch.float32, str(scorer))
+        out = []
+        for row in rows:
+            chat = [{"role": "user", "content": row["prompt"]}]
+            replies = row["all_generated_responses"]
+            learned = score(model, tokenizer, [conversation(chat, r) for r in replies], 16)
+            given = [own[row["prompt"]]] if row["prompt"] in own else []
+            out.append({**row, "all_rm_scores": learned, "exact_scores": row["all_rm_scores"], "given_pairs": given})
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in out), encoding="utf-8")
+    category = {prompt[0]["content"]: c for c, prompt in training_prompts()}
+    right = total = 0
+    for row in _lines(path):
+        learned, replies = row["all_rm_scores"], row["all_generated_responses"]
+        valid = [answer_of(r) in SETS[category[row["prompt"]]] for r in replies]
+        for i in (i for i, v in enumerate(valid) if v):
+            for j in (j for j, v in enumerate(valid) if not v):
+                right, total = right + (learned[i] > learned[j]), total + 1
+    return path, right / total if total else float("nan")
+
+
+def _lines(path):
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()]
+
+
+def run_job(job):
+    """Plain SimPO on the pairs and the path's rules on the learned scores, for one (variant, seed)."""
+    import torch
+
+    torch.set_num_threads(1)
+    os.environ.update(HF_HUB_OFFLINE="1", WANDB_MODE="disabled", TRL_EXPERIMENTAL_SILENCE="1")
+    (reward, skew), seed = job
+    here = OUT / f"{skew}-{seed}" / reward.replace(" ", "-")
+    start = build_start(skew, seed)
+    candidates = write_candidates(start, (reward, skew), seed, range(ROWS), here / "candidates" / "train.jsonl")
+    work = here / "from-pairs"
+    pairs = user_pairs(candidates, work / "pairs" / "train.jsonl")
+    results = {"start": cached(here / "start.json", lambda: measure(start))}
+    plain = work / "plain-SimPO-on-the-pairs"
+
+    def plain_run():
+        return measure(train(start, pairs.parent, ["best_vs_worst"], STEPS, seed, plain / "model"))
+
+    results["plain SimPO on the pairs"] = cached(plain / "figures.json", plain_run)
+    scorer = train_scorer(start, pairs, seed, work / "scorer")
+    data, agreement = rescored(candidates, scorer, pairs, work / "scored" / "train.jsonl")
+    results["scorer agreement"] = {"agreement": agreement}
+    for label, (rules, rho) in RULES.items():
+        folder = work / label.replace("[", "").replace("]", "").replace(", ", "-and-").replace(" ", "-")
+
+        def run(folder=folder, rules=rules, rho=rho):
+            return measure(train(start, data.parent, rules, STEPS, seed, folder / "model", rho))
+
+        results[label] = cached(folder / "figures.json", run)
+        print(f"{reward}, {skew}, seed {seed}: {label}: {results[label]}", flush=True)
+    return job, results
+
+
+def report(results, seeds):
+    from report_section import write_section
+
+    def mean(runs, key):
+        return statistics.mean(r[key] for r in runs)
+
+    def cell(runs, key):
+        spread = f" ± {statistics.stdev([r[key] for r in runs]):.3f}" if len(runs) > 1 else ""
+        return f"{mean(runs, key):.3f}{spread}"
+
+    lines = []
+    for variant, settings in results.items():
+        base = settings["plain SimPO on the pairs"]
+        agreement = ", ".join(f"{r['agreement']:.2f}" for r in settings["scorer agreement"])
+        lines += [f"**{variant}** (the learned scorer orders valid over invalid replies: {agreement} by seed)\n",
+                  "| setting | validity | answer entropy (normalised) | validity vs plain | entropy vs plain |",
+                  "|---|---|---|---|---|"]  # fmt: skip
+        for label, runs in settings.items():
+            if label == "scorer agreement":
+                continue
+            cells = " | ".join(cell(runs, k) for k in ("validity", "entropy"))
+            delta = " | ".join(f"{mean(runs, k) - mean(base, k):+.3f}" for k in ("validity", "entropy"))
+            lines.append(f"| {label} | {cells} | {delta if label != 'start' else ' | '} |")
+        validity, entropy = (mean(settings[PATH], k) - mean(base, k) for k in ("validity", "entropy"))
+        lines.append(
+            f"\n{PATH} on the learned scores: validity {validity:+.3f} against plain SimPO on the pairs "
+            f"({'met' if validity >= -0.01 else 'missed'}: within 0.01 or above), answer entropy {entropy:+.3f} "
+            f"({'met' if entropy >= 0.15 else 'missed'}: at least +0.15 where plain SimPO narrows the answers).\n"
+        )
+    lines.append(
+        f"Mean ± standard deviation over seeds {', '.join(map(str, seeds))}; 10 held-out prompts x 64 samples."
+    )
+    write_section(ROOT / "benchmarks" / "DIVERSITY.md", "from-pairs", "\n".join(lines), "Diversity")
+
+
+def main(jobs, variants, seeds):
+    import multiprocessing
+
+    chosen = [v for v in VARIANTS if not variants or f"{v[0]}, {v[1]}" in variants]
+    work = [(variant, seed) for variant in chosen for seed in seeds]
+    with multiprocessing.get_context("spawn").Pool(jobs, maxtasksperchild=1) as pool:
+        done = pool.map(run_job, work, chunksize=1)
+    results = {f"{reward}, {skew}": {} for reward, skew in chosen}
+    for ((reward, skew), _), figures in done:
+        for label, values in figures.items():
+            results[f"{reward}, {skew}"].setdefault(label, []).append(values)
+    (OUT / "from_pairs.json").write_text(json.dumps(results, indent=1, ensure_ascii=False), encoding="utf-8")
+    report(results, seeds)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--jobs", type=int, default=1, help="processes side by side (one thread each)")
+    parser.add_argument("--variants", nargs="*", help='e.g. "validity only, geometric" (default: all six)')
+    parser.add_argument("--seeds", type=int, nargs="*", default=list(SEEDS), help="default: 1 2 3")
+    args = parser.parse_args()
+    main(args.jobs, args.variants, args.seeds)
