@@ -251,7 +251,8 @@ def test_the_output_is_princeton_nlps_layout_with_every_reply_scored_by_the_rewa
     rows, shards = written(reference_run)
     assert list(shards) == ["train-00000-of-00002.jsonl", "train-00001-of-00002.jsonl"]  # the split training reads
     assert len(rows) == 6 and all(len(r["all_generated_responses"]) == len(r["all_rm_scores"]) == 3 for r in rows)
-    layout = {"prompt", "reference", "all_generated_responses", "all_rm_scores", "all_cut", "all_mean_logps"}
+    layout = {"prompt", "reference", "all_generated_responses", "all_rm_scores", "all_cut", "all_mean_logps",
+              "given_pairs"}  # fmt: skip
     assert all(set(r) == layout for r in rows)
     model = AutoModelForSequenceClassification.from_pretrained(DEMO_REWARD).eval()
     tokenizer = AutoTokenizer.from_pretrained(DEMO_REWARD)
