@@ -242,8 +242,9 @@ def measure(folder, samples=64):
     return {name: statistics.mean(s[i] for s in scores) for i, name in enumerate(("validity", "entropy", "coverage"))}
 
 
-def train(model, data, rules, steps, seed, output, rho=0.3):
-    """The training CLI's own main on scored candidates, from `model`; the trained model in `output`."""
+def train(model, data, rules, steps, seed, output, rho=0.3, term=(0.0, 0.1)):
+    """The training CLI's own main on scored candidates (or pairs), from `model`, with the diversity term at `term`
+    (weight, alpha; off by default); the trained model in `output`."""
     import train_diversity_simpo
 
     if (output / "model.safetensors").is_file():
@@ -251,7 +252,8 @@ def train(model, data, rules, steps, seed, output, rho=0.3):
     argv = ["--config", str(ROOT / "configs" / "demo.yaml"), "--model_name_or_path", str(model)]
     argv += ["--dataset_name", str(data), "--output_dir", str(output), "--overwrite_output_dir", "true"]
     argv += ["--pair_selection", ",".join(rules), "--divpo_rho", str(rho), "--wrap_text_as_chat", "true"]
-    argv += ["--diversity_weight", "0", "--seed", str(seed), "--learning_rate", "5e-4"]
+    argv += ["--diversity_weight", str(term[0]), "--diversity_alpha", str(term[1]), "--seed", str(seed)]
+    argv += ["--learning_rate", "5e-4"]
     argv += ["--max_steps", str(steps), "--per_device_train_batch_size", "8", "--warmup_steps", "0"]
     argv += ["--eval_strategy", "no", "--save_strategy", "no", "--diversity_eval_prompts", "0", "--report_to", "none"]
     argv += ["--logging_steps", "10", "--dataset_test_fraction", "0", "--max_length", "64", "--disable_tqdm", "true"]

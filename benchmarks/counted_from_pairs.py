@@ -4,7 +4,8 @@ Per variant and seed, the start model and its 8 exact-scored candidates per row 
 
     pairs       the user's data: each row's best- and worst-scored candidate as prompt/chosen/rejected (a rater's
                 pick; rows whose candidates all score the same give none)
-    plain       plain SimPO on those pairs (the training CLI, as a user with pairs trains today)
+    plain       plain SimPO on those pairs (the training CLI, as a user with pairs trains today); and with the
+                diversity term on: as specified (weight 0.05, alpha 0.1), and entropy only at weights 0.05 and 0.2
     scorer      a reward model learned from the same pairs by train_reward_model.py (the start model's backbone and a
                 new score head, a tenth of the pairs held out for early stopping); its agreement with validity: the
                 share of (valid, invalid) candidate pairs of a row it orders right
@@ -51,6 +52,11 @@ RULES = {  # label -> (pair rules on the learned scores, divpo_rho)
     "[given, best_vs_worst]": (["given", "best_vs_worst"], 0.3),
     "[best_vs_worst, rarest_vs_worst]": (["best_vs_worst", "rarest_vs_worst"], 0.3),
     "best_vs_worst": (["best_vs_worst"], 0.3),
+}
+TERM = {  # label -> (diversity_weight, diversity_alpha): plain SimPO on the pairs with the diversity term
+    "the term as specified (0.05, alpha 0.1)": (0.05, 0.1),
+    "entropy only, weight 0.05": (0.05, 1.0),
+    "entropy only, weight 0.2": (0.2, 1.0),
 }
 PATH = "[given, rarest_vs_worst]"  # what configs/on_policy.yaml trains on a learned scorer's candidates
 
@@ -138,6 +144,13 @@ def run_job(job):
         return measure(train(start, pairs.parent, ["best_vs_worst"], STEPS, seed, plain / "model"))
 
     results["plain SimPO on the pairs"] = cached(plain / "figures.json", plain_run)
+    for label, term in TERM.items():
+        folder = work / f"term-{term[0]}-{term[1]}"
+
+        def term_run(folder=folder, term=term):
+            return measure(train(start, pairs.parent, ["best_vs_worst"], STEPS, seed, folder / "model", term=term))
+
+        results[label] = cached(folder / "figures.json", term_run)
     scorer = train_scorer(start, pairs, seed, work / "scorer")
     data, agreement = rescored(candidates, scorer, pairs, work / "scored" / "train.jsonl")
     results["scorer agreement"] = {"agreement": agreement}
