@@ -320,15 +320,18 @@ def main(jobs):
     report(results)
 
 
+def mean(runs, key):
+    return statistics.mean(r[key] for r in runs)
+
+
+def cell(runs, key):
+    """The mean over seeds, ± their standard deviation (a table cell)."""
+    spread = f" ± {statistics.stdev([r[key] for r in runs]):.3f}" if len(runs) > 1 else ""
+    return f"{mean(runs, key):.3f}{spread}"
+
+
 def report(results):
     from report_section import write_section
-
-    def mean(runs, key):
-        return statistics.mean(r[key] for r in runs)
-
-    def cell(runs, key):
-        spread = f" ± {statistics.stdev([r[key] for r in runs]):.3f}" if len(runs) > 1 else ""
-        return f"{mean(runs, key):.3f}{spread}"
 
     lines = []
     for variant, settings in results.items():

@@ -24,7 +24,6 @@ output/counted/ beside counted_diversity's (a run already measured there is not 
 import argparse
 import json
 import os
-import statistics
 import sys
 from pathlib import Path
 
@@ -40,6 +39,8 @@ from counted_diversity import (  # the testbeds' own pieces
     answer_of,
     build_start,
     cached,
+    cell,
+    mean,
     measure,
     train,
     training_prompts,
@@ -167,13 +168,6 @@ def run_job(job):
 
 def report(results, seeds):
     from report_section import write_section
-
-    def mean(runs, key):
-        return statistics.mean(r[key] for r in runs)
-
-    def cell(runs, key):
-        spread = f" ± {statistics.stdev([r[key] for r in runs]):.3f}" if len(runs) > 1 else ""
-        return f"{mean(runs, key):.3f}{spread}"
 
     lines = []
     for variant, settings in results.items():
