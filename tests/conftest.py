@@ -53,22 +53,6 @@ def pytest_configure(config):
     )
 
 
-# The files that take longest, longest first: `make test` (xdist, --dist loadfile) hands files to the workers in the
-# order collected, and a long file handed out last runs alone at the end (CONTRIBUTING.md: the slowest tests)
-LONGEST_FIRST = (
-    "test_deepspeed.py",
-    "test_on_policy.py",
-    "test_preference_data.py",
-    "test_candidates.py",
-    "test_gpu_check.py",
-)
-
-
-def pytest_collection_modifyitems(items):
-    first = {name: rank for rank, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: first.get(item.path.name, len(first)))  # stable: each file's tests keep their order
-
-
 @pytest.fixture(autouse=True)
 def _wandb_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
