@@ -26,15 +26,17 @@ def manifest_for(settings, prompts, shard_size):
     """The manifest of a folder of `prompts` ({"prompt", "replies"?, ...} rows) in shards of `shard_size`, made with
     `settings` (the values that decide what is written); the fingerprint covers the prompts and any given replies
     (replies to score, or a preference set's own pairs)."""
-    items = [[p["prompt"], p[k]] if k in p else p["prompt"] for p in prompts for k in [_given(p)]]
+    items = [_fingerprinted(p) for p in prompts]
     fingerprint = hashlib.sha256(json.dumps(items, ensure_ascii=False).encode()).hexdigest()
     count = -(-len(prompts) // shard_size)
     shards = [shard_name(k, count) for k in range(count)]
     return {"settings": settings, "prompts": len(prompts), "prompts_sha256": fingerprint, "shards": shards}
 
 
-def _given(prompt):
-    return "replies" if "replies" in prompt else "given_pairs"
+def _fingerprinted(prompt):
+    """A prompt, with what its row gives besides (replies to score, or its own pairs) when it gives any."""
+    extra = next((prompt[k] for k in ("replies", "given_pairs") if k in prompt), None)
+    return prompt["prompt"] if extra is None else [prompt["prompt"], extra]
 
 
 def read_manifest(folder):

@@ -123,7 +123,8 @@ def load_prompts(args, split, counts=None):
         key = json.dumps(pair["prompt"], ensure_ascii=False)
         given = [{k: reply_text(pair[k]) for k in ("chosen", "rejected")}] if pairs else []
         if key in seen and not to_score:
-            seen[key].get("given_pairs", []).extend(given)  # another pair of the same prompt
+            if pairs:  # another pair of the same prompt
+                seen[key]["given_pairs"] += given
             continue
         prompt = {"prompt": pair["prompt"]} | ({"replies": texts} if to_score else {})
         prompt |= {"given_pairs": given} if pairs else {}
