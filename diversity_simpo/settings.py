@@ -431,6 +431,14 @@ def read_settings(argv, dataclass_types, default_config, nested=None, label=None
     deepspeed = _flag_value(argv, "--deepspeed", config.get("deepspeed"))
     check_deepspeed_config(deepspeed)
     check_values(config, parser.dataclass_types, str(config_path))
+    for action in parser._actions:  # a YAML string meets argparse's conversion only later, where no file is named
+        value = config.get(action.dest)
+        if isinstance(value, str) and action.type in (int, float):
+            try:
+                action.type(value)
+            except ValueError:
+                kind = action.type.__name__
+                raise ConfigError(f"{config_path}: {action.dest}: invalid {kind} value: {value!r}") from None
     if deepspeed:  # only once everything else checked out: this sets process-wide environment variables
         single_process_deepspeed_env()
     given = {a.split("=", 1)[0][2:] for a in argv if a.startswith("--") and a != "--config"}

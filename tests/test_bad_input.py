@@ -38,7 +38,10 @@ def config_with(tmp_path, **fields):
             lambda p: ["--config", "configs/ds_config.json"],
             ["configs/ds_config.json is a DeepSpeed config", "pass it as --deepspeed configs/ds_config.json"],
         ),
-        (lambda p: ["--config", config_with(p, diversity_weight="abc")], ["invalid float value: 'abc'"]),
+        (
+            lambda p: ["--config", config_with(p, diversity_weight="abc")],
+            ["c.yaml: diversity_weight: invalid float value: 'abc'"],
+        ),
         (
             lambda p: ["--config", config_with(p, diversity_weight=-0.5)],
             ["diversity_weight=-0.5 is out of range", ">= 0"],
