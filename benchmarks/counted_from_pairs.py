@@ -10,9 +10,13 @@ Per variant and seed, the start model and its 8 exact-scored candidates per row 
                 new score head, a tenth of the pairs held out for early stopping); its agreement with validity: the
                 share of (valid, invalid) candidate pairs of a row it orders right
     the path    the same candidates scored by that scorer, each row keeping its own pair (`given_pairs`), trained with
-                pair rules on the learned scores: [given, rarest_vs_worst] (configs/on_policy.yaml), the same with
-                a stricter bar (divpo_rho 0.1), [given, best_vs_worst], [best_vs_worst, rarest_vs_worst] and
-                best_vs_worst
+                pair rules on the learned scores: [given, rarest_vs_given] (configs/on_policy.yaml), [given,
+                rarest_vs_worst], each also with a stricter bar (divpo_rho 0.1), [given, best_vs_worst],
+                [best_vs_worst, rarest_vs_worst] and best_vs_worst
+    ensemble    two more scorers by the same recipe at other seeds (another held-out tenth, score head and order);
+                each candidate's three scores made one by their minimum (worst case) or their mean less their
+                standard deviation (Coste et al., "Reward Model Ensembles Help Mitigate Overoptimization", ICLR
+                2024): a bar that a reply the scorers disagree on must clear by their disagreement
     measured    as counted_diversity measures: validity and the normalised entropy of the valid answers
 
     python benchmarks/counted_from_pairs.py --jobs 2    # make counted-from-pairs
@@ -47,10 +51,19 @@ from counted_diversity import (  # the testbeds' own pieces
     write_candidates,
 )
 
+# the path trains about 1.5 times as many pairs as the user gave: at the same steps it passes over them fewer times;
+# these rows give both it and plain SimPO half as many steps again
+LONGER = STEPS * 3 // 2
 RULES = {  # label -> (pair rules on the learned scores, divpo_rho)
     "[given, rarest_vs_worst]": (["given", "rarest_vs_worst"], 0.3),
     "[given, rarest_vs_worst], rho 0.1": (["given", "rarest_vs_worst"], 0.1),
     "[given, best_vs_worst]": (["given", "best_vs_worst"], 0.3),
+    "[given, rarest_vs_given]": (["given", "rarest_vs_given"], 0.3),
+    "[given, rarest_vs_given], rho 0.1": (["given", "rarest_vs_given"], 0.1),
+    "[given, rarest_vs_given], ensemble, worst case": (["given", "rarest_vs_given"], 0.3),
+    "[given, rarest_vs_given], ensemble, mean - std": (["given", "rarest_vs_given"], 0.3),
+    "[given, rarest_vs_worst], ensemble, worst case": (["given", "rarest_vs_worst"], 0.3),
+    f"[given, rarest_vs_given], {LONGER} steps": (["given", "rarest_vs_given"], 0.3),
     "[best_vs_worst, rarest_vs_worst]": (["best_vs_worst", "rarest_vs_worst"], 0.3),
     "best_vs_worst": (["best_vs_worst"], 0.3),
 }
@@ -59,7 +72,11 @@ TERM = {  # label -> (diversity_weight, diversity_alpha): plain SimPO on the pai
     "entropy only, weight 0.05": (0.05, 1.0),
     "entropy only, weight 0.2": (0.2, 1.0),
 }
-PATH = "[given, rarest_vs_worst]"  # what configs/on_policy.yaml trains on a learned scorer's candidates
+ENSEMBLE = {  # how three scorers' scores of a candidate make one (Coste et al. 2024, arXiv 2310.02743)
+    "worst case": min,  # the lowest of the three
+    "mean - std": lambda s: sum(s) / len(s) - (sum((x - sum(s) / len(s)) ** 2 for x in s) / len(s)) ** 0.5,
+}
+PATH = "[given, rarest_vs_given]"  # what configs/on_policy.yaml trains on a learned scorer's candidates
 
 
 def user_pairs(candidates, path):
@@ -90,9 +107,10 @@ def train_scorer(start, pairs, seed, output):
     return output
 
 
-def rescored(candidates, scorer, pairs, path):
-    """The candidates with the scorer's scores, each row keeping its own pair; and the scorer's agreement with
-    validity (the exact scores) over every (valid, invalid) candidate pair of a row."""
+def rescored(candidates, scorers, pairs, path, combine=None):
+    """The candidates scored by `scorers` (one, or an ensemble whose scores per candidate `combine` makes one), each
+    row keeping its own pair; and the agreement of those scores with validity (the exact scores) over every (valid,
+    invalid) candidate pair of a row."""
     import torch
 
     from diversity_simpo.candidates import conversation, load_reward_model, score
@@ -101,12 +119,16 @@ def rescored(candidates, scorer, pairs, path):
     if not path.is_file():
         own = {p["prompt"]: {"chosen": p["chosen"], "rejected": p["rejected"]} for p in _lines(pairs)}
         options = argparse.Namespace(trust_remote_code=False)
-        model, tokenizer = load_reward_model(options, torch.device("cpu"), torch.float32, str(scorer))
+        each = []
+        for scorer in scorers:
+            model, tokenizer = load_reward_model(options, torch.device("cpu"), torch.float32, str(scorer))
+            chats = [[{"role": "user", "content": row["prompt"]}] for row in rows]
+            each.append([score(model, tokenizer, [conversation(chat, r) for r in row["all_generated_responses"]], 16)
+                         for chat, row in zip(chats, rows, strict=True)])  # fmt: skip
         out = []
-        for row in rows:
-            chat = [{"role": "user", "content": row["prompt"]}]
-            replies = row["all_generated_responses"]
-            learned = score(model, tokenizer, [conversation(chat, r) for r in replies], 16)
+        for index, row in enumerate(rows):
+            per_candidate = zip(*(member[index] for member in each), strict=True)
+            learned = [combine(list(s)) if combine else s[0] for s in per_candidate]
             given = [own[row["prompt"]]] if row["prompt"] in own else []
             out.append({**row, "all_rm_scores": learned, "exact_scores": row["all_rm_scores"], "given_pairs": given})
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -145,6 +167,12 @@ def run_job(job):
         return measure(train(start, pairs.parent, ["best_vs_worst"], STEPS, seed, plain / "model"))
 
     results["plain SimPO on the pairs"] = cached(plain / "figures.json", plain_run)
+    longer = work / f"plain-SimPO-on-the-pairs-{LONGER}-steps"
+
+    def plain_longer():
+        return measure(train(start, pairs.parent, ["best_vs_worst"], LONGER, seed, longer / "model"))
+
+    results[f"plain SimPO on the pairs, {LONGER} steps"] = cached(longer / "figures.json", plain_longer)
     for label, term in TERM.items():
         folder = work / f"term-{term[0]}-{term[1]}"
 
@@ -153,13 +181,21 @@ def run_job(job):
 
         results[label] = cached(folder / "figures.json", term_run)
     scorer = train_scorer(start, pairs, seed, work / "scorer")
-    data, agreement = rescored(candidates, scorer, pairs, work / "scored" / "train.jsonl")
-    results["scorer agreement"] = {"agreement": agreement}
+    data, agreement = rescored(candidates, [scorer], pairs, work / "scored" / "train.jsonl")
+    results["scorer agreement"], ensemble = {"agreement": agreement}, {}
+    # an ensemble: the same recipe at other seeds (another held-out tenth, head and order), combined pessimistically
+    members = [scorer] + [train_scorer(start, pairs, seed + k * 1000, work / f"scorer-{k}") for k in (1, 2)]
+    for name, combine in ENSEMBLE.items():
+        path = work / f"scored-{name.replace(' ', '-')}" / "train.jsonl"
+        ensemble[name], figure = rescored(candidates, members, pairs, path, combine)
+        results[f"{name} agreement"] = {"agreement": figure}
     for label, (rules, rho) in RULES.items():
         folder = work / label.replace("[", "").replace("]", "").replace(", ", "-and-").replace(" ", "-")
+        scored = ensemble[label.split("ensemble, ")[1]] if "ensemble, " in label else data
+        steps = LONGER if label.endswith(f"{LONGER} steps") else STEPS
 
-        def run(folder=folder, rules=rules, rho=rho):
-            return measure(train(start, data.parent, rules, STEPS, seed, folder / "model", rho))
+        def run(folder=folder, rules=rules, rho=rho, scored=scored, steps=steps):
+            return measure(train(start, scored.parent, rules, steps, seed, folder / "model", rho))
 
         results[label] = cached(folder / "figures.json", run)
         print(f"{reward}, {skew}, seed {seed}: {label}: {results[label]}", flush=True)
@@ -173,11 +209,13 @@ def report(results, seeds):
     for variant, settings in results.items():
         base = settings["plain SimPO on the pairs"]
         agreement = ", ".join(f"{r['agreement']:.2f}" for r in settings["scorer agreement"])
+        agreement += "".join(f"; three scorers, {name}: " + ", ".join(f"{r['agreement']:.2f}" for r in settings[
+            f"{name} agreement"]) for name in ENSEMBLE if f"{name} agreement" in settings)  # fmt: skip
         lines += [f"**{variant}** (the learned scorer orders valid over invalid replies: {agreement} by seed)\n",
                   "| setting | validity | answer entropy (normalised) | validity vs plain | entropy vs plain |",
                   "|---|---|---|---|---|"]  # fmt: skip
         for label, runs in settings.items():
-            if label == "scorer agreement":
+            if label.endswith("agreement"):
                 continue
             cells = " | ".join(cell(runs, k) for k in ("validity", "entropy"))
             delta = " | ".join(f"{mean(runs, k) - mean(base, k):+.3f}" for k in ("validity", "entropy"))

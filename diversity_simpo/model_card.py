@@ -10,7 +10,7 @@ metadata (`base_model`, `datasets`, `tags`, `library_name`, `pipeline_tag`) goes
 import json
 from pathlib import Path
 
-from diversity_simpo.pair_selection import GIVEN, RULES
+from diversity_simpo.pair_selection import GIVEN, RAREST_VS_GIVEN, RULES
 
 SIMPO_PAPER = "https://arxiv.org/abs/2405.14734"
 QUESTION = "日本の四季の魅力を三つ、簡潔に教えてください。"
@@ -149,7 +149,11 @@ def _pair_selection(train_rows):
     made = train_rows.get("pairs_by_rule")
     if not made:
         return ""
-    how = {**{name: rule.__doc__.split(":")[0] for name, rule in RULES.items()}, GIVEN: "the prompt's own pair"}
+    how = {name: rule.__doc__.split(":")[0] for name, rule in RULES.items()}
+    how |= {
+        GIVEN: "the prompt's own pair",
+        RAREST_VS_GIVEN: "the rarest good candidate against the prompt's own rejected reply",
+    }
     rules = "; ".join(f"`{name}` ({how[name]}): {count}" for name, count in made.items())
     return f" Pairs chosen from {train_rows.get('scored_rows', '?')} rows of scored candidates by {rules} pairs."
 

@@ -27,6 +27,11 @@ the (chosen, rejected) index pairs it trains; each takes the scores, the replies
                    that generate_candidates.py sampled from prompt/chosen/rejected pairs keep them (`given_pairs`).
                    Beside a rule that reads the scores (`[given, rarest_vs_worst]`) it anchors training on the
                    pairs the user trusts, so a learned scorer's errors on the rare replies it picks weigh less.
+    rarest_vs_given  rarest_vs_worst's chosen reply (the rarest candidate at or above the bar) against each of the
+                   prompt's own rejected replies (`given_pairs`), which are not candidates. A scorer learned from
+                   the pairs errs most on replies unlike those it was trained on, and a good answer it has not seen
+                   is often the lowest-scored candidate (a third to nearly a half of best_vs_worst's rejected replies
+                   are valid on the counted testbeds): a reply the user rejected is known to be bad.
 
 A candidate cut at max_new_tokens when it was sampled (`cut`, from generate_candidates.py's `all_cut`) is never
 chosen: training appends the end-of-turn token to a chosen reply and would teach the cut text as a finished answer.
@@ -92,9 +97,18 @@ def _all(scores, eligible):
     return range(len(scores)) if eligible is None else eligible
 
 
+def rarest_good(scores, logps, rho, eligible=None):
+    """The rarest candidate at or above DivPO's quality bar (the first of ties), among `eligible`: rarest_vs_given's
+    chosen reply, which is rejected by none of the candidates."""
+    high, low = max(scores), min(scores)
+    good = [i for i in _all(scores, eligible) if scores[i] >= high - rho * (high - low)]
+    return min(good, key=lambda i: (logps[i], i)) if good else None
+
+
 RULES = {"best_vs_worst": best_vs_worst, "divpo": divpo, "rarest_vs_worst": rarest_vs_worst}
-NEEDS_LOGPS = {"divpo", "rarest_vs_worst"}
+NEEDS_LOGPS = {"divpo", "rarest_vs_worst", "rarest_vs_given"}
 GIVEN = "given"  # the row's own pairs: not chosen among the candidates (module docstring)
+RAREST_VS_GIVEN = "rarest_vs_given"  # the rarest good candidate against the row's own rejected replies
 
 
 def choose_pairs(rows, rules, rho, logps=None, counts=None, allow_cut=False):
@@ -112,6 +126,10 @@ def choose_pairs(rows, rules, rho, logps=None, counts=None, allow_cut=False):
         for name in rules:
             if name == GIVEN:
                 replies = row.get("given") or []
+            elif name == RAREST_VS_GIVEN:
+                rarest = rarest_good(row["scores"], logps[index], rho, eligible) if eligible else None
+                given = (row.get("given") or []) if rarest is not None else []
+                replies = [(row["candidates"][rarest], rejected) for _, rejected in given]
             else:
                 rarity = logps[index] if logps else None
                 chosen = RULES[name](row["scores"], texts, rarity, rho, eligible) if eligible else ()
@@ -133,10 +151,12 @@ def choose_pairs(rows, rules, rho, logps=None, counts=None, allow_cut=False):
 
 def check_rules(dataset, rules, source):
     """What the rules need that the scored rows lack, said in one line before the model loads."""
-    if GIVEN in rules and ("given" not in dataset.column_names or not any(dataset["given"])):
+    needs = [name for name in rules if name in (GIVEN, RAREST_VS_GIVEN)]
+    if needs and ("given" not in dataset.column_names or not any(dataset["given"])):
         raise ConfigError(
-            f"pair_selection {rules} has {GIVEN}, the prompts' own pairs, and {source} holds none: candidates keep "
-            "them when generate_candidates.py samples the prompts of prompt/chosen/rejected pairs; remove given"
+            f"pair_selection {rules} has {needs[0]}, which reads the prompts' own pairs, and {source} holds none: "
+            "candidates keep them when generate_candidates.py samples the prompts of prompt/chosen/rejected pairs; "
+            f"remove {needs[0]}"
         )
 
 

@@ -73,14 +73,16 @@ class ScriptArguments:
             "row gives one pair per rule. best_vs_worst: highest score against lowest; divpo: DivPO's rarest good "
             "reply against the most typical one below the bar; rarest_vs_worst: the rarest good reply against the "
             "lowest score; given: the prompt's own pair(s) from the preference data it was sampled from, whatever the "
-            "scores say (diversity_simpo/pair_selection.py)."
+            "scores say; rarest_vs_given: the rarest good reply against the prompt's own rejected reply(s) "
+            "(diversity_simpo/pair_selection.py)."
         },
     )
     divpo_rho: float = field(
         default=0.3,
         metadata={
-            "help": "The quality bar of divpo and rarest_vs_worst, a fraction of each row's score range: replies "
-            "scoring >= max - rho * (max - min) are good enough to be chosen; 0 keeps only the best-scored."
+            "help": "The quality bar of divpo, rarest_vs_worst and rarest_vs_given, a fraction of each row's score "
+            "range: replies scoring >= max - rho * (max - min) are good enough to be chosen; 0 keeps only the "
+            "best-scored."
         },
     )
     allow_cut_replies: bool = field(
@@ -576,7 +578,7 @@ def check_values(values, classes, source, types=True):
 # Fields whose value is one of a few names (argparse does not check a YAML value against `choices`)
 ULTRAFEEDBACK_ASPECTS = ("helpfulness", "honesty", "instruction_following", "truthfulness")  # each has a Rating
 CHOICES = {
-    "pair_selection": ("best_vs_worst", "divpo", "rarest_vs_worst", "given"),
+    "pair_selection": ("best_vs_worst", "divpo", "rarest_vs_worst", "given", "rarest_vs_given"),
     "candidate_score": ("overall_score", "fine-grained_score", *ULTRAFEEDBACK_ASPECTS),
     "dtype": ("auto", "bfloat16", "float16", "float32"),
     "round_prompts": ("fresh", "same"),

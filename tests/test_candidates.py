@@ -513,12 +513,13 @@ def test_training_from_the_sampling_model_reads_the_stored_rarity_and_chooses_wh
 
 
 def test_training_with_the_given_rule_trains_each_prompts_own_pair_beside_the_scorers_choice(reference_run, tmp_path):
-    """`[given, rarest_vs_worst]` on candidates sampled from the demo's pairs: every row's own pair is trained as the
-    data gave it, and the model card and run record count each rule's pairs."""
+    """`[given, rarest_vs_given]` (the on-policy recipe) on candidates sampled from the demo's pairs: every row's own
+    pair is trained as the data gave it, every other pair sets a candidate against one of the row's own rejected
+    replies, and the model card and run record count each rule's pairs."""
     command = [sys.executable, "train_diversity_simpo.py", "--config", ROOT / "configs" / "demo.yaml"]
     command += ["--dataset_name", reference_run, "--max_steps", 1, "--eval_strategy", "no", "--report_to", "none"]
     command += ["--diversity_eval_prompts", 0, "--save_strategy", "no", "--dataset_test_fraction", 0]
-    command += ["--pair_selection", "[given, rarest_vs_worst]", "--output_dir", tmp_path / "out"]
+    command += ["--pair_selection", "[given, rarest_vs_given]", "--output_dir", tmp_path / "out"]
     result = subprocess.run([*map(str, command)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     kept = [json.loads(line) for line in (tmp_path / "out" / "pairs" / "train.jsonl").open(encoding="utf-8")]
@@ -529,8 +530,12 @@ def test_training_with_the_given_rule_trains_each_prompts_own_pair_beside_the_sc
         for g in r["given_pairs"]
     }
     assert own <= trained and len(own) == 6
+    rejected = {(prompt, no) for prompt, _, no in own}
+    candidates = {(json.dumps(r["prompt"]), reply) for r in written(reference_run)[0] for reply in r[
+        "all_generated_responses"]}  # fmt: skip
+    assert all((p, yes) in candidates and (p, no) in rejected for p, yes, no in trained - own) and trained - own
     made = json.loads((tmp_path / "out" / "run_record.json").read_text())["data"]["rows"]["train"]["pairs_by_rule"]
-    assert made["given"] == 6 and made["rarest_vs_worst"] == len(kept) - 6
+    assert made["given"] == 6 and made["rarest_vs_given"] == len(kept) - 6
     assert "`given` (the prompt's own pair): 6" in (tmp_path / "out" / "README.md").read_text(encoding="utf-8")
 
 

@@ -79,3 +79,7 @@ def test_the_card_says_how_each_pair_rule_chose_and_how_many_pairs_each_made():
         "(The rarest candidate that meets DivPO's quality bar against the lowest-scored one): 2 pairs."
     )
     assert _pair_selection({"kept": 5}) == ""  # preference pairs: no rule chose them
+    from diversity_simpo.settings import CHOICES
+
+    every = _pair_selection({"pairs_by_rule": dict.fromkeys(CHOICES["pair_selection"], 1), "scored_rows": 4})
+    assert every.count("` (") == len(CHOICES["pair_selection"])  # each rule a setting takes says how it chose

@@ -22,11 +22,13 @@ from diversity_simpo.data import DataError, normalise
 from diversity_simpo.pair_selection import (
     GIVEN,
     NEEDS_LOGPS,
+    RAREST_VS_GIVEN,
     RULES,
     best_vs_worst,
     choose_pairs,
     divpo,
     fingerprint,
+    rarest_good,
     rarest_vs_worst,
 )
 from diversity_simpo.rarity import candidate_logps
@@ -43,10 +45,12 @@ def test_hand_made_candidates_get_the_pairs_worked_out_by_hand():
     assert divpo(scores, texts, logps, 0.0) == [(0, 1)]
     assert divpo(scores, texts, logps, 0.99) == [(2, 3)]  # all but 0.1 good enough; only 0.1 below the bar
     assert rarest_vs_worst(scores, texts, logps, 0.3) == [(2, 3)]  # the rarer good one against the lowest score
+    assert rarest_good(scores, logps, 0.3) == 2 and rarest_good(scores, logps, 0.0) == 0  # rarest_vs_given's chosen
 
 
 def test_every_rule_is_a_setting_and_every_setting_a_rule():
-    assert set(CHOICES["pair_selection"]) == {*RULES, GIVEN} and set(RULES) >= NEEDS_LOGPS
+    assert set(CHOICES["pair_selection"]) == {*RULES, GIVEN, RAREST_VS_GIVEN}
+    assert {*RULES, RAREST_VS_GIVEN} >= NEEDS_LOGPS
 
 
 # --- the product's path against references written from the definitions ------------------------------------------
@@ -103,6 +107,12 @@ def reference_pairs(rows, rules, rho, rarity, chat):
                 chosen = [
                     (g["chosen"], g["rejected"]) for g in row.get("given_pairs", []) if g["chosen"] != g["rejected"]
                 ]
+            elif name == "rarest_vs_given":  # the rarest uncut reply at or above the bar against each own rejected one
+                bar = max(scores) - rho * (max(scores) - min(scores))
+                allowed = [(c, g["rejected"]) for c in range(len(texts)) if not cut[c] and scores[c] >= bar
+                           for g in row.get("given_pairs", [])]  # fmt: skip
+                rarest = min((logps[c], c) for c, _ in allowed)[1] if allowed else None
+                chosen = [(texts[c], r) for c, r in allowed if c == rarest and texts[c] != r]
             else:
                 chosen = [(texts[c], texts[r]) for c, r in reference_rule(name, scores, texts, logps, rho, cut)]
             for pair in chosen:
@@ -151,6 +161,8 @@ def random_rows(generator, count, chat_prompt):
         ["best_vs_worst", "rarest_vs_worst"],
         ["given", "rarest_vs_worst"],
         ["best_vs_worst", "given"],
+        ["given", "rarest_vs_given"],
+        ["rarest_vs_given", "best_vs_worst"],
     ],
 )
 def test_the_written_pairs_and_their_fingerprint_are_the_references_on_random_rows(kind, rules):
@@ -381,16 +393,16 @@ def scored_demo_file(path, rows=12):
     return path
 
 
-def test_the_given_rule_on_rows_without_their_own_pairs_is_one_line_before_the_model_loads(tmp_path):
+def test_the_rules_that_read_the_prompts_own_pairs_on_rows_without_them_are_one_line_before_the_model_loads(tmp_path):
     from train_diversity_simpo import preflight
 
     data = scored_demo_file(tmp_path / "scored.jsonl")
     common = ["--config", ROOT / "configs" / "demo.yaml", "--dataset_name", data, "--output_dir", tmp_path / "out"]
     common += ["--eval_strategy", "no"]
-    with pytest.raises(
-        ConfigError, match=r"has given, the prompts' own pairs, and .*scored.jsonl \[train\] holds none"
-    ):
-        preflight([*common, "--pair_selection", "[given, rarest_vs_worst]"])
+    for rules, named in [("[given, rarest_vs_worst]", "given"), ("[divpo, rarest_vs_given]", "rarest_vs_given")]:
+        with pytest.raises(ConfigError, match=rf"has {named}, which reads the prompts' own pairs, and .*scored.jsonl "
+                           rf"\[train\] holds none: .*; remove {named}$"):  # fmt: skip
+            preflight([*common, "--pair_selection", rules])
     preflight([*common, "--pair_selection", "rarest_vs_worst"])  # the rules that choose among candidates apply
     assert not (tmp_path / "out").exists()
 
