@@ -17,6 +17,11 @@ Per variant and seed, the start model and its 8 exact-scored candidates per row 
                 each candidate's three scores made one by their minimum (worst case) or their mean less their
                 standard deviation (Coste et al., "Reward Model Ensembles Help Mitigate Overoptimization", ICLR
                 2024): a bar that a reply the scorers disagree on must clear by their disagreement
+    implicit    no scorer: DICE's implicit reward in SimPO's form (the mean token log-probability under plain SimPO
+                on the pairs less that under the start model) scores the candidates, with [given, rarest_vs_given]
+                and [given, best_vs_worst]
+    longer      plain SimPO and [given, rarest_vs_given] at 90 steps rather than 60: the path trains more pairs, so
+                at the same steps it passes over the user's fewer times
     measured    as counted_diversity measures: validity and the normalised entropy of the valid answers
 
     python benchmarks/counted_from_pairs.py --jobs 2    # make counted-from-pairs
@@ -64,6 +69,8 @@ RULES = {  # label -> (pair rules on the learned scores, divpo_rho)
     "[given, rarest_vs_given], ensemble, mean - std": (["given", "rarest_vs_given"], 0.3),
     "[given, rarest_vs_worst], ensemble, worst case": (["given", "rarest_vs_worst"], 0.3),
     f"[given, rarest_vs_given], {LONGER} steps": (["given", "rarest_vs_given"], 0.3),
+    "[given, rarest_vs_given], implicit reward": (["given", "rarest_vs_given"], 0.3),
+    "[given, best_vs_worst], implicit reward": (["given", "best_vs_worst"], 0.3),
     "[best_vs_worst, rarest_vs_worst]": (["best_vs_worst", "rarest_vs_worst"], 0.3),
     "best_vs_worst": (["best_vs_worst"], 0.3),
 }
@@ -75,6 +82,10 @@ TERM = {  # label -> (diversity_weight, diversity_alpha): plain SimPO on the pai
 ENSEMBLE = {  # how three scorers' scores of a candidate make one (Coste et al. 2024, arXiv 2310.02743)
     "worst case": min,  # the lowest of the three
     "mean - std": lambda s: sum(s) / len(s) - (sum((x - sum(s) / len(s)) ** 2 for x in s) / len(s)) ** 0.5,
+}
+DICE = {  # label -> the rules of a DICE round after plain SimPO (60 + 60 steps)
+    "DICE round after plain SimPO: [given, rarest_vs_given]": ["given", "rarest_vs_given"],
+    "DICE round after plain SimPO: [given, best_vs_worst]": ["given", "best_vs_worst"],
 }
 PATH = "[given, rarest_vs_given]"  # what configs/on_policy.yaml trains on a learned scorer's candidates
 
@@ -107,24 +118,48 @@ def train_scorer(start, pairs, seed, output):
     return output
 
 
-def rescored(candidates, scorers, pairs, path, combine=None):
-    """The candidates scored by `scorers` (one, or an ensemble whose scores per candidate `combine` makes one), each
-    row keeping its own pair; and the agreement of those scores with validity (the exact scores) over every (valid,
-    invalid) candidate pair of a row."""
+def reward_model_scores(rows, scorer):
+    """Each row's candidates scored by the reward model in folder `scorer`."""
     import torch
 
     from diversity_simpo.candidates import conversation, load_reward_model, score
 
+    options = argparse.Namespace(trust_remote_code=False)
+    model, tokenizer = load_reward_model(options, torch.device("cpu"), torch.float32, str(scorer))
+    chats = [[{"role": "user", "content": row["prompt"]}] for row in rows]
+    return [score(model, tokenizer, [conversation(chat, r) for r in row["all_generated_responses"]], 16)
+            for chat, row in zip(chats, rows, strict=True)]  # fmt: skip
+
+
+def implicit_reward_scores(rows, policy, start):
+    """DICE's implicit reward (Chen et al., ICLR 2025, arXiv 2406.09760) in SimPO's form: each candidate's mean token
+    log-probability (tokenised as training tokenises a pair) under `policy`, SimPO trained on the pairs from `start`,
+    less that under `start`."""
+    import torch
+
+    from diversity_simpo.candidates import load_policy, load_tokenizer
+    from diversity_simpo.rarity import candidate_logps
+
+    scored = [{"prompt": [{"role": "user", "content": row["prompt"]}],
+               "candidates": [[{"role": "assistant", "content": r}] for r in row["all_generated_responses"]]}
+              for row in rows]  # fmt: skip
+    means = []
+    for folder in (policy, start):
+        tokenizer = load_tokenizer(str(folder), False, "model")
+        options = argparse.Namespace(model_name_or_path=str(folder), trust_remote_code=False)
+        model = load_policy(options, "cpu", torch.float32, tokenizer)
+        means.append(candidate_logps(model, tokenizer, scored, torch.device("cpu"), rows_per_forward=20))
+    return [[a - b for a, b in zip(p, s, strict=True)] for p, s in zip(*means, strict=True)]
+
+
+def rescored(candidates, members, pairs, path, combine=None):
+    """The candidates scored by `members()` (each member's scores of every row: one member, or an ensemble whose
+    scores of a candidate `combine` makes one), each row keeping its own pair; and the agreement of those scores with
+    validity (the exact scores) over every (valid, invalid) candidate pair of a row."""
     rows = [json.loads(line) for line in candidates.read_text(encoding="utf-8").splitlines()]
     if not path.is_file():
         own = {p["prompt"]: {"chosen": p["chosen"], "rejected": p["rejected"]} for p in _lines(pairs)}
-        options = argparse.Namespace(trust_remote_code=False)
-        each = []
-        for scorer in scorers:
-            model, tokenizer = load_reward_model(options, torch.device("cpu"), torch.float32, str(scorer))
-            chats = [[{"role": "user", "content": row["prompt"]}] for row in rows]
-            each.append([score(model, tokenizer, [conversation(chat, r) for r in row["all_generated_responses"]], 16)
-                         for chat, row in zip(chats, rows, strict=True)])  # fmt: skip
+        each = members(rows)
         out = []
         for index, row in enumerate(rows):
             per_candidate = zip(*(member[index] for member in each), strict=True)
@@ -181,17 +216,25 @@ def run_job(job):
 
         results[label] = cached(folder / "figures.json", term_run)
     scorer = train_scorer(start, pairs, seed, work / "scorer")
-    data, agreement = rescored(candidates, [scorer], pairs, work / "scored" / "train.jsonl")
+    data, agreement = rescored(candidates, lambda rows: [reward_model_scores(rows, scorer)], pairs,
+                               work / "scored" / "train.jsonl")  # fmt: skip
     results["scorer agreement"], ensemble = {"agreement": agreement}, {}
     # an ensemble: the same recipe at other seeds (another held-out tenth, head and order), combined pessimistically
     members = [scorer] + [train_scorer(start, pairs, seed + k * 1000, work / f"scorer-{k}") for k in (1, 2)]
     for name, combine in ENSEMBLE.items():
         path = work / f"scored-{name.replace(' ', '-')}" / "train.jsonl"
-        ensemble[name], figure = rescored(candidates, members, pairs, path, combine)
+        scores = lambda rows: [reward_model_scores(rows, member) for member in members]  # noqa: E731
+        ensemble[name], figure = rescored(candidates, scores, pairs, path, combine)
         results[f"{name} agreement"] = {"agreement": figure}
+    # no scorer: the implicit reward of plain SimPO on the pairs against the start model
+    scores = lambda rows: [implicit_reward_scores(rows, plain / "model", start)]  # noqa: E731
+    path = work / "scored-implicit-reward" / "train.jsonl"
+    ensemble["implicit reward"], figure = rescored(candidates, scores, pairs, path)
+    results["implicit reward agreement"] = {"agreement": figure}
     for label, (rules, rho) in RULES.items():
         folder = work / label.replace("[", "").replace("]", "").replace(", ", "-and-").replace(" ", "-")
         scored = ensemble[label.split("ensemble, ")[1]] if "ensemble, " in label else data
+        scored = ensemble["implicit reward"] if label.endswith("implicit reward") else scored
         steps = LONGER if label.endswith(f"{LONGER} steps") else STEPS
 
         def run(folder=folder, rules=rules, rho=rho, scored=scored, steps=steps):
@@ -199,6 +242,26 @@ def run_job(job):
 
         results[label] = cached(folder / "figures.json", run)
         print(f"{reward}, {skew}, seed {seed}: {label}: {results[label]}", flush=True)
+    # DICE's round: plain SimPO on the pairs samples the candidates, its implicit reward scores them, and training
+    # goes on from it; against plain SimPO trained as many steps in all
+    after = work / "DICE-round"
+    sampled = write_candidates(plain / "model", (reward, skew), seed, range(ROWS), after / "candidates" / "train.jsonl")
+    scores = lambda rows: [implicit_reward_scores(rows, plain / "model", start)]  # noqa: E731
+    data, figure = rescored(sampled, scores, pairs, after / "scored" / "train.jsonl")
+    results["DICE round agreement"] = {"agreement": figure}
+    for label, rules in DICE.items():
+        folder = after / "-and-".join(rules)
+
+        def dice(folder=folder, rules=rules):
+            return measure(train(plain / "model", data.parent, rules, STEPS, seed, folder / "model"))
+
+        results[label] = cached(folder / "figures.json", dice)
+    twice = work / f"plain-SimPO-on-the-pairs-{2 * STEPS}-steps"
+
+    def plain_twice():
+        return measure(train(start, pairs.parent, ["best_vs_worst"], 2 * STEPS, seed, twice / "model"))
+
+    results[f"plain SimPO on the pairs, {2 * STEPS} steps"] = cached(twice / "figures.json", plain_twice)
     return job, results
 
 
@@ -209,8 +272,10 @@ def report(results, seeds):
     for variant, settings in results.items():
         base = settings["plain SimPO on the pairs"]
         agreement = ", ".join(f"{r['agreement']:.2f}" for r in settings["scorer agreement"])
-        agreement += "".join(f"; three scorers, {name}: " + ", ".join(f"{r['agreement']:.2f}" for r in settings[
-            f"{name} agreement"]) for name in ENSEMBLE if f"{name} agreement" in settings)  # fmt: skip
+        named = [*((n, f"three scorers, {n}") for n in ENSEMBLE), ("implicit reward", "implicit reward")]
+        for name, what in [*named, ("DICE round", "implicit reward on the plain model's own samples")]:
+            if f"{name} agreement" in settings:
+                agreement += f"; {what}: " + ", ".join(f"{r['agreement']:.2f}" for r in settings[f"{name} agreement"])
         lines += [f"**{variant}** (the learned scorer orders valid over invalid replies: {agreement} by seed)\n",
                   "| setting | validity | answer entropy (normalised) | validity vs plain | entropy vs plain |",
                   "|---|---|---|---|---|"]  # fmt: skip

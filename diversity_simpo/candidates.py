@@ -38,7 +38,7 @@ import json
 import re
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from diversity_simpo import candidate_folder, reward_functions
@@ -69,7 +69,16 @@ class CandidateArguments:
     reward_weights: list[float] | None = field(
         default=None,
         metadata={
-            "help": "Weight of each scorer in the score: reward_model first, then reward_funcs (default: 1 each)."
+            "help": "Weight of each scorer in the score: reward_model first, then reward_funcs, then the implicit "
+            "reward (default: 1 each)."
+        },
+    )
+    implicit_reward_reference: str | None = field(
+        default=None,
+        metadata={
+            "help": "A scorer without a reward model, DICE's implicit reward in SimPO's form: each sampled reply's "
+            "mean token log-probability under model_name_or_path (a model preference-trained from this one, e.g. "
+            "by plain SimPO on your pairs) less that under this model (Hub id or folder; the same tokenizer)."
         },
     )
     dataset_name: str | None = field(
@@ -151,7 +160,8 @@ def sliced(prompts, i, k):
 # The settings that decide what is written (not batch sizes): a run resumes only over the same ones
 DECIDING = ("model_name_or_path", "reward_model", "reward_funcs", "reward_weights", "dataset_name", "dataset_config",
             "dataset_split", "dataset_columns", "system_prompt", "wrap_text_as_chat", "max_prompts", "prompt_slice",
-            "num_candidates", "temperature", "top_p", "max_new_tokens", "seed", "shard_size", "dtype")  # fmt: skip
+            "num_candidates", "temperature", "top_p", "max_new_tokens", "seed", "shard_size", "dtype",
+            "implicit_reward_reference")  # fmt: skip
 
 
 # --- sampling --------------------------------------------------------------------------------------------------------
@@ -396,9 +406,9 @@ def check_templates(prompts, tokenizer, reward_tokenizers, args):
 def check_locations(args, sampling=True):
     """The settings that name things: both models (the policy only when sampling), output_dir; one line each,
     nothing written."""
-    if not args.reward_model and not args.reward_funcs:
-        raise ConfigError("nothing scores the replies: set reward_model, reward_funcs, or both")
-    scorers = [args.reward_model] * bool(args.reward_model) + list(args.reward_funcs)
+    if not args.reward_model and not args.reward_funcs and not args.implicit_reward_reference:
+        raise ConfigError("nothing scores the replies: set reward_model, reward_funcs or implicit_reward_reference")
+    scorers = scorer_names(args)
     if args.reward_weights is not None and len(args.reward_weights) != len(scorers):
         raise ConfigError(
             f"reward_weights has {len(args.reward_weights)} weights for {len(scorers)} scorers ({', '.join(scorers)}): "
@@ -410,9 +420,22 @@ def check_locations(args, sampling=True):
     for spec in args.reward_funcs:
         if not reward_functions.is_function(spec):
             check_model_location(spec, "reward_funcs")
+    if args.implicit_reward_reference:
+        if not sampling:
+            raise ConfigError(
+                "implicit_reward_reference scores the replies that model_name_or_path samples, and these rows hold "
+                "replies already: score them with reward_model or reward_funcs"
+            )
+        check_model_location(args.implicit_reward_reference, "implicit_reward_reference")
     if args.num_candidates < 2:
         raise ConfigError(f"num_candidates={args.num_candidates}: a pair needs at least 2 replies per prompt")
     check_writable(Path(args.output_dir))
+
+
+def scorer_names(args):
+    """The scorers in the order reward_weights weighs them: reward_model, reward_funcs, the implicit reward."""
+    implicit = [f"implicit reward against {args.implicit_reward_reference}"] * bool(args.implicit_reward_reference)
+    return [args.reward_model] * bool(args.reward_model) + list(args.reward_funcs) + implicit
 
 
 # --- the run ---------------------------------------------------------------------------------------------------------
@@ -457,7 +480,7 @@ def generate_candidates(args):
                 "give an instruct model, or plain-text prompts (wrap_text_as_chat: false, no system_prompt)"
             )
     dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
-    scorers = []  # (name, a reward function, or a reward model and its tokenizer): reward_model, then reward_funcs
+    scorers = []  # (name, a reward model and its tokenizer, a reward function, or {reference: the implicit reward's})
     for spec in [args.reward_model] * bool(args.reward_model) + list(args.reward_funcs):
         if spec is not args.reward_model and reward_functions.is_function(spec):
             function = reward_functions.load(spec)  # one call on the first prompt: a wrong return is one line now
@@ -466,9 +489,12 @@ def generate_candidates(args):
         else:
             scorers.append((spec, load_reward_model(args, state.device, dtype, spec)))
     check_templates(prompts, tokenizer, [(name, s[1]) for name, s in scorers if isinstance(s, tuple)], args)
-    weights = args.reward_weights or [1.0] * len(scorers)
     if sampling:
         policy = load_policy(args, state.device, dtype, tokenizer)
+    if args.implicit_reward_reference:  # scored by the same tokenisation as the policy's log-probabilities
+        reference = replace(args, model_name_or_path=args.implicit_reward_reference)
+        scorers.append((scorer_names(args)[-1], {"reference": load_policy(reference, state.device, dtype, tokenizer)}))
+    weights = args.reward_weights or [1.0] * len(scorers)
 
     if state.is_main_process:  # the first write: everything above checked out
         candidate_folder.start_folder(output, manifest, args.overwrite)
@@ -491,10 +517,13 @@ def generate_candidates(args):
             else:
                 replies, cut_replies = [p["replies"] for p in batch], None
             conversations = [conversation(p["prompt"], r) for p, rs in zip(batch, replies, strict=True) for r in rs]
+            rarity = mean_logps(policy, tokenizer, batch, replies, state.device) if sampling else None
             scoring -= time.perf_counter()
             each = [
                 score(*scorer, conversations, args.score_batch_size)
                 if isinstance(scorer, tuple)
+                else implicit_reward(rarity, mean_logps(scorer["reference"], tokenizer, batch, replies, state.device))
+                if isinstance(scorer, dict)
                 else reward_functions.rewards(scorer, name, *function_arguments(batch, replies))
                 for name, scorer in scorers
             ]
@@ -502,7 +531,6 @@ def generate_candidates(args):
                 sum(w * s for w, s in zip(weights, per_reply, strict=True)) for per_reply in zip(*each, strict=True)
             )
             scoring, scored = scoring + time.perf_counter(), scored + len(conversations)
-            rarity = mean_logps(policy, tokenizer, batch, replies, state.device) if sampling else None
             for index, (p, rs) in enumerate(zip(batch, replies, strict=True)):
                 row = {k: v for k, v in p.items() if k != "replies"}
                 row |= {"all_generated_responses": rs, "all_rm_scores": [next(scores) for _ in rs]}
@@ -543,6 +571,13 @@ def mean_logps(policy, tokenizer, batch, replies, device):
     rows = [{"prompt": p["prompt"], "candidates": rs} for p, rs in zip(batch, replies, strict=True)]
     rows = [row if isinstance(row["prompt"], str) else as_chat(row) for row in rows]  # replies as training has them
     return candidate_logps(policy, tokenizer, rows, device, rows_per_forward=len(rows), shared=False)
+
+
+def implicit_reward(policy_logps, reference_logps):
+    """Each reply's mean token log-probability under the policy less that under the reference, one per reply in
+    row order: DICE's implicit reward (Chen et al., ICLR 2025) as SimPO's reward reads it (length-normalised, no
+    beta: a positive scale leaves every pair rule's choice as it is)."""
+    return [p - r for ps, rs in zip(policy_logps, reference_logps, strict=True) for p, r in zip(ps, rs, strict=True)]
 
 
 def function_arguments(batch, replies):

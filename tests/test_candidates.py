@@ -387,6 +387,46 @@ def test_a_reward_model_among_the_reward_functions_scores_as_reward_model_does(t
         assert halves["all_rm_scores"] == pytest.approx([0.5 * s for s in theirs["all_rm_scores"]], rel=1e-12)
 
 
+def test_the_implicit_reward_is_a_replys_log_probability_under_the_policy_less_the_references(tmp_path, reference_run):
+    """implicit_reward_reference (DICE's implicit reward in SimPO's form): the demo model samples and a copy of it with
+    perturbed weights is the reference. Weighted 3 beside the reward model's 1, each written score is the reward
+    model's (the reference run's, on the same draws) plus 3 x (the reply's stored mean log-probability under the
+    policy less its mean log-probability under the reference, that computed alone in float64). On rows that hold
+    their replies already, nothing sampled them: one line."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from diversity_simpo.candidates import check_locations
+    from diversity_simpo.rarity import candidate_logps, tokenised_candidates
+    from diversity_simpo.settings import ConfigError
+
+    reference, tokenizer = tmp_path / "reference", AutoTokenizer.from_pretrained(DEMO_MODEL)
+    model = AutoModelForCausalLM.from_pretrained(DEMO_MODEL)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    model.save_pretrained(reference)
+    tokenizer.save_pretrained(reference)
+    out = tmp_path / "implicit"
+    args = candidate_args(out, implicit_reward_reference=str(reference), reward_weights=[1, 3])
+    one_thread(generate_candidates, args)
+    model = model.double().eval()
+    differences = []
+    for ours, theirs in zip(written(out)[0], written(reference_run)[0], strict=True):
+        assert ours["all_generated_responses"] == theirs["all_generated_responses"]  # the same draws
+        columns = ("all_generated_responses", "all_rm_scores", "all_mean_logps")
+        for reply, score, policy, model_score in zip(*(ours[c] for c in columns), theirs["all_rm_scores"], strict=True):
+            alone = {"prompt": ours["prompt"], "candidates": [[{"role": "assistant", "content": reply}]]}
+            (expected,) = candidate_logps(model, tokenizer, [alone], torch.device("cpu"))[0]
+            with torch.no_grad():  # the logits' size: what a float32 log-softmax of them is rounded at (precision.py)
+                scale = model(torch.tensor([tokenised_candidates(tokenizer, alone)[0][0]])).logits.abs().max()
+            assert_close_at_scale(policy - (score - model_score) / 3, expected, scale, f"reference of {reply!r}")
+            differences.append(policy - expected)
+    assert max(map(abs, differences)) > 0.01  # the two models differ: the reference, not the policy, was subtracted
+    with pytest.raises(ConfigError, match=r"^implicit_reward_reference scores the replies that model_name_or_path"):
+        check_locations(candidate_args(tmp_path / "scored", implicit_reward_reference=str(reference)), sampling=False)
+
+
 # --- replies sampled elsewhere: scored only ---------------------------------------------------------------------------
 
 
