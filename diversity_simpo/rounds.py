@@ -408,8 +408,15 @@ def write_figures(folder, rounds, embedder=None, threshold=0.85, patience=0.8):
         table.append({"round": r if r <= rounds else "final", **entry})
     summary = {"quality_bar": bar, "score_deciles": deciles, "rounds": table}
     (folder / "rounds.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False), encoding="utf-8")
+    settings = folder / "round-1" / "candidates.settings.yaml"
+    given = yaml.safe_load(settings.read_text(encoding="utf-8")) if settings.is_file() else None
+    reference = (given or {}).get("implicit_reward_reference")
+    scorer = "the reward model"
+    if reference:  # each round's own model scores its samples: a scale of its own
+        scorer = (f"the implicit reward of the model that sampled them against {reference}, a scorer that changes "
+                  "with the round (compare scores within a round, not across rounds)")  # fmt: skip
     lines = [
-        f"Samples of each round, scored by the reward model; quality bar {bar:.4g} (the median score of round 1).",
+        f"Samples of each round, scored by {scorer}; quality bar {bar:.4g} (the median score of round 1).",
         f"utility_k: patience {patience}, each reply's utility the decile of its score among round 1's (1 to 10).",
         "",
         "| round | sampled from | prompts | mean score | distinct replies per sample | distinct replies at or above "

@@ -116,6 +116,23 @@ def test_the_figures_of_every_round_are_those_of_its_samples(two_rounds):
     assert "| final | model of round 2 | 6 |" in table and (two_rounds / "rounds.png").is_file()
 
 
+def test_rounds_scored_by_their_own_implicit_reward_say_that_their_scores_do_not_compare_across_rounds(
+    tmp_path, two_rounds
+):
+    """With implicit_reward_reference each round's model scores its own samples: rounds.md says so above the table."""
+    from diversity_simpo.rounds import write_figures
+
+    folder = shutil.copytree(two_rounds, tmp_path / "loop")
+    settings = folder / "round-1" / "candidates.settings.yaml"
+    assert "scored by the reward model;" in (folder / "rounds.md").read_text(encoding="utf-8")
+    given = yaml.safe_load(settings.read_text(encoding="utf-8"))
+    settings.write_text(yaml.safe_dump(given | {"implicit_reward_reference": "demo/tiny-llama-ja"}), encoding="utf-8")
+    write_figures(folder, 2)
+    head = (folder / "rounds.md").read_text(encoding="utf-8").splitlines()[0]
+    assert "the implicit reward of the model that sampled them against demo/tiny-llama-ja" in head
+    assert "not across rounds" in head
+
+
 def test_the_classes_figures_of_a_round_by_hand():
     from diversity_simpo.reply_diversity import equivalence_classes
 
