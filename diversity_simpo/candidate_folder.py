@@ -78,21 +78,37 @@ def shards_to_write(folder, manifest, overwrite):
         )
     if overwrite:
         return list(range(len(manifest["shards"])))
-    for key in ("settings", "prompts_sha256"):
-        theirs, ours = found.get(key), manifest[key]
-        if theirs != ours:
-            if key == "settings":
-                theirs = theirs if isinstance(theirs, dict) else {}  # a setting either side lacks differs too
-                key = next(k for k in [*ours, *theirs] if theirs.get(k, "(unset)") != ours.get(k, "(unset)"))
-                was, now = theirs.get(key, "(unset)"), ours.get(key, "(unset)")
-                why = f"{key}={was!r}, not {now!r}"
-            else:
-                why = "other prompts (the dataset changed)"
-            raise ConfigError(
-                f"output_dir {folder} holds candidates made with {why}: choose another output_dir, or pass "
-                "--overwrite true to start again"
-            )
+    key, why = differing_setting(found, manifest["settings"], folder), None
+    if key is not None:
+        theirs = found["settings"] if isinstance(found.get("settings"), dict) else {}
+        why = f"{key}={theirs.get(key, '(unset)')!r}, not {manifest['settings'].get(key, '(unset)')!r}"
+    elif found.get("prompts_sha256") != manifest["prompts_sha256"]:
+        why = "other prompts (the dataset changed)"
+    if why:
+        raise ConfigError(
+            f"output_dir {folder} holds candidates made with {why}: choose another output_dir, or pass "
+            "--overwrite true to start again"
+        )
     return [k for k, name in enumerate(manifest["shards"]) if not (folder / name).is_file()]
+
+
+def differing_setting(found, settings, folder):
+    """The first setting that differs between `found`, the manifest in `folder`, and `settings`, or None; a setting
+    either side lacks differs too. An absolute path that names the same place relative to the folder is the same:
+    a folder moved with the models it names (a loop's whole output_dir, whose rounds name the model of the round
+    before) is still the folder those settings made."""
+    theirs = found.get("settings") if isinstance(found.get("settings"), dict) else {}
+    written_in = found.get("folder")
+    for key in [*settings, *theirs]:
+        was, now = theirs.get(key, "(unset)"), settings.get(key, "(unset)")
+        if was != now and not (written_in and _same_place(was, written_in, now, folder)):
+            return key
+    return None
+
+
+def _same_place(was, written_in, now, folder):
+    paths = isinstance(was, str) and isinstance(now, str) and os.path.isabs(was) and os.path.isabs(now)
+    return paths and os.path.relpath(was, written_in) == os.path.relpath(now, Path(folder).resolve())
 
 
 def start_folder(folder, manifest, overwrite):
@@ -107,6 +123,7 @@ def start_folder(folder, manifest, overwrite):
     folder.mkdir(parents=True, exist_ok=True)
     for stale in filter(is_temporary, folder.iterdir()):
         stale.unlink()
+    manifest = manifest | {"folder": str(folder.resolve())}  # where its absolute paths were given (differing_setting)
     write_whole(folder / MANIFEST, yaml.safe_dump(manifest, allow_unicode=True, sort_keys=False))
 
 

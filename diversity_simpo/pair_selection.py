@@ -55,7 +55,7 @@ from pathlib import Path
 
 from datasets import Dataset
 
-from diversity_simpo.candidate_folder import read_manifest, write_whole
+from diversity_simpo.candidate_folder import differing_setting, read_manifest, write_whole
 from diversity_simpo.data import DataError
 from diversity_simpo.rows import one_kind
 from diversity_simpo.settings import ConfigError
@@ -227,7 +227,11 @@ def stored_logps_apply(dataset_name, model_name_or_path):
     """Whether the log-probabilities stored with the candidates in `dataset_name` are those of the model a run
     starts from: a folder generate_candidates.py wrote by sampling from that same model."""
     manifest = read_manifest(dataset_name) if dataset_name and Path(dataset_name).is_dir() else None
-    return bool(manifest) and manifest["settings"].get("model_name_or_path") == model_name_or_path
+    if not manifest:
+        return False
+    sampled_by = {"model": manifest["settings"].get("model_name_or_path")}
+    sampled_by = {"settings": sampled_by, "folder": manifest.get("folder")}
+    return differing_setting(sampled_by, {"model": model_name_or_path}, dataset_name) is None  # or moved with it
 
 
 def _sha256(rows):

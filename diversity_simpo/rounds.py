@@ -296,7 +296,8 @@ def _sampled(stage):
     if manifest is None or candidate_folder.missing_shards(stage.folder)[0]:
         return False
     (sampling,) = settings.read_settings(["--config", stage.settings_file], (CandidateArguments,), stage.settings_file)
-    return manifest["settings"] == {k: getattr(sampling, k) for k in DECIDING}
+    ours = {k: getattr(sampling, k) for k in DECIDING}
+    return candidate_folder.differing_setting(manifest, ours, stage.folder) is None
 
 
 def stage_environment(index):

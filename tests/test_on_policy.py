@@ -211,6 +211,25 @@ def test_a_killed_loop_continues_to_the_figures_of_the_uninterrupted_loop(tmp_pa
     assert_same_figures(output, two_rounds)
 
 
+def test_a_loop_folder_moved_whole_is_passed_over_where_it_now_lies(tmp_path, two_rounds):
+    """A finished loop's folder moved elsewhere (its rounds name the model of the round before by absolute path) is
+    continued by the same command naming its new place: every stage passed over, no file written again; and round
+    2's candidates still count as sampled by the model round 2 trains from, so their log-probabilities apply."""
+    from diversity_simpo.pair_selection import stored_logps_apply
+
+    moved = shutil.copytree(two_rounds, tmp_path / "elsewhere" / "loop")  # copy2: the files keep their times
+    files = [p for p in moved.rglob("*") if p.suffix in (".safetensors", ".jsonl")]
+    times = [p.stat().st_mtime_ns for p in files]
+    result = loop(moved)
+    assert result.returncode == 0, result.stderr[-4000:]
+    for stage in ("round 1: candidates", "round 1: training", "round 2: candidates", "round 2: training"):
+        assert f"{stage}: done" in result.stderr, stage
+    assert "final samples: done" in result.stderr
+    assert [p.stat().st_mtime_ns for p in files] == times
+    assert stored_logps_apply(str(moved / "round-2" / "candidates"), str(moved / "round-1" / "model"))
+    assert not stored_logps_apply(str(moved / "round-2" / "candidates"), str(moved / "round-2" / "model"))
+
+
 def leave_as_a_kill_would(output, boundary):
     """A finished two-round loop's folder as a kill at `boundary` leaves it: what was written after it removed (the
     stages write in order: round-1/candidates, round-1/model, round-2/candidates, round-2/model, final-samples)."""
