@@ -54,7 +54,8 @@ counted: setup
 	$(PY) benchmarks/counted_diversity.py --jobs 2
 
 # The counted testbeds started from one pair per prompt (benchmarks/counted_from_pairs.py): plain SimPO on the pairs
-# against a scorer learned from them and the pair rules on its scores; two variants x 3 seeds, about 30 minutes
+# against the pair rules on a learned scorer's scores, an ensemble's, the implicit reward's and a DICE round; two
+# variants x 3 seeds, about 50 minutes from nothing (runs already in output/counted/ are not run again)
 counted-from-pairs: setup
 	$(PY) benchmarks/counted_from_pairs.py --jobs 2 --variants "log-probability bias, geometric" "warm-up-share bias, Zipf"
 
