@@ -293,10 +293,11 @@ def on_policy(report, gpu, work):
         return
     tokens_per_s, replies_per_s = (float(speed[i].replace(",", "")) for i in (3, 6))
     train = [sys.executable, "train_diversity_simpo.py", "--config", "configs/config_diversity_simpo.yaml"]
-    # the policy named by another path than the candidates' manifest names: their stored log-probabilities are then not
-    # taken as the start model's, and the rarity pass runs, as for candidates made elsewhere; a random model's replies
-    # run to max_new_tokens, so cut replies may be chosen
-    train += ["--model_name_or_path", f"{work / 'policy'}/", "--dataset_name", work / "on-policy-candidates"]
+    # the policy named by another path than the candidates' manifest names (a link to it): their stored
+    # log-probabilities are then not taken as the start model's, and the rarity pass runs, as for candidates made
+    # elsewhere; a random model's replies run to max_new_tokens, so cut replies may be chosen
+    (work / "policy-by-another-path").symlink_to(work / "policy", target_is_directory=True)
+    train += ["--model_name_or_path", work / "policy-by-another-path", "--dataset_name", work / "on-policy-candidates"]
     train += ["--pair_selection", "divpo", "--max_steps", shape["steps"], "--deepspeed", "", "--logging_steps", 1]
     train += ["--allow_cut_replies", "true"]
     train += ["--eval_strategy", "no", "--save_strategy", "no", "--report_to", "none", "--diversity_eval_prompts", 0]
