@@ -59,20 +59,20 @@ from counted_diversity import (  # the testbeds' own pieces
 # the path trains about 1.5 times as many pairs as the user gave: at the same steps it passes over them fewer times;
 # these rows give both it and plain SimPO half as many steps again
 LONGER = STEPS * 3 // 2
-RULES = {  # label -> (pair rules on the learned scores, divpo_rho)
-    "[given, rarest_vs_worst]": (["given", "rarest_vs_worst"], 0.3),
-    "[given, rarest_vs_worst], rho 0.1": (["given", "rarest_vs_worst"], 0.1),
-    "[given, best_vs_worst]": (["given", "best_vs_worst"], 0.3),
-    "[given, rarest_vs_given]": (["given", "rarest_vs_given"], 0.3),
-    "[given, rarest_vs_given], rho 0.1": (["given", "rarest_vs_given"], 0.1),
-    "[given, rarest_vs_given], ensemble, worst case": (["given", "rarest_vs_given"], 0.3),
-    "[given, rarest_vs_given], ensemble, mean - std": (["given", "rarest_vs_given"], 0.3),
-    "[given, rarest_vs_worst], ensemble, worst case": (["given", "rarest_vs_worst"], 0.3),
-    f"[given, rarest_vs_given], {LONGER} steps": (["given", "rarest_vs_given"], 0.3),
-    "[given, rarest_vs_given], implicit reward": (["given", "rarest_vs_given"], 0.3),
-    "[given, best_vs_worst], implicit reward": (["given", "best_vs_worst"], 0.3),
-    "[best_vs_worst, rarest_vs_worst]": (["best_vs_worst", "rarest_vs_worst"], 0.3),
-    "best_vs_worst": (["best_vs_worst"], 0.3),
+RULES = {  # label -> (pair rules, divpo_rho, the scores they read, steps): "scorer" is the one learned scorer
+    "[given, rarest_vs_worst]": (["given", "rarest_vs_worst"], 0.3, "scorer", STEPS),
+    "[given, rarest_vs_worst], rho 0.1": (["given", "rarest_vs_worst"], 0.1, "scorer", STEPS),
+    "[given, best_vs_worst]": (["given", "best_vs_worst"], 0.3, "scorer", STEPS),
+    "[given, rarest_vs_given]": (["given", "rarest_vs_given"], 0.3, "scorer", STEPS),
+    "[given, rarest_vs_given], rho 0.1": (["given", "rarest_vs_given"], 0.1, "scorer", STEPS),
+    "[given, rarest_vs_given], ensemble, worst case": (["given", "rarest_vs_given"], 0.3, "worst case", STEPS),
+    "[given, rarest_vs_given], ensemble, mean - std": (["given", "rarest_vs_given"], 0.3, "mean - std", STEPS),
+    "[given, rarest_vs_worst], ensemble, worst case": (["given", "rarest_vs_worst"], 0.3, "worst case", STEPS),
+    f"[given, rarest_vs_given], {LONGER} steps": (["given", "rarest_vs_given"], 0.3, "scorer", LONGER),
+    "[given, rarest_vs_given], implicit reward": (["given", "rarest_vs_given"], 0.3, "implicit reward", STEPS),
+    "[given, best_vs_worst], implicit reward": (["given", "best_vs_worst"], 0.3, "implicit reward", STEPS),
+    "[best_vs_worst, rarest_vs_worst]": (["best_vs_worst", "rarest_vs_worst"], 0.3, "scorer", STEPS),
+    "best_vs_worst": (["best_vs_worst"], 0.3, "scorer", STEPS),
 }
 TERM = {  # label -> (diversity_weight, diversity_alpha): plain SimPO on the pairs with the diversity term
     "the term as specified (0.05, alpha 0.1)": (0.05, 0.1),
@@ -218,24 +218,22 @@ def run_job(job):
     scorer = train_scorer(start, pairs, seed, work / "scorer")
     data, agreement = rescored(candidates, lambda rows: [reward_model_scores(rows, scorer)], pairs,
                                work / "scored" / "train.jsonl")  # fmt: skip
-    results["scorer agreement"], ensemble = {"agreement": agreement}, {}
+    results["scorer agreement"], scored_by = {"agreement": agreement}, {"scorer": data}
     # an ensemble: the same recipe at other seeds (another held-out tenth, head and order), combined pessimistically
     members = [scorer] + [train_scorer(start, pairs, seed + k * 1000, work / f"scorer-{k}") for k in (1, 2)]
     for name, combine in ENSEMBLE.items():
         path = work / f"scored-{name.replace(' ', '-')}" / "train.jsonl"
         scores = lambda rows: [reward_model_scores(rows, member) for member in members]  # noqa: E731
-        ensemble[name], figure = rescored(candidates, scores, pairs, path, combine)
+        scored_by[name], figure = rescored(candidates, scores, pairs, path, combine)
         results[f"{name} agreement"] = {"agreement": figure}
     # no scorer: the implicit reward of plain SimPO on the pairs against the start model
     scores = lambda rows: [implicit_reward_scores(rows, plain / "model", start)]  # noqa: E731
     path = work / "scored-implicit-reward" / "train.jsonl"
-    ensemble["implicit reward"], figure = rescored(candidates, scores, pairs, path)
+    scored_by["implicit reward"], figure = rescored(candidates, scores, pairs, path)
     results["implicit reward agreement"] = {"agreement": figure}
-    for label, (rules, rho) in RULES.items():
+    for label, (rules, rho, scores, steps) in RULES.items():
         folder = work / label.replace("[", "").replace("]", "").replace(", ", "-and-").replace(" ", "-")
-        scored = ensemble[label.split("ensemble, ")[1]] if "ensemble, " in label else data
-        scored = ensemble["implicit reward"] if label.endswith("implicit reward") else scored
-        steps = LONGER if label.endswith(f"{LONGER} steps") else STEPS
+        scored = scored_by[scores]
 
         def run(folder=folder, rules=rules, rho=rho, scored=scored, steps=steps):
             return measure(train(start, scored.parent, rules, steps, seed, folder / "model", rho))

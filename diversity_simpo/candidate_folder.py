@@ -101,14 +101,17 @@ def differing_setting(found, settings, folder):
     written_in = found.get("folder")
     for key in [*settings, *theirs]:
         was, now = theirs.get(key, "(unset)"), settings.get(key, "(unset)")
-        if was != now and not (written_in and _same_place(was, written_in, now, folder)):
+        if was != now and not same_place(was, written_in, now, folder):
             return key
     return None
 
 
-def _same_place(was, written_in, now, folder):
-    paths = isinstance(was, str) and isinstance(now, str) and os.path.isabs(was) and os.path.isabs(now)
-    return paths and os.path.relpath(was, written_in) == os.path.relpath(now, Path(folder).resolve())
+def same_place(was, written_in, now, folder):
+    """Whether absolute path `was`, given to a folder written in `written_in` (None: not known), and absolute path
+    `now`, given to that folder where it is now, name the same place relative to it."""
+    if not (written_in and all(isinstance(p, str) and os.path.isabs(p) for p in (was, now))):
+        return False
+    return os.path.relpath(was, written_in) == os.path.relpath(now, Path(folder).resolve())
 
 
 def start_folder(folder, manifest, overwrite):

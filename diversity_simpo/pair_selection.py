@@ -55,7 +55,7 @@ from pathlib import Path
 
 from datasets import Dataset
 
-from diversity_simpo.candidate_folder import differing_setting, read_manifest, write_whole
+from diversity_simpo.candidate_folder import read_manifest, same_place, write_whole
 from diversity_simpo.data import DataError
 from diversity_simpo.rows import one_kind
 from diversity_simpo.settings import ConfigError
@@ -72,8 +72,7 @@ def best_vs_worst(scores, texts, logps, rho, eligible=None):
 def divpo(scores, texts, logps, rho, eligible=None):
     """DivPO, the rarest candidate that meets the quality bar against the most typical one below it: the module
     docstring; ties go to the first candidate; the chosen one among `eligible`."""
-    high, low = max(scores), min(scores)
-    bar = high - rho * (high - low)
+    bar = _bar(scores, rho)
     for chosen in sorted((i for i in _all(scores, eligible) if scores[i] >= bar), key=lambda i: (logps[i], i)):
         below = [i for i in range(len(scores)) if scores[i] < bar and texts[i] != texts[chosen]]
         if below:  # else every reply below the bar is this one again: the next rarest good reply
@@ -84,8 +83,7 @@ def divpo(scores, texts, logps, rho, eligible=None):
 def rarest_vs_worst(scores, texts, logps, rho, eligible=None):
     """The rarest candidate that meets DivPO's quality bar against the lowest-scored one: DivPO's chosen reply with
     best_vs_worst's rejected reply; ties go to the first candidate; the chosen one among `eligible`."""
-    high, low = max(scores), min(scores)
-    bar = high - rho * (high - low)
+    bar = _bar(scores, rho)
     for chosen in sorted((i for i in _all(scores, eligible) if scores[i] >= bar), key=lambda i: (logps[i], i)):
         below = [i for i in range(len(scores)) if scores[i] < bar and texts[i] != texts[chosen]]
         if below:
@@ -97,11 +95,15 @@ def _all(scores, eligible):
     return range(len(scores)) if eligible is None else eligible
 
 
+def _bar(scores, rho):
+    """DivPO's quality bar: rho of the row's score range below its highest score."""
+    return max(scores) - rho * (max(scores) - min(scores))
+
+
 def rarest_good(scores, logps, rho, eligible=None):
     """The rarest candidate at or above DivPO's quality bar (the first of ties), among `eligible`: rarest_vs_given's
     chosen reply, which is rejected by none of the candidates."""
-    high, low = max(scores), min(scores)
-    good = [i for i in _all(scores, eligible) if scores[i] >= high - rho * (high - low)]
+    good = [i for i in _all(scores, eligible) if scores[i] >= _bar(scores, rho)]
     return min(good, key=lambda i: (logps[i], i)) if good else None
 
 
@@ -229,9 +231,9 @@ def stored_logps_apply(dataset_name, model_name_or_path):
     manifest = read_manifest(dataset_name) if dataset_name and Path(dataset_name).is_dir() else None
     if not manifest:
         return False
-    sampled_by = {"model": manifest["settings"].get("model_name_or_path")}
-    sampled_by = {"settings": sampled_by, "folder": manifest.get("folder")}
-    return differing_setting(sampled_by, {"model": model_name_or_path}, dataset_name) is None  # or moved with it
+    sampled_by = manifest["settings"].get("model_name_or_path")  # the same, or the same place after a move
+    return sampled_by == model_name_or_path or same_place(sampled_by, manifest.get("folder"), model_name_or_path,
+                                                          dataset_name)  # fmt: skip
 
 
 def _sha256(rows):
