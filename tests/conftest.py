@@ -58,6 +58,43 @@ def _wandb_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
 
 
+@pytest.fixture(autouse=True)
+def _deepspeed_shared_memory():
+    """Each DeepSpeed process on the CPU puts a 69 MB all-reduce buffer in /dev/shm and never removes it (its
+    shm.cpp has no unlink on the way out); /dev/shm is memory, so a suite of DeepSpeed launches would leave gigabytes
+    held. After each test, the buffers that no live process holds any more go."""
+    yield
+    remove_orphan_deepspeed_buffers()
+
+
+def remove_orphan_deepspeed_buffers(settled_s=5.0):
+    """Remove DeepSpeed's /dev/shm all-reduce buffers that no process maps or holds open. A buffer changed in the last
+    `settled_s` seconds stays: a rank of another worker's run may have just created it, and its peers wait for it."""
+    import time
+
+    buffers = {p for p in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*") if p.is_file()}
+    if not buffers:
+        return []
+    held = set()
+    for process in Path("/proc").iterdir():
+        if not process.name.isdigit():
+            continue
+        try:
+            held.update(line.split(maxsplit=5)[-1] for line in (process / "maps").read_text().splitlines())
+            held.update(os.readlink(fd) for fd in (process / "fd").iterdir())
+        except OSError:  # the process ended while being read, or is not ours to read
+            continue
+    now, removed = time.time(), []
+    for buffer in buffers:
+        try:
+            if str(buffer) not in held and now - buffer.stat().st_mtime > settled_s:
+                buffer.unlink()
+                removed.append(buffer)
+        except FileNotFoundError:  # another worker removed it first
+            pass
+    return removed
+
+
 @pytest.fixture
 def record_summary(request):
     """A line a test wants in the terminal summary (the generated-mistakes counts, say); it travels with the test's

@@ -1,7 +1,7 @@
 """Real DeepSpeed on CPU ranks: the README's launch commands, ZeRO-2 and ZeRO-3, saving and resuming.
 
-DeepSpeed picks its CPU accelerator and the gloo backend here. Its first start compiles a small shared-memory
-extension (about 35 s, cached in TORCH_EXTENSIONS_DIR). Skip these locally with `-m "not distributed"`.
+DeepSpeed picks its CPU accelerator and the gloo backend here, with its shared-memory all-reduce (`make setup`
+compiles that extension once, into TORCH_EXTENSIONS_DIR). Skip these locally with `-m "not distributed"`.
 """
 
 import json
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import ROOT, free_port
+from conftest import ROOT, free_port, remove_orphan_deepspeed_buffers
 from precision import assert_close_at_scale, metric_scale, relative_norm_difference, tolerance
 from safetensors.torch import load_file
 from test_faults import trained_steps
@@ -151,6 +151,32 @@ def test_single_process_deepspeed_runs_without_a_launcher(tmp_path):
     args = [*COMMON, "--max_steps", "2", "--deepspeed", "configs/ds_config.json", "--output_dir", tmp_path / "out"]
     result = run_plain(sys.executable, "train_diversity_simpo.py", *args)
     assert "mpi4py" not in result.stderr and (tmp_path / "out" / "checkpoint-2" / "global_step2").is_dir()
+
+
+def test_the_suite_removes_the_buffers_deepspeed_leaves_in_shared_memory_and_none_a_process_holds():
+    """DeepSpeed's CPU ranks leave a 69 MB buffer each in /dev/shm (memory); conftest sweeps those no process holds,
+    so a suite of launches does not fill the machine's memory. A held buffer, or one just written, may be a running
+    rank's, whose peers wait for it: those stay."""
+    orphan, held, fresh = (Path("/dev/shm") / f"deepspeed_allreduce_buffer_test_{os.getpid()}_{n}" for n in range(3))
+    holder = None
+    try:
+        for buffer in (orphan, held, fresh):
+            buffer.write_bytes(b"\0" * 64)
+        settled = time.time() - 60
+        os.utime(orphan, (settled, settled))
+        os.utime(held, (settled, settled))
+        hold = "import sys, time; f = open(sys.argv[1]); print('open', flush=True); time.sleep(60)"
+        holder = subprocess.Popen([sys.executable, "-c", hold, held], stdout=subprocess.PIPE, text=True)
+        assert holder.stdout.readline() == "open\n"
+        removed = remove_orphan_deepspeed_buffers()
+        assert orphan in removed and not orphan.exists()
+        assert held.exists() and fresh.exists() and held not in removed and fresh not in removed
+    finally:
+        if holder is not None:
+            holder.kill()
+            holder.wait()
+        for buffer in (orphan, held, fresh):
+            buffer.unlink(missing_ok=True)
 
 
 def test_accelerate_launch_with_deepspeed_trains_on_two_ranks(tmp_path):
