@@ -18,8 +18,11 @@ Per variant and seed, the start model and its 8 exact-scored candidates per row 
                 standard deviation (Coste et al., "Reward Model Ensembles Help Mitigate Overoptimization", ICLR
                 2024): a bar that a reply the scorers disagree on must clear by their disagreement
     implicit    no scorer: DICE's implicit reward in SimPO's form (the mean token log-probability under plain SimPO
-                on the pairs less that under the start model) scores the candidates, with [given, rarest_vs_given]
-                and [given, best_vs_worst]
+                on the pairs less that under the start model) scores the candidates, with [given, rarest_vs_given],
+                [given, best_vs_worst], [given, rarest_vs_worst] and [best_vs_worst, rarest_vs_worst]
+    typicality  the learned scorer's and the implicit reward's scores less their least-squares fit on the start
+                model's mean log-probability of each candidate (what they say beyond how typical a reply is: the
+                rater's choice favours typical replies), with [given, rarest_vs_given]
     longer      plain SimPO and [given, rarest_vs_given] at 90 steps rather than 60: the path trains more pairs, so
                 at the same steps it passes over the user's fewer times
     measured    as counted_diversity measures: validity and the normalised entropy of the valid answers
@@ -59,6 +62,8 @@ from counted_diversity import (  # the testbeds' own pieces
 # the path trains about 1.5 times as many pairs as the user gave: at the same steps it passes over them fewer times;
 # these rows give both it and plain SimPO half as many steps again
 LONGER = STEPS * 3 // 2
+IMPLICIT = "implicit reward"
+# fmt: off
 RULES = {  # label -> (pair rules, divpo_rho, the scores they read, steps): "scorer" is the one learned scorer
     "[given, rarest_vs_worst]": (["given", "rarest_vs_worst"], 0.3, "scorer", STEPS),
     "[given, rarest_vs_worst], rho 0.1": (["given", "rarest_vs_worst"], 0.1, "scorer", STEPS),
@@ -69,11 +74,18 @@ RULES = {  # label -> (pair rules, divpo_rho, the scores they read, steps): "sco
     "[given, rarest_vs_given], ensemble, mean - std": (["given", "rarest_vs_given"], 0.3, "mean - std", STEPS),
     "[given, rarest_vs_worst], ensemble, worst case": (["given", "rarest_vs_worst"], 0.3, "worst case", STEPS),
     f"[given, rarest_vs_given], {LONGER} steps": (["given", "rarest_vs_given"], 0.3, "scorer", LONGER),
-    "[given, rarest_vs_given], implicit reward": (["given", "rarest_vs_given"], 0.3, "implicit reward", STEPS),
-    "[given, best_vs_worst], implicit reward": (["given", "best_vs_worst"], 0.3, "implicit reward", STEPS),
+    "[given, rarest_vs_given], implicit reward": (["given", "rarest_vs_given"], 0.3, IMPLICIT, STEPS),
+    "[given, best_vs_worst], implicit reward": (["given", "best_vs_worst"], 0.3, IMPLICIT, STEPS),
+    "[given, rarest_vs_worst], implicit reward": (["given", "rarest_vs_worst"], 0.3, IMPLICIT, STEPS),
+    "[best_vs_worst, rarest_vs_worst], implicit reward": (["best_vs_worst", "rarest_vs_worst"], 0.3, IMPLICIT, STEPS),
+    "[given, rarest_vs_given], implicit reward less typicality": (
+        ["given", "rarest_vs_given"], 0.3, "implicit reward less typicality", STEPS),
+    "[given, rarest_vs_given], learned scorer less typicality": (
+        ["given", "rarest_vs_given"], 0.3, "scorer less typicality", STEPS),
     "[best_vs_worst, rarest_vs_worst]": (["best_vs_worst", "rarest_vs_worst"], 0.3, "scorer", STEPS),
     "best_vs_worst": (["best_vs_worst"], 0.3, "scorer", STEPS),
 }
+# fmt: on
 TERM = {  # label -> (diversity_weight, diversity_alpha): plain SimPO on the pairs with the diversity term
     "the term as specified (0.05, alpha 0.1)": (0.05, 0.1),
     "entropy only, weight 0.05": (0.05, 1.0),
@@ -131,10 +143,9 @@ def reward_model_scores(rows, scorer):
             for chat, row in zip(chats, rows, strict=True)]  # fmt: skip
 
 
-def implicit_reward_scores(rows, policy, start):
-    """DICE's implicit reward (Chen et al., ICLR 2025, arXiv 2406.09760) in SimPO's form: each candidate's mean token
-    log-probability (tokenised as training tokenises a pair) under `policy`, SimPO trained on the pairs from `start`,
-    less that under `start`."""
+def model_logps(rows, folder):
+    """Each candidate's mean token log-probability under the model in `folder`, tokenised as training tokenises a
+    pair."""
     import torch
 
     from diversity_simpo.candidates import load_policy, load_tokenizer
@@ -143,13 +154,27 @@ def implicit_reward_scores(rows, policy, start):
     scored = [{"prompt": [{"role": "user", "content": row["prompt"]}],
                "candidates": [[{"role": "assistant", "content": r}] for r in row["all_generated_responses"]]}
               for row in rows]  # fmt: skip
-    means = []
-    for folder in (policy, start):
-        tokenizer = load_tokenizer(str(folder), False, "model")
-        options = argparse.Namespace(model_name_or_path=str(folder), trust_remote_code=False)
-        model = load_policy(options, "cpu", torch.float32, tokenizer)
-        means.append(candidate_logps(model, tokenizer, scored, torch.device("cpu"), rows_per_forward=20))
-    return [[a - b for a, b in zip(p, s, strict=True)] for p, s in zip(*means, strict=True)]
+    tokenizer = load_tokenizer(str(folder), False, "model")
+    options = argparse.Namespace(model_name_or_path=str(folder), trust_remote_code=False)
+    model = load_policy(options, "cpu", torch.float32, tokenizer)
+    return candidate_logps(model, tokenizer, scored, torch.device("cpu"), rows_per_forward=20)
+
+
+def less_typicality(scores, typicality):
+    """`scores` less their least-squares fit on `typicality` (the start model's mean log-probability of each
+    candidate) over every candidate: what a scorer learned from a rater who prefers typical replies says beyond that."""
+    xs, ys = [t for row in typicality for t in row], [v for row in scores for v in row]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
+    return [[v - slope * t for v, t in zip(row, ts, strict=True)] for row, ts in zip(scores, typicality, strict=True)]
+
+
+def implicit_reward_scores(rows, policy, start):
+    """DICE's implicit reward (Chen et al., ICLR 2025, arXiv 2406.09760) in SimPO's form: each candidate's mean token
+    log-probability (tokenised as training tokenises a pair) under `policy`, SimPO trained on the pairs from `start`,
+    less that under `start`."""
+    under_policy, under_start = model_logps(rows, policy), model_logps(rows, start)
+    return [[a - b for a, b in zip(p, s, strict=True)] for p, s in zip(under_policy, under_start, strict=True)]
 
 
 def rescored(candidates, members, pairs, path, combine=None):
@@ -231,6 +256,14 @@ def run_job(job):
     path = work / "scored-implicit-reward" / "train.jsonl"
     scored_by["implicit reward"], figure = rescored(candidates, scores, pairs, path)
     results["implicit reward agreement"] = {"agreement": figure}
+    # each scorer less what it says of how typical a reply is (its fit on the start model's log-probability)
+    typical = lambda rows: model_logps(rows, start)  # noqa: E731
+    for name, scorer_of in (("implicit reward", lambda rows: implicit_reward_scores(rows, plain / "model", start)),
+                            ("scorer", lambda rows: reward_model_scores(rows, scorer))):  # fmt: skip
+        path = work / f"scored-{name.replace(' ', '-')}-less-typicality" / "train.jsonl"
+        scores = lambda rows, scorer_of=scorer_of: [less_typicality(scorer_of(rows), typical(rows))]  # noqa: E731
+        scored_by[f"{name} less typicality"], figure = rescored(candidates, scores, pairs, path)
+        results[f"{name} less typicality agreement"] = {"agreement": figure}
     for label, (rules, rho, scores, steps) in RULES.items():
         folder = work / label.replace("[", "").replace("]", "").replace(", ", "-and-").replace(" ", "-")
         scored = scored_by[scores]
@@ -271,6 +304,8 @@ def report(results, seeds):
         base = settings["plain SimPO on the pairs"]
         agreement = ", ".join(f"{r['agreement']:.2f}" for r in settings["scorer agreement"])
         named = [*((n, f"three scorers, {n}") for n in ENSEMBLE), ("implicit reward", "implicit reward")]
+        for n, what in (("scorer", "learned scorer"), ("implicit reward", "implicit reward")):
+            named.append((f"{n} less typicality", f"{what} less typicality"))
         for name, what in [*named, ("DICE round", "implicit reward on the plain model's own samples")]:
             if f"{name} agreement" in settings:
                 agreement += f"; {what}: " + ", ".join(f"{r['agreement']:.2f}" for r in settings[f"{name} agreement"])
