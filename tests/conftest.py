@@ -58,11 +58,11 @@ def _wandb_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="module")
 def _deepspeed_shared_memory():
     """Each DeepSpeed process on the CPU puts a 69 MB all-reduce buffer in /dev/shm and never removes it (its
     shm.cpp has no unlink on the way out); /dev/shm is memory, so a suite of DeepSpeed launches would leave gigabytes
-    held. After each test, the buffers that no live process holds any more go."""
+    held. After each test file, the buffers that no live process holds any more go."""
     yield
     remove_orphan_deepspeed_buffers()
 

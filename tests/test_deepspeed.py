@@ -343,6 +343,53 @@ def test_two_ranks_of_2_pairs_give_the_update_of_one_process_of_4_pairs(tmp_path
     assert relative_norm_difference(update_two, update_one) < tolerance(1, ulps=1024)
 
 
+def test_a_scorer_on_two_zero2_ranks_of_2_pairs_gets_the_update_and_held_out_figures_of_one_process_of_4(tmp_path):
+    """train_reward_model.py under DeepSpeed's launcher: with plain SGD, 2 ranks x 2 pairs move every weight (its new
+    score head too) as 1 process x 4 pairs does; and the held-out accuracy and margin it reports are those of one
+    process, over each of the 19 held-out pairs once (2 ranks pad 19 to 20: the repeat must not count)."""
+    from transformers import AutoModelForSequenceClassification, set_seed
+
+    data = tmp_path / "pairs"
+    data.mkdir()
+    for split, count in (("train", 16), ("test", 19)):
+        lines = (ROOT / "demo" / "data" / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()[:count]
+        (data / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    sgd = ["--config", "configs/demo_reward_model.yaml", "--dataset_name", data, "--max_steps", "2", "--report_to"]
+    sgd += ["none", "--eval_strategy", "no", "--save_strategy", "no", "--early_stopping_patience", "0"]
+    sgd += ["--load_best_model_at_end", "false", "--optim", "sgd", "--learning_rate", "0.1", "--warmup_steps", "0"]
+    sgd += ["--max_grad_norm", "0", "--per_device_eval_batch_size", "16"]
+    run_plain(sys.executable, "train_reward_model.py", *sgd, "--per_device_train_batch_size", "4", "--output_dir",
+              tmp_path / "one")  # fmt: skip
+    two = [*sgd, "--per_device_train_batch_size", "2", "--deepspeed", "configs/ds_config.json"]
+    command = [DEEPSPEED, "--num_gpus=2", "--master_port", free_port(), "train_reward_model.py", *two]
+    run_plain(*command, "--output_dir", tmp_path / "two")
+    set_seed(42)  # the run's seed, set before its new score head is drawn
+    start = AutoModelForSequenceClassification.from_pretrained(ROOT / "demo" / "tiny-llama-ja", num_labels=1)
+    start = start.state_dict()
+    one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
+    assert set(one) == set(two) and "score.weight" in one
+    update_one = torch.cat([(one[k] - start[k]).flatten() for k in one])
+    update_two = torch.cat([(two[k] - start[k]).flatten() for k in one])
+    assert (one["score.weight"] - start["score.weight"]).norm() > 0
+    # SGD: the update is the gradient, averaged over the ranks by the all-reduce: the same float32 sums in another
+    # order (the bound of the SimPO test above)
+    assert relative_norm_difference(update_two, update_one) < tolerance(1, ulps=1024)
+
+    def held_out(folder):
+        return json.loads((tmp_path / folder / "run_record.json").read_text())["results"]
+
+    figures_one, figures_two = held_out("one"), held_out("two")
+    assert figures_one["held_out_pairs"] == figures_two["held_out_pairs"] == 19
+    # the same 19 margins, each computed in float32 in other batches (other padding) by weights a few ulps apart: the
+    # accuracy is the same count of 19 (unless a margin lay within that rounding of 0), the mean margin the same to
+    # 2^10 ulps of its scale (scores of order 1 from the tiny model's new head)
+    assert figures_two["held_out_accuracy"] == figures_one["held_out_accuracy"]
+    scale = abs(figures_one["held_out_margin"]) + 1
+    assert_close_at_scale(
+        figures_two["held_out_margin"], figures_one["held_out_margin"], scale, "held-out margin", 1024
+    )
+
+
 def test_zero3_lora_run_writes_the_merged_model_of_base_plus_its_gathered_adapter(tmp_path):
     """Under ZeRO-3 the adapter is sharded while it trains: the saved (gathered) adapter is what gets merged."""
     from test_lora import assert_merged_model_has_the_logits_of_base_plus_adapter
