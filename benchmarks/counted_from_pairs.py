@@ -8,7 +8,8 @@ Per variant and seed, the start model and its 8 exact-scored candidates per row 
                 diversity term on: as specified (weight 0.05, alpha 0.1), and entropy only at weights 0.05 and 0.2
     scorer      a reward model learned from the same pairs by train_reward_model.py (the start model's backbone and a
                 new score head, a tenth of the pairs held out for early stopping); its agreement with validity: the
-                share of (valid, invalid) candidate pairs of a row it orders right
+                share of (valid, invalid) candidate pairs of a row it orders right; and how often the candidate it
+                scores worst (and best) is valid
     the path    the same candidates scored by that scorer, each row keeping its own pair (`given_pairs`), trained with
                 pair rules on the learned scores: [given, rarest_vs_given] (configs/on_policy.yaml), [given,
                 rarest_vs_worst], each also with a stricter bar (divpo_rho 0.1), [given, best_vs_worst],
@@ -103,11 +104,15 @@ PATH = "[given, rarest_vs_given]"  # what configs/on_policy.yaml trains on a lea
 
 
 def user_pairs(candidates, path):
-    """Each row's best- and worst-scored candidate (the first of ties) as a prompt/chosen/rejected pair."""
+    """Each row's best- and worst-scored non-empty candidate (the first of ties) as a prompt/chosen/rejected pair (a
+    preference file holds no empty reply: the training CLI refuses one)."""
     rows = [json.loads(line) for line in candidates.read_text(encoding="utf-8").splitlines()]
     pairs = []
     for row in rows:
-        scores, replies = row["all_rm_scores"], row["all_generated_responses"]
+        kept = [(s, r) for s, r in zip(row["all_rm_scores"], row["all_generated_responses"], strict=True) if r.strip()]
+        if not kept:
+            continue
+        scores, replies = zip(*kept, strict=True)
         best, worst = scores.index(max(scores)), scores.index(min(scores))
         if scores[best] > scores[worst] and replies[best] != replies[worst]:
             pairs.append({"prompt": row["prompt"], "chosen": replies[best], "rejected": replies[worst]})
@@ -204,6 +209,22 @@ def rescored(candidates, members, pairs, path, combine=None):
     return path, right / total if total else float("nan")
 
 
+def picks_valid(path):
+    """The share of rows (whose scores are not all equal) where the candidate `best_vs_worst` would reject on these
+    scores, and the one it would choose, is a valid answer."""
+    category = {prompt[0]["content"]: c for c, prompt in training_prompts()}
+    worst = best = rows = 0
+    for row in _lines(path):
+        scores, replies = row["all_rm_scores"], row["all_generated_responses"]
+        if max(scores) == min(scores):
+            continue
+        valid = SETS[category[row["prompt"]]]
+        rows += 1
+        worst += answer_of(replies[scores.index(min(scores))]) in valid
+        best += answer_of(replies[scores.index(max(scores))]) in valid
+    return {"worst": worst / rows, "best": best / rows}
+
+
 def _lines(path):
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()]
 
@@ -244,6 +265,7 @@ def run_job(job):
     data, agreement = rescored(candidates, lambda rows: [reward_model_scores(rows, scorer)], pairs,
                                work / "scored" / "train.jsonl")  # fmt: skip
     results["scorer agreement"], scored_by = {"agreement": agreement}, {"scorer": data}
+    results["scorer picks"] = picks_valid(data)
     # an ensemble: the same recipe at other seeds (another held-out tenth, head and order), combined pessimistically
     members = [scorer] + [train_scorer(start, pairs, seed + k * 1000, work / f"scorer-{k}") for k in (1, 2)]
     for name, combine in ENSEMBLE.items():
@@ -309,11 +331,14 @@ def report(results, seeds):
         for name, what in [*named, ("DICE round", "implicit reward on the plain model's own samples")]:
             if f"{name} agreement" in settings:
                 agreement += f"; {what}: " + ", ".join(f"{r['agreement']:.2f}" for r in settings[f"{name} agreement"])
-        lines += [f"**{variant}** (the learned scorer orders valid over invalid replies: {agreement} by seed)\n",
+        picks = "; ".join(f"{side}-scored {', '.join(f'{r[side]:.2f}' for r in settings['scorer picks'])}"
+                          for side in ("worst", "best"))  # fmt: skip
+        lines += [f"**{variant}** (the learned scorer orders valid over invalid replies: {agreement} by seed; the "
+                  f"candidate it scores worst is valid in this share of rows, and the best: {picks})\n",
                   "| setting | validity | answer entropy (normalised) | validity vs plain | entropy vs plain |",
                   "|---|---|---|---|---|"]  # fmt: skip
         for label, runs in settings.items():
-            if label.endswith("agreement"):
+            if label.endswith(("agreement", "picks")):
                 continue
             cells = " | ".join(cell(runs, k) for k in ("validity", "entropy"))
             delta = " | ".join(f"{mean(runs, k) - mean(base, k):+.3f}" for k in ("validity", "entropy"))
