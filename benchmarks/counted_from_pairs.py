@@ -198,31 +198,28 @@ def rescored(candidates, members, pairs, path, combine=None):
             out.append({**row, "all_rm_scores": learned, "exact_scores": row["all_rm_scores"], "given_pairs": given})
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in out), encoding="utf-8")
-    category = {prompt[0]["content"]: c for c, prompt in training_prompts()}
     right = total = 0
-    for row in _lines(path):
-        learned, replies = row["all_rm_scores"], row["all_generated_responses"]
-        valid = [answer_of(r) in SETS[category[row["prompt"]]] for r in replies]
+    for learned, valid in scored_validity(path):
         for i in (i for i, v in enumerate(valid) if v):
             for j in (j for j, v in enumerate(valid) if not v):
                 right, total = right + (learned[i] > learned[j]), total + 1
     return path, right / total if total else float("nan")
 
 
+def scored_validity(path):
+    """Each row of a scored file as (its candidates' scores, whether each candidate is a valid answer)."""
+    category = {prompt[0]["content"]: c for c, prompt in training_prompts()}
+    for row in _lines(path):
+        answers = SETS[category[row["prompt"]]]
+        yield row["all_rm_scores"], [answer_of(r) in answers for r in row["all_generated_responses"]]
+
+
 def picks_valid(path):
     """The share of rows (whose scores are not all equal) where the candidate `best_vs_worst` would reject on these
     scores, and the one it would choose, is a valid answer."""
-    category = {prompt[0]["content"]: c for c, prompt in training_prompts()}
-    worst = best = rows = 0
-    for row in _lines(path):
-        scores, replies = row["all_rm_scores"], row["all_generated_responses"]
-        if max(scores) == min(scores):
-            continue
-        valid = SETS[category[row["prompt"]]]
-        rows += 1
-        worst += answer_of(replies[scores.index(min(scores))]) in valid
-        best += answer_of(replies[scores.index(max(scores))]) in valid
-    return {"worst": worst / rows, "best": best / rows}
+    picks = [(valid[scores.index(min(scores))], valid[scores.index(max(scores))])
+             for scores, valid in scored_validity(path) if max(scores) != min(scores)]  # fmt: skip
+    return {"worst": sum(w for w, _ in picks) / len(picks), "best": sum(b for _, b in picks) / len(picks)}
 
 
 def _lines(path):
