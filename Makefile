@@ -54,8 +54,9 @@ counted: setup
 	$(PY) benchmarks/counted_diversity.py --jobs 2
 
 # The counted testbeds started from one pair per prompt (benchmarks/counted_from_pairs.py): plain SimPO on the pairs
-# against the pair rules on a learned scorer's scores, an ensemble's, the implicit reward's and a DICE round; the six
-# variants x 3 seeds, 10 to 25 minutes a variant on 2 cores (runs already in output/counted/ are not run again)
+# (also with the diversity term) against every pair rule on a learned scorer's scores, an ensemble's, the implicit
+# reward's and a DICE round; the six variants x 3 seeds, 10 to 25 minutes a variant on 2 cores (runs already in
+# output/counted/ are not run again)
 counted-from-pairs: setup
 	$(PY) benchmarks/counted_from_pairs.py --jobs 2
 

@@ -53,14 +53,17 @@ def preflight(argv, counts=None):
     check_paths(script_args, training_args, model_args)
     check_optimizer_and_schedule(training_args)
     train_dataset, eval_dataset = load_preference_data(script_args, training_args.seed, counts)
-    if "candidates" not in train_dataset.column_names and (
-        script_args.pair_selection != ["best_vs_worst"] or any(str(a).split("=")[0] == "--pair_selection" for a in argv)
-    ) and training_args.process_index == 0:  # fmt: skip
-        print(f"note: pair_selection {script_args.pair_selection} chooses among scored candidates, and "
-              f"{script_args.dataset_name} holds preference pairs, which train as they are: pair_selection does "
-              "nothing here. For more varied replies from these pairs: python train_reward_model.py --dataset_name "
-              f"{script_args.dataset_name}, then python train_on_policy.py (README.md: Diverse replies from your "
-              "pairs)", file=sys.stderr)  # fmt: skip
+    if (  # rules the user named, in the YAML or as a flag, on data they cannot apply to
+        "candidates" not in train_dataset.column_names
+        and "pair_selection" in settings.given_settings(argv, settings.DEFAULT_CONFIG)
+        and training_args.process_index == 0
+    ):
+        data = script_args.dataset_name
+        print(f"note: pair_selection {script_args.pair_selection} chooses among scored candidates, and {data} holds "
+              "preference pairs, which train as they are: pair_selection does nothing here. For more varied replies "
+              f"from these pairs: python train_reward_model.py --dataset_name {data}, then python train_on_policy.py "
+              f"--candidates '{json.dumps({'dataset_name': data}, ensure_ascii=False)}' (README.md: Diverse replies from your pairs)",
+              file=sys.stderr)  # fmt: skip
     if "candidates" not in train_dataset.column_names:  # scored candidates: once their pairs are chosen (train)
         check_deepspeed_against_settings(training_args, len(train_dataset))
     else:

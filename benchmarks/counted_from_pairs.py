@@ -13,7 +13,8 @@ Per variant and seed, the start model and its 8 exact-scored candidates per row 
     the path    the same candidates scored by that scorer, each row keeping its own pair (`given_pairs`), trained with
                 pair rules on the learned scores: [given, rarest_vs_given] (configs/on_policy.yaml), [given,
                 rarest_vs_worst], each also with a stricter bar (divpo_rho 0.1), [given, best_vs_worst],
-                [best_vs_worst, rarest_vs_worst] and best_vs_worst
+                [best_vs_worst, rarest_vs_worst], and each rule alone: best_vs_worst, rarest_vs_worst, divpo and
+                rarest_vs_given (`given` alone is plain SimPO on the pairs)
     ensemble    two more scorers by the same recipe at other seeds (another held-out tenth, score head and order);
                 each candidate's three scores made one by their minimum (worst case) or their mean less their
                 standard deviation (Coste et al., "Reward Model Ensembles Help Mitigate Overoptimization", ICLR
@@ -85,6 +86,9 @@ RULES = {  # label -> (pair rules, divpo_rho, the scores they read, steps): "sco
         ["given", "rarest_vs_given"], 0.3, "scorer less typicality", STEPS),
     "[best_vs_worst, rarest_vs_worst]": (["best_vs_worst", "rarest_vs_worst"], 0.3, "scorer", STEPS),
     "best_vs_worst": (["best_vs_worst"], 0.3, "scorer", STEPS),
+    "rarest_vs_worst": (["rarest_vs_worst"], 0.3, "scorer", STEPS),
+    "divpo": (["divpo"], 0.3, "scorer", STEPS),
+    "rarest_vs_given": (["rarest_vs_given"], 0.3, "scorer", STEPS),
 }
 # fmt: on
 TERM = {  # label -> (diversity_weight, diversity_alpha): plain SimPO on the pairs with the diversity term

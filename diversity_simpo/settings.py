@@ -539,6 +539,14 @@ def _flow_lists(argv, parser):
     return rest, found
 
 
+def given_settings(argv, default_config):
+    """The names of the settings the user set: keys of the YAML config (`--config`, default `default_config`) and
+    flags on the command line (the defaults of the dataclasses are not among them)."""
+    argv = [str(a) for a in argv]
+    flags = {a.split("=", 1)[0][2:] for a in argv if a.startswith("--") and a != "--config"}
+    return flags | set(load_config_file(_flag_value(argv, "--config", default_config)))
+
+
 def _flag_value(argv, flag, default):
     for i, arg in enumerate(argv):
         if arg == flag and i + 1 < len(argv):

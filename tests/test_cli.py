@@ -343,20 +343,34 @@ def test_overwrite_output_dir_retrains_over_a_finished_model(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "flags, noted",
-    [([], False), (["--pair_selection", "best_vs_worst"], True), (["--pair_selection", "rarest_vs_worst"], True)],
+    "yaml_lines, flags, noted",
+    [
+        ("", [], False),
+        ("", ["--pair_selection", "best_vs_worst"], True),
+        ("", ["--pair_selection=rarest_vs_worst"], True),
+        ("pair_selection: best_vs_worst\n", [], True),
+        ("pair_selection: [best_vs_worst, rarest_vs_worst]\n", [], True),
+    ],
 )
-def test_pair_rules_given_for_pairs_data_say_in_one_line_that_they_do_nothing_there(tmp_path, capsys, flags, noted):
-    """The demo's data are prompt/chosen/rejected pairs: a pair rule, from the config or the command line, chooses
-    nothing there, and one line says so and where rules do apply; without one, nothing is said."""
+def test_pair_rules_given_for_pairs_data_say_in_one_line_that_they_do_nothing_there(
+    tmp_path, capsys, yaml_lines, flags, noted
+):
+    """The demo's data are prompt/chosen/rejected pairs: a pair rule named in the config or on the command line, even
+    the default one, chooses nothing there, and one line says so and gives the two commands that do train varied
+    replies from those pairs; without one, nothing is said."""
     from train_diversity_simpo import preflight
 
-    preflight(["--config", str(DEMO_CONFIG), "--output_dir", str(tmp_path / "out"), *flags])
+    config = tmp_path / "config.yaml"
+    config.write_text(DEMO_CONFIG.read_text(encoding="utf-8") + yaml_lines, encoding="utf-8")
+    preflight(["--config", str(config), "--output_dir", str(tmp_path / "out"), *flags])
     notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note: pair_selection")]
-    assert len(notes) == noted and (not noted or "pair_selection does nothing here" in notes[0])
-    assert (
-        not noted or "python train_reward_model.py --dataset_name demo/data, then python train_on_policy.py" in notes[0]
-    )
+    assert len(notes) == noted
+    if noted:
+        assert "pair_selection does nothing here" in notes[0]
+        assert (
+            "python train_reward_model.py --dataset_name demo/data, then python train_on_policy.py "
+            """--candidates '{"dataset_name": "demo/data"}'""" in notes[0]
+        )
     assert not (tmp_path / "out").exists()
 
 
