@@ -59,11 +59,11 @@ def preflight(argv, counts=None):
         and training_args.process_index == 0
     ):
         data = script_args.dataset_name
+        loop_data = json.dumps({"dataset_name": data}, ensure_ascii=False)
         print(f"note: pair_selection {script_args.pair_selection} chooses among scored candidates, and {data} holds "
               "preference pairs, which train as they are: pair_selection does nothing here. For more varied replies "
               f"from these pairs: python train_reward_model.py --dataset_name {data}, then python train_on_policy.py "
-              f"--candidates '{json.dumps({'dataset_name': data}, ensure_ascii=False)}' (README.md: Diverse replies from your pairs)",
-              file=sys.stderr)  # fmt: skip
+              f"--candidates '{loop_data}' (README.md: Diverse replies from your pairs)", file=sys.stderr)  # fmt: skip
     if "candidates" not in train_dataset.column_names:  # scored candidates: once their pairs are chosen (train)
         check_deepspeed_against_settings(training_args, len(train_dataset))
     else:

@@ -95,6 +95,29 @@ def remove_orphan_deepspeed_buffers(settled_s=5.0):
     return removed
 
 
+def refusal(main, *args):
+    """The one line a CLI's `main(argv)` refuses a run with, run in this process as the command would run it (from
+    the repository, its changes to the environment undone afterwards): the ConfigError or DataError that the CLI's
+    `__main__` prints as `error: ...` before it exits with status 2. Each CLI's wrapper is proven by a test that runs
+    the real command (`test_cli_wrappers_print_one_error_line_and_exit_2`); starting a process per mistake would cost
+    the import of torch, transformers and TRL each time."""
+    from diversity_simpo.data import DataError
+    from diversity_simpo.settings import ConfigError
+
+    cwd, environ = os.getcwd(), dict(os.environ)
+    os.chdir(ROOT)
+    try:
+        with pytest.raises((ConfigError, DataError)) as refused:
+            main([str(a) for a in args])
+    finally:
+        os.chdir(cwd)
+        os.environ.clear()
+        os.environ.update(environ)
+    message = str(refused.value)
+    assert message and "\n" not in message, message
+    return message
+
+
 @pytest.fixture
 def record_summary(request):
     """A line a test wants in the terminal summary (the generated-mistakes counts, say); it travels with the test's

@@ -4,9 +4,11 @@ import json
 
 import pytest
 import torch
-from conftest import DEMO_DATA, ROOT
+from conftest import DEMO_DATA, ROOT, refusal
 from safetensors.torch import load_file
 from test_cli import DEMO_CONFIG, assert_clean_error, run_cli, write_yaml
+
+import train_diversity_simpo
 
 
 def demo_rows():
@@ -116,9 +118,9 @@ def config_with(tmp_path, **fields):
         "flex-attention-on-cpu",
     ],
 )
-def test_bad_input_exits_2_with_a_clear_message(tmp_path, make_args, phrases):
-    result = run_cli(*make_args(tmp_path))
-    assert_clean_error(result, *phrases)
+def test_bad_input_is_refused_in_one_clear_line_with_nothing_written(tmp_path, make_args, phrases):
+    message = refusal(train_diversity_simpo.main, *make_args(tmp_path))
+    assert all(phrase in message for phrase in phrases), message
     assert not [d for d in ("out", "o") if (tmp_path / d).exists()], "nothing may be written, not even an empty folder"
 
 
@@ -143,8 +145,8 @@ def test_identical_pairs_and_truncated_rows_are_skipped_with_a_count_and_trainin
 
 def test_unfinished_run_in_output_dir_is_refused_without_resume(tmp_path):
     (tmp_path / "out" / "checkpoint-20").mkdir(parents=True)
-    result = run_cli("--config", config_with(tmp_path))
-    assert_clean_error(result, "holds checkpoints of an unfinished run", "--resume_from_checkpoint latest")
+    refused = refusal(train_diversity_simpo.main, "--config", config_with(tmp_path))
+    assert "holds checkpoints of an unfinished run" in refused and "--resume_from_checkpoint latest" in refused
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["checkpoint-20"]
 
 
@@ -220,8 +222,9 @@ def read_only_folder(tmp_path):
 
 
 def test_output_dir_on_a_read_only_file_system_is_refused_before_anything_is_written(tmp_path, read_only_folder):
-    result = run_cli("--config", DEMO_CONFIG, "--output_dir", read_only_folder / "run")
-    assert_clean_error(result, f"output_dir {read_only_folder / 'run'} cannot be written", "Read-only file system")
+    refused = refusal(train_diversity_simpo.main, "--config", DEMO_CONFIG, "--output_dir", read_only_folder / "run")
+    assert f"output_dir {read_only_folder / 'run'} cannot be written" in refused, refused
+    assert "Read-only file system" in refused, refused
 
 
 @pytest.mark.parametrize(

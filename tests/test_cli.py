@@ -10,9 +10,9 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from conftest import DEMO_DATA, ROOT
+from conftest import DEMO_DATA, ROOT, refusal
 
-from train_diversity_simpo import ConfigError, parse_args
+from train_diversity_simpo import ConfigError, main, parse_args
 
 DEMO_CONFIG = ROOT / "configs" / "demo.yaml"
 
@@ -40,6 +40,25 @@ def assert_clean_error(result, *phrases):
     assert "Traceback" not in result.stderr
     for phrase in phrases:
         assert phrase in result.stderr
+
+
+@pytest.mark.parametrize(
+    "script, mistake, line",
+    [
+        ("train_diversity_simpo.py", ["--beta", "-1"], "error: beta=-1.0 is out of range"),
+        ("generate_candidates.py", ["--num_candidates", "1"], "error: num_candidates=1 is out of range"),
+        ("train_on_policy.py", ["--rounds", "0"], "error: rounds=0 is out of range"),
+        ("train_reward_model.py", ["--max_length", "0"], "error: max_length=0 is out of range"),
+    ],
+)
+def test_cli_wrappers_print_one_error_line_and_exit_2(tmp_path, script, mistake, line):
+    """Each command, run as a user runs it, turns the refusal its main raises into one `error:` line on stderr, no
+    traceback, exit status 2 and nothing written; the other tests of mistakes call main in their own process."""
+    command = [sys.executable, script, *mistake, "--output_dir", str(tmp_path / "out")]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    errors = [text for text in result.stderr.splitlines() if text.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1 and errors[0].startswith(line), result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
 
 
 def test_yaml_values_are_loaded_and_command_line_overrides_them():
@@ -128,23 +147,23 @@ def test_missing_config_file_is_a_clear_error(tmp_path):
         parse_args(["--config", str(tmp_path / "missing.yaml")])
 
 
-def test_dataset_missing_a_column_exits_2_naming_file_and_column(tmp_path):
+def test_dataset_missing_a_column_is_refused_naming_file_and_column(tmp_path):
     rows = [json.loads(line) for line in (DEMO_DATA / "train.jsonl").read_text(encoding="utf-8").splitlines()]
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps({"prompt": r["prompt"], "chosen": r["chosen"]}) + "\n" for r in rows))
     config = write_yaml(tmp_path / "c.yaml", dataset_name=str(data), eval_strategy="no", output_dir=str(tmp_path / "o"))
-    result = run_cli("--config", config)
-    assert_clean_error(result, "pairs.jsonl", "lacks column(s) ['rejected']")
+    refused = refusal(main, "--config", config)
+    assert "pairs.jsonl" in refused and "lacks column(s) ['rejected']" in refused, refused
 
 
-def test_dataset_with_an_empty_completion_exits_2_naming_the_row(tmp_path):
+def test_dataset_with_an_empty_completion_is_refused_naming_the_row(tmp_path):
     rows = [{"prompt": "質問です。", "chosen": "答えです。", "rejected": "いいえ。"}] * 3
     rows[1] = {**rows[1], "chosen": "  "}
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     config = write_yaml(tmp_path / "c.yaml", dataset_name=str(data), eval_strategy="no", output_dir=str(tmp_path / "o"))
-    result = run_cli("--config", config)
-    assert_clean_error(result, "pairs.jsonl", "row 1: 'chosen' is empty")
+    refused = refusal(main, "--config", config)
+    assert "pairs.jsonl" in refused and "row 1: 'chosen' is empty" in refused, refused
 
 
 def test_real_config_offline_says_the_hub_is_unreachable_and_points_to_the_demo(tmp_path):
@@ -158,8 +177,8 @@ def test_existing_finished_model_in_output_dir_is_refused_and_left_untouched(tmp
     output = tmp_path / "o"
     output.mkdir()
     (output / "config.json").write_text("{}")
-    result = run_cli("--config", DEMO_CONFIG, "--output_dir", output)
-    assert_clean_error(result, "already holds a trained model", "--overwrite_output_dir")
+    refused = refusal(main, "--config", DEMO_CONFIG, "--output_dir", output)
+    assert "already holds a trained model" in refused and "--overwrite_output_dir" in refused, refused
     assert [p.name for p in output.iterdir()] == ["config.json"] and (output / "config.json").read_text() == "{}"
 
 
@@ -324,8 +343,8 @@ def test_optimizer_and_schedule_settings_torch_would_reject_are_refused_before_a
 ):
     """README: the optimizer and the schedule are built on a dummy parameter in preflight, so a setting torch or
     transformers rejects at the first step is one error line, exit 2, and no output folder."""
-    result = run_cli("--config", DEMO_CONFIG, "--output_dir", tmp_path / "out", *flags)
-    assert_clean_error(result, phrase, "is rejected" if "schedule" in phrase else "are rejected")
+    refused = refusal(main, "--config", DEMO_CONFIG, "--output_dir", tmp_path / "out", *flags)
+    assert phrase in refused and ("is rejected" if "schedule" in phrase else "are rejected") in refused, refused
     assert not (tmp_path / "out").exists()
 
 

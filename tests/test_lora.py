@@ -4,9 +4,9 @@ into its base as a standalone model (PEFT's own merge), with the logits of base 
 import json
 
 import torch
-from conftest import DEMO_MODEL
+from conftest import DEMO_MODEL, refusal
 from safetensors.torch import load_file
-from test_cli import DEMO_CONFIG, assert_clean_error, run_cli
+from test_cli import DEMO_CONFIG, run_cli
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 SHORT = ["--max_steps", "2", "--eval_strategy", "no", "--report_to", "none", "--diversity_eval_prompts", "0"]
@@ -49,8 +49,12 @@ def test_merge_adapter_writes_a_standalone_model_with_the_logits_of_base_plus_ad
 
 
 def test_merge_adapter_without_an_adapter_is_refused_in_one_line(tmp_path):
-    result = run_cli("--config", DEMO_CONFIG, *SHORT, "--merge_adapter", "true", "--output_dir", tmp_path / "out")
-    assert_clean_error(result, "merge_adapter: true needs an adapter to merge: set use_peft: true")
+    from train_diversity_simpo import main
+
+    refused = refusal(
+        main, "--config", DEMO_CONFIG, *SHORT, "--merge_adapter", "true", "--output_dir", tmp_path / "out"
+    )
+    assert "merge_adapter: true needs an adapter to merge: set use_peft: true" in refused, refused
     assert not (tmp_path / "out").exists()
 
 

@@ -14,10 +14,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import DEMO_DATA, ROOT
-from test_cli import assert_clean_error, run_cli, write_yaml
+from conftest import DEMO_DATA, ROOT, refusal
+from test_cli import run_cli, write_yaml
 
 from diversity_simpo.data import DataError, load_preference_data, normalise
+from train_diversity_simpo import main
 
 SYSTEM = "あなたは誠実で優秀な日本人のアシスタントです。"  # ELYZA's model card's default system prompt
 
@@ -343,10 +344,10 @@ def test_a_json_line_that_does_not_parse_is_named_with_file_and_line(tmp_path):
     lines[3] = lines[3][:-5]  # cut short
     data = tmp_path / "pairs.jsonl"
     data.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    result = run_cli(
-        "--config", write_yaml(tmp_path / "c.yaml", dataset_name=str(data), output_dir=str(tmp_path / "o"))
+    refused = refusal(
+        main, "--config", write_yaml(tmp_path / "c.yaml", dataset_name=str(data), output_dir=str(tmp_path / "o"))
     )
-    assert_clean_error(result, "pairs.jsonl, line 4: not valid JSON")
+    assert "pairs.jsonl, line 4: not valid JSON" in refused, refused
     assert not (tmp_path / "o").exists()
 
 
@@ -397,8 +398,8 @@ def test_a_folder_of_non_data_json_is_refused_in_one_line_and_nothing_is_written
     (tmp_path / "configs").mkdir()
     (tmp_path / "configs" / "ds_config.json").write_text(json.dumps({"bf16": {"enabled": "auto"}}, indent=2), "utf-8")
     config = write_yaml(tmp_path / "c.yaml", dataset_name=str(tmp_path / "configs"), output_dir=str(tmp_path / "o"))
-    result = run_cli("--config", config)
-    assert_clean_error(result, "ds_config.json is one JSON object (keys ['bf16'])")
+    refused = refusal(main, "--config", config)
+    assert "ds_config.json is one JSON object (keys ['bf16'])" in refused, refused
     assert not (tmp_path / "o").exists()
 
 
@@ -406,8 +407,8 @@ def test_a_ranking_dataset_is_refused_naming_its_columns_and_the_layouts(tmp_pat
     rows = [{"model_a": "a", "model_b": "b", "winner": "model_a", "conversation_a": [user("q")]}] * 3
     data = write_rows(tmp_path / "arena.jsonl", rows)
     config = write_yaml(tmp_path / "c.yaml", dataset_name=str(data), output_dir=str(tmp_path / "o"))
-    result = run_cli("--config", config, "--eval_strategy", "no")
-    assert_clean_error(result, "columns ['conversation_a', 'model_a', 'model_b', 'winner']", "Accepted layouts")
+    refused = refusal(main, "--config", config, "--eval_strategy", "no")
+    assert "columns ['conversation_a', 'model_a', 'model_b', 'winner']" in refused and "Accepted layouts" in refused
 
 
 def test_cli_module_imports_stay_light():
@@ -486,10 +487,11 @@ def test_a_japanese_file_not_in_utf8_is_refused_naming_its_encoding_and_the_fix(
     else:
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     data.write_bytes(text.encode(encoding))
-    result = run_cli(
-        "--config", write_yaml(tmp_path / "c.yaml", dataset_name=str(data), output_dir=str(tmp_path / "o"))
+    refused = refusal(
+        main, "--config", write_yaml(tmp_path / "c.yaml", dataset_name=str(data), output_dir=str(tmp_path / "o"))
     )
-    assert_clean_error(result, f"dataset file {data} is not UTF-8 text", f"it looks like {named}", f"{iconv} {data}")
+    for phrase in (f"dataset file {data} is not UTF-8 text", f"it looks like {named}", f"{iconv} {data}"):
+        assert phrase in refused, refused
     assert not (tmp_path / "o").exists()
 
 
