@@ -96,15 +96,19 @@ def remove_orphan_deepspeed_buffers(settled_s=5.0):
 
 
 def refusal(main, *args):
-    """The one line a CLI's `main(argv)` refuses a run with, run in this process as the command would run it (from
-    the repository, its changes to the environment undone afterwards): the ConfigError or DataError that the CLI's
-    `__main__` prints as `error: ...` before it exits with status 2. Each CLI's wrapper is proven by a test that runs
-    the real command (`test_cli_wrappers_print_one_error_line_and_exit_2`); starting a process per mistake would cost
-    the import of torch, transformers and TRL each time."""
+    """The one line a CLI's `main(argv)` refuses a run with, called in this process with the repository as the working
+    directory (as the tests that start the command give it), and what it changes of the process undone afterwards:
+    the environment, the working directory and the SIGTERM handler (a run that gets as far as training installs one).
+    It is the ConfigError or DataError that the CLI's `__main__` prints as `error: ...` before it exits with status 2.
+    Each CLI's wrapper is proven by a test that runs the real command
+    (`test_cli_wrappers_print_one_error_line_and_exit_2`); starting a process per mistake would cost the import of
+    torch, transformers and TRL each time."""
+    import signal
+
     from diversity_simpo.data import DataError
     from diversity_simpo.settings import ConfigError
 
-    cwd, environ = os.getcwd(), dict(os.environ)
+    cwd, environ, on_sigterm = os.getcwd(), dict(os.environ), signal.getsignal(signal.SIGTERM)
     os.chdir(ROOT)
     try:
         with pytest.raises((ConfigError, DataError)) as refused:
@@ -113,6 +117,7 @@ def refusal(main, *args):
         os.chdir(cwd)
         os.environ.clear()
         os.environ.update(environ)
+        signal.signal(signal.SIGTERM, on_sigterm)
     message = str(refused.value)
     assert message and "\n" not in message, message
     return message

@@ -146,7 +146,7 @@ def test_identical_pairs_and_truncated_rows_are_skipped_with_a_count_and_trainin
 def test_unfinished_run_in_output_dir_is_refused_without_resume(tmp_path):
     (tmp_path / "out" / "checkpoint-20").mkdir(parents=True)
     refused = refusal(train_diversity_simpo.main, "--config", config_with(tmp_path))
-    assert "holds checkpoints of an unfinished run" in refused and "--resume_from_checkpoint latest" in refused
+    assert "holds checkpoints of an unfinished run" in refused and "--resume_from_checkpoint latest" in refused, refused
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["checkpoint-20"]
 
 

@@ -408,7 +408,8 @@ def test_a_ranking_dataset_is_refused_naming_its_columns_and_the_layouts(tmp_pat
     data = write_rows(tmp_path / "arena.jsonl", rows)
     config = write_yaml(tmp_path / "c.yaml", dataset_name=str(data), output_dir=str(tmp_path / "o"))
     refused = refusal(main, "--config", config, "--eval_strategy", "no")
-    assert "columns ['conversation_a', 'model_a', 'model_b', 'winner']" in refused and "Accepted layouts" in refused
+    assert "columns ['conversation_a', 'model_a', 'model_b', 'winner']" in refused, refused
+    assert "Accepted layouts" in refused, refused
 
 
 def test_cli_module_imports_stay_light():
